@@ -1,0 +1,123 @@
+//! Command-line interface: bootstrap configuration from flags and the environment, one
+//! subcommand per verb of DESIGN section 4.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::proxy::ProxyArgs;
+
+#[derive(Debug, Parser)]
+#[command(name = "pgfire", version, about = "A Postgres-native trigger service")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Where the database is.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DbArgs {
+    /// Connection string of the database pgfire serves.
+    #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
+    pub database_url: String,
+}
+
+/// Flags of the running service (`run` and `dev`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServiceArgs {
+    /// Address of the admin HTTP endpoint (/healthz, /metrics).
+    #[arg(long, default_value = "127.0.0.1:9187", env = "PGFIRE_ADMIN_LISTEN")]
+    pub admin_listen: SocketAddr,
+    /// Do not start the replication consumer.
+    #[arg(long)]
+    pub no_consumer: bool,
+    #[command(flatten)]
+    pub proxy: ProxyArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Install or upgrade pgfire in the database: schema, publication, replication slot.
+    Install {
+        #[command(flatten)]
+        db: DbArgs,
+        /// Name of the replication slot (slot names are per cluster: one per database).
+        #[arg(long, default_value = "pgfire")]
+        slot: String,
+    },
+    /// Remove everything pgfire installed: schema, publication, slot.
+    Uninstall {
+        #[command(flatten)]
+        db: DbArgs,
+        /// Confirm: the configuration and execution history are dropped.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Run the service: replication consumer, dispatcher, proxy and admin endpoint.
+    Run {
+        #[command(flatten)]
+        db: DbArgs,
+        #[command(flatten)]
+        service: ServiceArgs,
+    },
+    /// Start a private PostgreSQL, install pgfire with a demo, and run everything.
+    Dev {
+        /// Data directory of the private PostgreSQL (reused by the next `pgfire dev`).
+        #[arg(long, default_value = ".pgfire-dev")]
+        data_dir: PathBuf,
+        /// Port of the private PostgreSQL.
+        #[arg(long, default_value_t = 54329)]
+        pg_port: u16,
+        #[command(flatten)]
+        service: ServiceArgs,
+    },
+    /// List every event type with its description and subscriber count.
+    Events {
+        #[command(flatten)]
+        db: DbArgs,
+    },
+    /// Show slot lag, backlog and recent failures.
+    Status {
+        #[command(flatten)]
+        db: DbArgs,
+    },
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("pgfire: cannot start the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(dispatch(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("pgfire: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PGFIRE_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init();
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Install { db, slot } => crate::install::install_cmd(&db.database_url, &slot).await,
+        Command::Uninstall { db, yes } => crate::install::uninstall_cmd(&db.database_url, yes).await,
+        Command::Run { db, service } => crate::service::run_cmd(&db.database_url, service).await,
+        Command::Dev { data_dir, pg_port, service } => crate::service::dev_cmd(data_dir, pg_port, service).await,
+        Command::Events { db } => crate::catalog::events_cmd(&db.database_url).await,
+        Command::Status { db } => crate::service::status_cmd(&db.database_url).await,
+    }
+}

@@ -1,0 +1,20 @@
+//! pgfire: a Postgres-native trigger service.
+//!
+//! Layers, data flowing one way: `wire` (codec) → `replication` / `proxy` (IO) → `event` (domain)
+//! → `dispatch` → `functions` (kinds). `catalog` holds the SQL configuration snapshot, `install`
+//! the migrations, `service` wires everything for `pgfire run`, `embedded` runs a private
+//! PostgreSQL for `pgfire dev` and the tests.
+
+pub mod admin;
+pub mod catalog;
+pub mod cli;
+pub mod dispatch;
+pub mod embedded;
+pub mod event;
+pub mod executions;
+pub mod functions;
+pub mod install;
+pub mod proxy;
+pub mod replication;
+pub mod service;
+pub mod wire;

@@ -1,0 +1,5 @@
+//! The `pgfire` command.
+
+fn main() -> std::process::ExitCode {
+    pgfire::cli::main()
+}

@@ -1,0 +1,6 @@
+//! pgfire's integration tests: one binary, a real PostgreSQL started by the tests, a fresh database
+//! per test.
+
+mod support;
+
+mod embedded;

@@ -1,0 +1,110 @@
+//! Test support: one private PostgreSQL per test process (started from the installed server
+//! binaries), a fresh database per test, and helpers to wait on conditions instead of sleeping.
+
+#![allow(dead_code)]
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use pgfire::embedded::{Cluster, ClusterOptions};
+
+/// Roles with passwords for authentication tests (the shared cluster's pg_hba asks them for one).
+pub const MD5_USER: (&str, &str) = ("pgfire_md5", "md5-secret");
+pub const SCRAM_USER: (&str, &str) = ("pgfire_scram", "scram-secret");
+
+static SHARED: OnceLock<Cluster> = OnceLock::new();
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// Options for a private test cluster: logical replication on, fsync off, short sender timeout.
+pub fn test_cluster_options() -> ClusterOptions {
+    let dir = tempfile::Builder::new()
+        .prefix("pgfire-test-")
+        .tempdir()
+        .expect("temp dir")
+        .keep();
+    let mut opts = ClusterOptions::new(dir)
+        .setting("fsync", "off")
+        .setting("synchronous_commit", "off")
+        .setting("full_page_writes", "off")
+        .setting("wal_sender_timeout", "10s")
+        .setting("shared_buffers", "64MB");
+    opts.ephemeral = true;
+    opts.hba = vec![
+        format!("host all {} 127.0.0.1/32 md5", MD5_USER.0),
+        format!("host all {} 127.0.0.1/32 scram-sha-256", SCRAM_USER.0),
+    ];
+    opts
+}
+
+/// The PostgreSQL shared by the tests of this process.
+pub fn cluster() -> &'static Cluster {
+    SHARED.get_or_init(|| {
+        let c = Cluster::start(&test_cluster_options()).expect("start test PostgreSQL");
+        c.psql(
+            "postgres",
+            &format!(
+                "SET password_encryption = 'md5'; CREATE ROLE {} LOGIN SUPERUSER PASSWORD '{}'; \
+                 SET password_encryption = 'scram-sha-256'; CREATE ROLE {} LOGIN SUPERUSER PASSWORD '{}';",
+                MD5_USER.0, MD5_USER.1, SCRAM_USER.0, SCRAM_USER.1
+            ),
+        )
+        .expect("create auth roles");
+        c
+    })
+}
+
+/// A fresh database on the shared cluster.
+pub struct TestDb {
+    pub name: String,
+    pub cluster: &'static Cluster,
+}
+
+impl TestDb {
+    pub fn new() -> TestDb {
+        let cluster = cluster();
+        let name = format!("t{}_{}", std::process::id(), COUNTER.fetch_add(1, Ordering::SeqCst));
+        cluster.psql("postgres", &format!("CREATE DATABASE {name}")).expect("create database");
+        TestDb { name, cluster }
+    }
+
+    pub fn url(&self) -> String {
+        self.cluster.url(&self.name)
+    }
+
+    /// Run SQL with psql; panics with psql's error on failure.
+    pub fn psql(&self, sql: &str) -> String {
+        self.cluster.psql(&self.name, sql).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Run SQL with psql, returning psql's error text on failure.
+    pub fn try_psql(&self, sql: &str) -> Result<String, String> {
+        self.cluster.psql(&self.name, sql).map_err(|e| e.to_string())
+    }
+
+    pub async fn client(&self) -> tokio_postgres::Client {
+        let (client, conn) = tokio_postgres::connect(&self.url(), tokio_postgres::NoTls)
+            .await
+            .expect("connect to test database");
+        tokio::spawn(conn);
+        client
+    }
+}
+
+/// Poll `check` until it returns `Some`, or panic after `limit` with `what`.
+pub async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {limit:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
