@@ -44,8 +44,9 @@ pub enum Command {
         #[command(flatten)]
         db: DbArgs,
         /// Name of the replication slot (slot names are per cluster: one per database).
-        #[arg(long, default_value = "pgfire")]
-        slot: String,
+        /// (default: the one chosen at the first install, else "pgfire")
+        #[arg(long)]
+        slot: Option<String>,
     },
     /// Remove everything pgfire installed: schema, publication, slot.
     Uninstall {
@@ -113,7 +114,7 @@ fn init_tracing() {
 
 async fn dispatch(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Install { db, slot } => crate::install::install_cmd(&db.database_url, &slot).await,
+        Command::Install { db, slot } => crate::install::install_cmd(&db.database_url, slot.as_deref()).await,
         Command::Uninstall { db, yes } => crate::install::uninstall_cmd(&db.database_url, yes).await,
         Command::Run { db, service } => crate::service::run_cmd(&db.database_url, service).await,
         Command::Dev { data_dir, pg_port, service } => crate::service::dev_cmd(data_dir, pg_port, service).await,

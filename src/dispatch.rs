@@ -1,1 +1,201 @@
-//! TODO
+//! Dispatch: committed changes in, subscribed functions run, settled positions out.
+//!
+//! Items arrive in commit order. For each event, the subscribed functions run in priority order
+//! (lower first), one at a time; a failing run is retried with backoff and recorded as `dead`
+//! after the last attempt. A checkpoint is settled once everything before it has run, which is
+//! what lets the replication slot advance: nothing unsettled is ever confirmed.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::catalog::{Catalog, Subscription};
+use crate::event::Event;
+use crate::executions::{Execution, Recorder};
+use crate::functions::{Delivery, FunctionError, Kinds};
+use crate::replication::decode::Item;
+use crate::row_events;
+
+/// The prefix of the logical messages that announce a configuration change.
+pub const CONFIG_MESSAGE_PREFIX: &str = "pgfire.config";
+
+/// Counters shared with the admin endpoint.
+#[derive(Debug, Default)]
+pub struct DispatchStats {
+    pub events: AtomicU64,
+    pub runs: AtomicU64,
+    pub failures: AtomicU64,
+}
+
+pub struct Dispatcher {
+    pub catalog: Arc<Catalog>,
+    pub database_url: String,
+    pub kinds: Kinds,
+    pub recorder: Recorder,
+    /// The last settled checkpoint: the slot may confirm up to here.
+    pub settled: Arc<AtomicU64>,
+    pub stats: Arc<DispatchStats>,
+}
+
+impl Dispatcher {
+    /// Run until the channel closes or `shutdown` is cancelled (then the current event is left
+    /// unsettled, to be delivered again after a restart).
+    pub async fn run(mut self, mut rx: mpsc::Receiver<Vec<Item>>, shutdown: CancellationToken) {
+        loop {
+            let batch = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return,
+                b = rx.recv() => match b { Some(b) => b, None => return },
+            };
+            for item in batch {
+                if !self.handle(item, &shutdown).await {
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Handle one item; false when shutdown interrupted it.
+    async fn handle(&mut self, item: Item, shutdown: &CancellationToken) -> bool {
+        match item {
+            Item::Row(change) => {
+                let Some(source) = self.catalog.sources.get(&change.relation.oid) else {
+                    return true;
+                };
+                let Some(event_type) = row_events::event_type(source.kind, change.op) else {
+                    return true;
+                };
+                let subs = self.catalog.subscribers(event_type);
+                if subs.is_empty() {
+                    return true;
+                }
+                let subs = subs.to_vec();
+                let event = row_events::row_event(&change, source, event_type, &self.catalog.database);
+                self.deliver(&event, &subs, shutdown).await
+            }
+            Item::Message { prefix, .. } if prefix == CONFIG_MESSAGE_PREFIX => {
+                self.reload(shutdown).await;
+                true
+            }
+            Item::Message { .. } | Item::Truncate { .. } => true,
+            Item::Checkpoint(lsn) => {
+                self.settled.fetch_max(lsn.0, Ordering::SeqCst);
+                true
+            }
+        }
+    }
+
+    /// Reload the configuration, retrying until it loads: events after a change must see it.
+    async fn reload(&mut self, shutdown: &CancellationToken) {
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match load_catalog(&self.database_url).await {
+                Ok(cat) => {
+                    self.catalog = Arc::new(cat);
+                    tracing::info!("configuration reloaded");
+                    return;
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "cannot reload configuration; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    async fn deliver(&self, event: &Event, subs: &[Subscription], shutdown: &CancellationToken) -> bool {
+        self.stats.events.fetch_add(1, Ordering::Relaxed);
+        let delivery = Delivery::new(event);
+        let settings = &self.catalog.settings;
+        let too_big = {
+            let size = delivery.envelope().len();
+            (size > settings.payload_limit).then(|| {
+                format!("event payload of {size} bytes exceeds the limit of {} bytes (setting limits.payload_bytes)", settings.payload_limit)
+            })
+        };
+        for sub in subs {
+            let def = &sub.function;
+            let mut attempt = 1;
+            loop {
+                let started_at = Utc::now();
+                let t0 = Instant::now();
+                let result = match &too_big {
+                    Some(msg) => Err(FunctionError::Failed(msg.clone())),
+                    None => tokio::select! {
+                        biased;
+                        _ = shutdown.cancelled() => return false,
+                        r = self.kinds.post(def, &delivery) => r,
+                    },
+                };
+                self.stats.runs.fetch_add(1, Ordering::Relaxed);
+                let duration = t0.elapsed();
+                let last = too_big.is_some() || attempt >= settings.max_attempts;
+                let (status, error) = match &result {
+                    Ok(()) => ("ok", None),
+                    Err(e) => {
+                        self.stats.failures.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(function = %def.name, event_id = %event.id, attempt, error = %e, "function failed");
+                        (if last { "dead" } else { e.status() }, Some(e.to_string()))
+                    }
+                };
+                self.recorder
+                    .record(Execution {
+                        event_id: event.id.clone(),
+                        event_type: event.event_type.to_string(),
+                        function_name: def.name.clone(),
+                        attempt,
+                        status,
+                        started_at,
+                        duration,
+                        error,
+                    })
+                    .await;
+                if result.is_ok() || last {
+                    break;
+                }
+                let delay = backoff(settings.retry_base, settings.retry_max, attempt);
+                tokio::select! {
+                    _ = shutdown.cancelled() => return false,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                attempt += 1;
+            }
+        }
+        true
+    }
+}
+
+/// Delay before retry number `attempt` (1-based): base doubling, capped.
+pub fn backoff(base: Duration, max: Duration, attempt: u32) -> Duration {
+    base.saturating_mul(1u32 << attempt.saturating_sub(1).min(20)).min(max)
+}
+
+/// Load a configuration snapshot over a short-lived connection.
+pub async fn load_catalog(url: &str) -> Result<Catalog, String> {
+    let client = crate::db::connect(url).await.map_err(|e| crate::db::describe(&e))?;
+    Catalog::load(&client).await.map_err(|e| crate::db::describe(&e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        let b = Duration::from_millis(100);
+        let m = Duration::from_secs(1);
+        assert_eq!(backoff(b, m, 1), Duration::from_millis(100));
+        assert_eq!(backoff(b, m, 2), Duration::from_millis(200));
+        assert_eq!(backoff(b, m, 4), Duration::from_millis(800));
+        assert_eq!(backoff(b, m, 5), m);
+        assert_eq!(backoff(b, m, 100), m);
+    }
+}

@@ -1,1 +1,126 @@
-//! TODO
+//! The domain event: one type from the moment a change is decoded to the moment a function runs.
+//! Dispatch and function kinds see nothing of pgoutput or the wire.
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+/// A WAL position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Lsn(pub u64);
+
+impl fmt::Display for Lsn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:X}/{:X}", self.0 >> 32, self.0 & 0xFFFF_FFFF)
+    }
+}
+
+impl FromStr for Lsn {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (hi, lo) = s.split_once('/').ok_or_else(|| format!("invalid LSN {s:?}"))?;
+        let hi = u64::from_str_radix(hi, 16).map_err(|_| format!("invalid LSN {s:?}"))?;
+        let lo = u64::from_str_radix(lo, 16).map_err(|_| format!("invalid LSN {s:?}"))?;
+        if hi > u32::MAX as u64 || lo > u32::MAX as u64 {
+            return Err(format!("invalid LSN {s:?}"));
+        }
+        Ok(Lsn(hi << 32 | lo))
+    }
+}
+
+impl Serialize for Lsn {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// The transaction an event belongs to.
+#[derive(Debug, Clone)]
+pub struct Commit {
+    /// LSN of the commit record; with the position in the transaction, it makes the event id.
+    pub lsn: Lsn,
+    /// LSN just past the commit: the slot may advance here once the transaction is settled.
+    pub end_lsn: Lsn,
+    pub time: DateTime<Utc>,
+    pub xid: u32,
+}
+
+/// Where an event came from.
+#[derive(Debug, Clone, Serialize)]
+pub struct EventSource {
+    pub database: Arc<str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub schema: Option<Arc<str>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub table: Option<Arc<str>>,
+    pub lsn: Lsn,
+    pub xid: u32,
+}
+
+/// A POST event ready for dispatch.
+#[derive(Debug, Clone)]
+pub struct Event {
+    /// Stable across redeliveries: commit LSN and position in the transaction.
+    pub id: String,
+    pub event_type: Arc<str>,
+    pub data: Map<String, Value>,
+    pub occurred_at: DateTime<Utc>,
+    pub source: EventSource,
+    /// Which row the event is about (table oid and key), for per-row ordering.
+    pub row_key: Option<String>,
+}
+
+/// The event id: hex commit LSN and the change's position in its transaction.
+pub fn event_id(commit_lsn: Lsn, position: u32) -> String {
+    format!("{:016X}-{:06}", commit_lsn.0, position)
+}
+
+#[derive(Serialize)]
+struct Envelope<'a> {
+    id: &'a str,
+    event_type: &'a str,
+    event_data: &'a Map<String, Value>,
+    occurred_at: String,
+    source: &'a EventSource,
+}
+
+impl Event {
+    /// The JSON envelope every function kind receives (DESIGN section 2).
+    pub fn envelope(&self) -> Vec<u8> {
+        let env = Envelope {
+            id: &self.id,
+            event_type: &self.event_type,
+            event_data: &self.data,
+            occurred_at: self.occurred_at.to_rfc3339_opts(SecondsFormat::Micros, true),
+            source: &self.source,
+        };
+        serde_json::to_vec(&env).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lsn_round_trip() {
+        let l: Lsn = "0/16B3748".parse().unwrap();
+        assert_eq!(l.0, 0x16B3748);
+        assert_eq!(l.to_string(), "0/16B3748");
+        assert_eq!(Lsn(0x1_0000_0002).to_string(), "1/2");
+        assert!("16B3748".parse::<Lsn>().is_err());
+        assert!("x/1".parse::<Lsn>().is_err());
+        assert!("100000000/1".parse::<Lsn>().is_err());
+    }
+
+    #[test]
+    fn ids_sort_by_commit_then_position() {
+        assert_eq!(event_id(Lsn(0x16B3748), 3), "00000000016B3748-000003");
+        assert!(event_id(Lsn(0x10), 2) < event_id(Lsn(0x10), 10));
+        assert!(event_id(Lsn(0xF), 99) < event_id(Lsn(0x10), 0));
+    }
+}

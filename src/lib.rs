@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod catalog;
+pub mod db;
 pub mod cli;
 pub mod dispatch;
 pub mod embedded;
@@ -16,5 +17,6 @@ pub mod functions;
 pub mod install;
 pub mod proxy;
 pub mod replication;
+pub mod row_events;
 pub mod service;
 pub mod wire;

@@ -1,4 +1,302 @@
-//! TODO
-pub async fn run_cmd(_url: &str, _s: crate::cli::ServiceArgs) -> anyhow::Result<()> { anyhow::bail!("not yet") }
-pub async fn dev_cmd(_d: std::path::PathBuf, _p: u16, _s: crate::cli::ServiceArgs) -> anyhow::Result<()> { anyhow::bail!("not yet") }
-pub async fn status_cmd(_url: &str) -> anyhow::Result<()> { anyhow::bail!("not yet") }
+//! `pgfire run`, `pgfire dev` and `pgfire status`: wiring the consumer, dispatch, execution
+//! history, proxy and admin endpoint together, and stopping them in phases.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::{self, AdminState};
+use crate::cli::ServiceArgs;
+use crate::dispatch::{DispatchStats, Dispatcher};
+use crate::embedded::{Cluster, ClusterOptions};
+use crate::functions::Kinds;
+use crate::install::{self, PUBLICATION};
+use crate::proxy::{self, ProxyArgs, ProxyConfig};
+use crate::replication::{self, ConsumerConfig, ConsumerHealth};
+use crate::{catalog::Catalog, db, executions};
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    pub database_url: String,
+    pub admin_listen: Option<SocketAddr>,
+    pub consumer: bool,
+    pub proxy: Option<ProxyArgs>,
+    pub status_interval: Duration,
+}
+
+impl ServiceConfig {
+    pub fn new(database_url: impl Into<String>) -> Self {
+        ServiceConfig {
+            database_url: database_url.into(),
+            admin_listen: None,
+            consumer: true,
+            proxy: None,
+            status_interval: Duration::from_secs(1),
+        }
+    }
+
+    fn from_args(database_url: &str, args: ServiceArgs) -> Self {
+        ServiceConfig {
+            database_url: database_url.to_string(),
+            admin_listen: Some(args.admin_listen),
+            consumer: !args.no_consumer,
+            proxy: (!args.proxy.no_proxy).then_some(args.proxy),
+            status_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// A running pgfire.
+pub struct Service {
+    shutdown: CancellationToken,
+    history_shutdown: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+    history: JoinHandle<()>,
+    pub admin_addr: Option<SocketAddr>,
+    pub proxy_addr: Option<SocketAddr>,
+    pub health: Arc<ConsumerHealth>,
+    pub stats: Arc<DispatchStats>,
+}
+
+impl Service {
+    /// Check the installation, then start every part. Fails fast when the database cannot be
+    /// reached or pgfire is not installed; once running, the consumer reconnects by itself.
+    pub async fn start(cfg: ServiceConfig) -> anyhow::Result<Service> {
+        let client = db::connect(&cfg.database_url)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot connect to the database: {}", db::describe(&e)))?;
+        let known = install::MIGRATIONS.iter().map(|m| m.version).max().unwrap_or(0);
+        let version: Option<i32> = client
+            .query_one(
+                "SELECT CASE WHEN to_regclass('pgfire.migrations') IS NOT NULL
+                        THEN (SELECT max(version) FROM pgfire.migrations) END",
+                &[],
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!(db::describe(&e)))?
+            .get(0);
+        match version {
+            None => anyhow::bail!("pgfire is not installed in this database: run `pgfire install` first"),
+            Some(v) if v < known => {
+                anyhow::bail!("the database has pgfire schema version {v}, older than this pgfire ({known}): run `pgfire install` to upgrade")
+            }
+            _ => {}
+        }
+        let slot: String = client
+            .query_opt("SELECT value FROM pgfire.settings WHERE key = 'slot_name'", &[])
+            .await
+            .map_err(|e| anyhow::anyhow!(db::describe(&e)))?
+            .map(|r| r.get(0))
+            .unwrap_or_else(|| install::DEFAULT_SLOT.to_string());
+        let catalog = Catalog::load(&client).await.map_err(|e| anyhow::anyhow!(db::describe(&e)))?;
+        drop(client);
+
+        let shutdown = CancellationToken::new();
+        let history_shutdown = CancellationToken::new();
+        let health = Arc::new(ConsumerHealth::default());
+        let stats = Arc::new(DispatchStats::default());
+        let mut tasks = Vec::new();
+        let (recorder, history) = executions::start(cfg.database_url.clone(), history_shutdown.clone());
+
+        if cfg.consumer {
+            let settled = Arc::new(AtomicU64::new(0));
+            let (tx, rx) = tokio::sync::mpsc::channel(16);
+            let dispatcher = Dispatcher {
+                catalog: Arc::new(catalog),
+                database_url: cfg.database_url.clone(),
+                kinds: Kinds::new(&cfg.database_url)?,
+                recorder,
+                settled: settled.clone(),
+                stats: stats.clone(),
+            };
+            tasks.push(tokio::spawn(dispatcher.run(rx, shutdown.clone())));
+            let consumer = ConsumerConfig {
+                database_url: cfg.database_url.clone(),
+                slot,
+                publication: PUBLICATION.to_string(),
+                status_interval: cfg.status_interval,
+                connect_timeout: Duration::from_secs(10),
+            };
+            tasks.push(tokio::spawn(replication::run(consumer, tx, settled, health.clone(), shutdown.clone())));
+        }
+
+        let mut proxy_addr = None;
+        if let Some(args) = &cfg.proxy {
+            let config = ProxyConfig::from_args(args, &cfg.database_url)?;
+            let listener = tokio::net::TcpListener::bind(args.listen)
+                .await
+                .with_context(|| format!("cannot listen on {} for the proxy (use --listen)", args.listen))?;
+            proxy_addr = Some(listener.local_addr()?);
+            let token = shutdown.clone();
+            tasks.push(tokio::spawn(async move {
+                if let Err(err) = proxy::serve(config, listener, token).await {
+                    tracing::error!(error = %err, "proxy stopped");
+                }
+            }));
+        }
+
+        let mut admin_addr = None;
+        if let Some(addr) = cfg.admin_listen {
+            let listener = admin::bind(addr).await?;
+            admin_addr = Some(listener.local_addr()?);
+            let state = AdminState {
+                consumer: cfg.consumer.then(|| health.clone()),
+                dispatch: stats.clone(),
+            };
+            let token = shutdown.clone();
+            tasks.push(tokio::spawn(async move {
+                if let Err(err) = admin::serve(listener, state, token).await {
+                    tracing::error!(error = %err, "admin endpoint stopped");
+                }
+            }));
+        }
+
+        Ok(Service { shutdown, history_shutdown, tasks, history, admin_addr, proxy_addr, health, stats })
+    }
+
+    /// Stop in phases: stop taking work and confirm what is settled, then flush the history.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        for t in self.tasks {
+            if tokio::time::timeout(Duration::from_secs(30), t).await.is_err() {
+                tracing::warn!("a task did not stop within 30 s");
+            }
+        }
+        self.history_shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.history).await;
+    }
+}
+
+/// Wait for Ctrl-C or SIGTERM.
+pub async fn terminated() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+    }
+}
+
+pub async fn run_cmd(url: &str, args: ServiceArgs) -> anyhow::Result<()> {
+    let service = Service::start(ServiceConfig::from_args(url, args)).await?;
+    if let Some(a) = service.admin_addr {
+        tracing::info!(admin = %a, "admin endpoint listening");
+    }
+    if let Some(p) = service.proxy_addr {
+        tracing::info!(proxy = %p, "proxy listening");
+    }
+    terminated().await;
+    tracing::info!("stopping");
+    service.stop().await;
+    Ok(())
+}
+
+/// The demo `pgfire dev` loads into a new database.
+const DEV_DEMO: &str = "
+CREATE TABLE IF NOT EXISTS public.users (
+    id         bigserial PRIMARY KEY,
+    email      text NOT NULL UNIQUE,
+    name       text,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+INSERT INTO pgfire.sources (table_name, kind) VALUES ('public.users', 'user') ON CONFLICT DO NOTHING;
+INSERT INTO pgfire.functions (name, kind) VALUES ('log_users', 'log') ON CONFLICT DO NOTHING;
+INSERT INTO pgfire.subscriptions (event_type, function_name) VALUES
+    ('POST_USER_CREATE', 'log_users'), ('POST_USER_UPDATE', 'log_users'), ('POST_USER_DELETE', 'log_users')
+ON CONFLICT DO NOTHING;
+";
+
+pub async fn dev_cmd(data_dir: PathBuf, pg_port: u16, args: ServiceArgs) -> anyhow::Result<()> {
+    let mut opts = ClusterOptions::new(&data_dir);
+    opts.port = Some(pg_port);
+    let first = !data_dir.join("PG_VERSION").exists();
+    println!("pgfire dev: {} PostgreSQL in {} ...", if first { "creating" } else { "starting" }, data_dir.display());
+    let cluster = tokio::task::spawn_blocking(move || Cluster::start(&opts)).await??;
+    let admin_url = cluster.url("postgres");
+    let admin_client = db::connect(&admin_url).await?;
+    if admin_client.query_opt("SELECT 1 FROM pg_database WHERE datname = 'app'", &[]).await?.is_none() {
+        admin_client.batch_execute("CREATE DATABASE app").await?;
+    }
+    drop(admin_client);
+    let url = cluster.url("app");
+    let client = db::connect(&url).await?;
+    install::install(&client, None, install::MIGRATIONS).await?;
+    client.batch_execute(DEV_DEMO).await.map_err(|e| anyhow::anyhow!(db::describe(&e)))?;
+    drop(client);
+
+    let listen = args.proxy.listen;
+    let no_proxy = args.proxy.no_proxy;
+    let admin = args.admin_listen;
+    let service = Service::start(ServiceConfig::from_args(&url, args)).await?;
+    let app_url = if no_proxy { url.clone() } else { format!("postgres://postgres@{listen}/app") };
+    println!(
+        "\npgfire dev is running.\n\
+         \n  database (direct):   {url}\
+         \n  through pgfire:      {}\
+         \n  admin:               http://{admin}/healthz\n\
+         \nTry it: a user row becomes a POST_USER_CREATE event, logged by the demo function `log_users`:\n\
+         \n  psql {app_url} -c \"INSERT INTO users (email, name) VALUES ('ada@example.com', 'Ada')\"\
+         \n  psql {app_url} -c \"SELECT name, subscribers, description FROM pgfire.events\"\
+         \n  psql {app_url} -c \"SELECT * FROM pgfire.executions ORDER BY id DESC LIMIT 5\"\n\
+         \nCtrl-C stops pgfire and its PostgreSQL; the next `pgfire dev` reuses {}.\n",
+        if no_proxy { "(proxy off)".to_string() } else { app_url.clone() },
+        data_dir.display()
+    );
+    terminated().await;
+    println!("pgfire dev: stopping ...");
+    service.stop().await;
+    tokio::task::spawn_blocking(move || cluster.stop()).await?;
+    println!("pgfire dev: stopped.");
+    Ok(())
+}
+
+pub async fn status_cmd(url: &str) -> anyhow::Result<()> {
+    let client = db::connect(url).await.map_err(|e| anyhow::anyhow!("cannot connect to the database: {}", db::describe(&e)))?;
+    let q = |e: tokio_postgres::Error| anyhow::anyhow!("{} (is pgfire installed? run pgfire install)", db::describe(&e));
+    let row = client
+        .query_opt(
+            "SELECT s.slot_name::text, s.active, s.confirmed_flush_lsn::text,
+                    pg_wal_lsn_diff(pg_current_wal_lsn(), s.confirmed_flush_lsn)::bigint,
+                    pg_size_pretty(pg_wal_lsn_diff(pg_current_wal_lsn(), s.restart_lsn))
+               FROM pg_replication_slots s
+              WHERE s.slot_name = coalesce((SELECT value FROM pgfire.settings WHERE key = 'slot_name'), 'pgfire')",
+            &[],
+        )
+        .await
+        .map_err(q)?;
+    match row {
+        Some(r) => {
+            let (name, active, lsn, lag, retained): (String, bool, Option<String>, Option<i64>, Option<String>) =
+                (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
+            println!("slot {name}: {}", if active { "streaming" } else { "not in use (is pgfire run running?)" });
+            println!("  confirmed up to {}, {} bytes behind, WAL retained {}", lsn.unwrap_or_default(), lag.unwrap_or(0), retained.unwrap_or_default());
+        }
+        None => println!("replication slot missing: run pgfire install"),
+    }
+    let rows = client
+        .query(
+            "SELECT function_name, status, count(*)::bigint, max(started_at)::text, (array_agg(error ORDER BY id DESC))[1]
+               FROM pgfire.executions
+              WHERE status IN ('error', 'timeout', 'dead') AND started_at > now() - interval '1 hour'
+              GROUP BY 1, 2 ORDER BY 4 DESC LIMIT 20",
+            &[],
+        )
+        .await
+        .map_err(q)?;
+    if rows.is_empty() {
+        println!("no failed runs in the last hour");
+    } else {
+        println!("failed runs in the last hour:");
+        for r in rows {
+            let (f, s, n, at, err): (String, String, i64, String, Option<String>) = (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
+            println!("  {f:<24} {s:<8} {n:>6}  last {at}: {}", err.unwrap_or_default());
+        }
+    }
+    Ok(())
+}

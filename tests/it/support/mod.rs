@@ -108,3 +108,35 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// The replication slot name a test database uses (slot names are per cluster).
+pub fn slot_name(db: &TestDb) -> String {
+    format!("pgfire_{}", db.name)
+}
+
+/// Install pgfire into the test database with its own slot.
+pub async fn install_pgfire(db: &TestDb) -> pgfire::install::InstallReport {
+    let client = db.client().await;
+    pgfire::install::install(&client, Some(&slot_name(db)), pgfire::install::MIGRATIONS)
+        .await
+        .expect("pgfire install")
+}
+
+/// Start pgfire (consumer, dispatch, admin on a free port; no proxy) against the test database.
+pub async fn start_service(db: &TestDb) -> pgfire::service::Service {
+    let mut cfg = pgfire::service::ServiceConfig::new(db.url());
+    cfg.admin_listen = Some("127.0.0.1:0".parse().unwrap());
+    cfg.status_interval = Duration::from_millis(100);
+    pgfire::service::Service::start(cfg).await.expect("start pgfire")
+}
+
+/// Query rows of one text column (for compact assertions).
+pub async fn texts(client: &tokio_postgres::Client, sql: &str) -> Vec<String> {
+    client
+        .query(sql, &[])
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .iter()
+        .map(|r| r.get::<_, String>(0))
+        .collect()
+}

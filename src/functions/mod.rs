@@ -1,0 +1,89 @@
+//! Function kinds: what running a subscribed function means for each kind.
+//!
+//! Contract of [`Kind::post`]: deliver one POST event envelope; `Ok` means the function accepted
+//! it (delivery is settled), an error means it may be retried. Delivery is at least once, so a
+//! function may see the same event id twice. Runs of one event happen in priority order, one at
+//! a time; events reach each function in commit order.
+
+pub mod log;
+pub mod sql;
+pub mod webhook;
+
+use std::sync::OnceLock;
+
+use futures_util::future::BoxFuture;
+
+use crate::catalog::{FunctionDef, FunctionKind};
+use crate::event::Event;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FunctionError {
+    #[error("timed out after {0} ms")]
+    Timeout(u128),
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl FunctionError {
+    /// The `pgfire.executions.status` this error is recorded as.
+    pub fn status(&self) -> &'static str {
+        match self {
+            FunctionError::Timeout(_) => "timeout",
+            FunctionError::Failed(_) => "error",
+        }
+    }
+}
+
+/// One event on its way to functions; the JSON envelope is built once, when first needed.
+pub struct Delivery<'a> {
+    pub event: &'a Event,
+    envelope: OnceLock<Vec<u8>>,
+}
+
+impl<'a> Delivery<'a> {
+    pub fn new(event: &'a Event) -> Self {
+        Delivery { event, envelope: OnceLock::new() }
+    }
+
+    pub fn envelope(&self) -> &[u8] {
+        self.envelope.get_or_init(|| self.event.envelope())
+    }
+}
+
+/// A function kind's implementation.
+pub trait Kind: Send + Sync {
+    fn post<'a>(&'a self, def: &'a FunctionDef, delivery: &'a Delivery<'a>) -> BoxFuture<'a, Result<(), FunctionError>>;
+}
+
+/// The implementations of every kind, sharing their clients (HTTP, database pool).
+pub struct Kinds {
+    pub webhook: webhook::Webhook,
+    pub sql: sql::Sql,
+    pub log: log::Log,
+}
+
+impl Kinds {
+    pub fn new(database_url: &str) -> anyhow::Result<Kinds> {
+        Ok(Kinds {
+            webhook: webhook::Webhook::new()?,
+            sql: sql::Sql::new(database_url)?,
+            log: log::Log,
+        })
+    }
+
+    /// Run `def` for `delivery`, bounded by the function's timeout.
+    pub async fn post(&self, def: &FunctionDef, delivery: &Delivery<'_>) -> Result<(), FunctionError> {
+        let kind: &dyn Kind = match def.kind {
+            FunctionKind::Webhook => &self.webhook,
+            FunctionKind::Sql => &self.sql,
+            FunctionKind::Log => &self.log,
+            FunctionKind::Nats => {
+                return Err(FunctionError::Failed("nats functions are not available in this version of pgfire".into()))
+            }
+        };
+        match tokio::time::timeout(def.timeout, kind.post(def, delivery)).await {
+            Ok(r) => r,
+            Err(_) => Err(FunctionError::Timeout(def.timeout.as_millis())),
+        }
+    }
+}

@@ -1,0 +1,396 @@
+//! A `replication=database` connection: startup, authentication (trust, cleartext, md5,
+//! SCRAM-SHA-256), `START_REPLICATION`, and the CopyBoth stream of XLogData and keepalives with
+//! standby status updates. tokio-postgres has no CopyBoth, so this speaks the protocol itself
+//! with postgres-protocol's codec.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
+use postgres_protocol::message::backend::{ErrorFields, Message};
+use postgres_protocol::message::frontend;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_postgres::config::Host;
+
+use crate::event::Lsn;
+
+/// Microseconds from the Unix epoch to the PostgreSQL epoch (2000-01-01).
+const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    #[error("cannot reach the database: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("{message} (SQLSTATE {code})")]
+    Server {
+        code: String,
+        message: String,
+        hint: Option<String>,
+    },
+    #[error("authentication: {0}")]
+    Auth(String),
+    #[error("replication protocol: {0}")]
+    Protocol(String),
+    #[error("connection closed by the server")]
+    Closed,
+    #[error("invalid connection string: {0}")]
+    Config(String),
+}
+
+impl ConnError {
+    /// Whether retrying later may help (network, server restart) or not (bad password, no slot).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ConnError::Io(_) | ConnError::Closed => true,
+            ConnError::Server { code, .. } => {
+                // Connection exceptions, shutdown, too many connections, slot in use, startup.
+                code.starts_with("08") || code.starts_with("57") || code.starts_with("53") || code == "55006"
+            }
+            ConnError::Protocol(_) => true,
+            ConnError::Auth(_) | ConnError::Config(_) => false,
+        }
+    }
+
+    /// The SQLSTATE, message and hint of an ErrorResponse.
+    fn server(mut fields: ErrorFields<'_>) -> ConnError {
+        let (mut code, mut message, mut hint) = (String::from("XX000"), String::new(), None);
+        while let Ok(Some(f)) = fallible_iterator::FallibleIterator::next(&mut fields) {
+            match f.type_() {
+                b'C' => code = String::from_utf8_lossy(f.value_bytes()).into_owned(),
+                b'M' => message = String::from_utf8_lossy(f.value_bytes()).into_owned(),
+                b'H' => hint = Some(String::from_utf8_lossy(f.value_bytes()).into_owned()),
+                _ => {}
+            }
+        }
+        ConnError::Server { code, message, hint }
+    }
+}
+
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+/// One message of the replication stream.
+#[derive(Debug)]
+pub enum ReplicationMessage {
+    /// WAL data: a pgoutput message starting at `wal_start`.
+    XLogData { wal_start: Lsn, wal_end: Lsn, data: Bytes },
+    /// The server's position; `reply` asks for a status update now.
+    Keepalive { wal_end: Lsn, reply: bool },
+}
+
+pub struct ReplicationConn {
+    stream: Box<dyn Stream>,
+    read: BytesMut,
+    write: BytesMut,
+    pub server_version: u32,
+}
+
+impl ReplicationConn {
+    /// Connect and authenticate as a logical replication connection to the URL's database.
+    pub async fn connect(url: &str, timeout: Duration) -> Result<ReplicationConn, ConnError> {
+        let config: tokio_postgres::Config = url.parse().map_err(|e: tokio_postgres::Error| ConnError::Config(e.to_string()))?;
+        tokio::time::timeout(timeout, Self::connect_config(&config))
+            .await
+            .map_err(|_| ConnError::Io(std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")))?
+    }
+
+    async fn connect_config(config: &tokio_postgres::Config) -> Result<ReplicationConn, ConnError> {
+        let port = config.get_ports().first().copied().unwrap_or(5432);
+        let stream: Box<dyn Stream> = match config.get_hosts().first() {
+            Some(Host::Tcp(host)) => {
+                let s = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+                s.set_nodelay(true)?;
+                Box::new(s)
+            }
+            Some(Host::Unix(dir)) => {
+                Box::new(tokio::net::UnixStream::connect(dir.join(format!(".s.PGSQL.{port}"))).await?)
+            }
+            None => Box::new(tokio::net::UnixStream::connect(format!("/var/run/postgresql/.s.PGSQL.{port}")).await?),
+        };
+        let user = config
+            .get_user()
+            .map(str::to_string)
+            .or_else(|| std::env::var("USER").ok())
+            .ok_or_else(|| ConnError::Config("no user name".into()))?;
+        let dbname = config.get_dbname().unwrap_or(&user).to_string();
+        let mut conn = ReplicationConn {
+            stream,
+            read: BytesMut::with_capacity(256 * 1024),
+            write: BytesMut::with_capacity(1024),
+            server_version: 0,
+        };
+        let params = [
+            ("user", user.as_str()),
+            ("database", dbname.as_str()),
+            ("replication", "database"),
+            ("application_name", "pgfire"),
+            // Value rendering relies on these: ISO dates in UTC, ISO 8601 intervals, exact floats.
+            ("DateStyle", "ISO, YMD"),
+            ("TimeZone", "UTC"),
+            ("IntervalStyle", "iso_8601"),
+            ("extra_float_digits", "3"),
+        ];
+        frontend::startup_message(params.iter().copied(), &mut conn.write)?;
+        conn.flush().await?;
+        conn.authenticate(&user, config.get_password()).await?;
+        loop {
+            match conn.next_backend().await? {
+                Message::ReadyForQuery(_) => break,
+                Message::ParameterStatus(p) => {
+                    if p.name()? == "server_version_num" || p.name()? == "server_version" {
+                        conn.server_version = parse_server_version(p.value()?);
+                    }
+                }
+                Message::ErrorResponse(e) => return Err(ConnError::server(e.fields())),
+                _ => {}
+            }
+        }
+        Ok(conn)
+    }
+
+    async fn authenticate(&mut self, user: &str, password: Option<&[u8]>) -> Result<(), ConnError> {
+        let need_password = || ConnError::Auth("the server asks for a password and the connection string has none".into());
+        let mut scram: Option<ScramSha256> = None;
+        loop {
+            match self.next_backend().await? {
+                Message::AuthenticationOk => return Ok(()),
+                Message::AuthenticationCleartextPassword => {
+                    frontend::password_message(password.ok_or_else(need_password)?, &mut self.write)?;
+                }
+                Message::AuthenticationMd5Password(body) => {
+                    let hash = postgres_protocol::authentication::md5_hash(
+                        user.as_bytes(),
+                        password.ok_or_else(need_password)?,
+                        body.salt(),
+                    );
+                    frontend::password_message(hash.as_bytes(), &mut self.write)?;
+                }
+                Message::AuthenticationSasl(body) => {
+                    let mut mechs = body.mechanisms();
+                    let mut has_scram = false;
+                    while let Some(m) = fallible_iterator::FallibleIterator::next(&mut mechs)? {
+                        has_scram |= m == SCRAM_SHA_256;
+                    }
+                    if !has_scram {
+                        return Err(ConnError::Auth("the server offers no SASL mechanism pgfire supports".into()));
+                    }
+                    let s = ScramSha256::new(password.ok_or_else(need_password)?, ChannelBinding::unsupported());
+                    frontend::sasl_initial_response(SCRAM_SHA_256, s.message(), &mut self.write)?;
+                    scram = Some(s);
+                }
+                Message::AuthenticationSaslContinue(body) => {
+                    let s = scram.as_mut().ok_or_else(|| ConnError::Protocol("unexpected SASL continue".into()))?;
+                    s.update(body.data()).map_err(|e| ConnError::Auth(e.to_string()))?;
+                    frontend::sasl_response(s.message(), &mut self.write)?;
+                }
+                Message::AuthenticationSaslFinal(body) => {
+                    let s = scram.as_mut().ok_or_else(|| ConnError::Protocol("unexpected SASL final".into()))?;
+                    s.finish(body.data()).map_err(|e| ConnError::Auth(e.to_string()))?;
+                    continue;
+                }
+                Message::ErrorResponse(e) => return Err(ConnError::server(e.fields())),
+                _ => return Err(ConnError::Auth("unsupported authentication method".into())),
+            }
+            self.flush().await?;
+        }
+    }
+
+    /// Run a replication command with the simple query protocol and return its rows as text.
+    pub async fn simple_query(&mut self, sql: &str) -> Result<Vec<Vec<Option<String>>>, ConnError> {
+        frontend::query(sql, &mut self.write)?;
+        self.flush().await?;
+        let mut rows = Vec::new();
+        let mut error = None;
+        loop {
+            match self.next_backend().await? {
+                Message::DataRow(row) => {
+                    let buf = row.buffer();
+                    let mut ranges = row.ranges();
+                    let mut values = Vec::new();
+                    while let Some(r) = fallible_iterator::FallibleIterator::next(&mut ranges)? {
+                        values.push(r.map(|r| String::from_utf8_lossy(&buf[r]).into_owned()));
+                    }
+                    rows.push(values);
+                }
+                Message::ErrorResponse(e) => error = Some(ConnError::server(e.fields())),
+                Message::ReadyForQuery(_) => break,
+                _ => {}
+            }
+        }
+        match error {
+            Some(e) => Err(e),
+            None => Ok(rows),
+        }
+    }
+
+    /// Start logical replication from `slot` at `start` (0/0: where the slot left off).
+    pub async fn start_replication(&mut self, slot: &str, start: Lsn, options: &str) -> Result<(), ConnError> {
+        let sql = format!("START_REPLICATION SLOT {} LOGICAL {start} ({options})", quote_ident(slot));
+        frontend::query(&sql, &mut self.write)?;
+        self.flush().await?;
+        loop {
+            // postgres-protocol does not know CopyBothResponse ('W'): recognise it by its header.
+            self.fill_frame().await?;
+            if self.read[0] == b'W' {
+                let len = postgres_protocol::message::backend::Header::parse(&self.read)?
+                    .map(|h| h.len() as usize + 1)
+                    .unwrap_or(self.read.len());
+                self.read.advance(len);
+                return Ok(());
+            }
+            match self.next_backend().await? {
+                Message::ErrorResponse(e) => return Err(ConnError::server(e.fields())),
+                Message::NoticeResponse(_) => {}
+                other => return Err(ConnError::Protocol(format!("unexpected reply to START_REPLICATION: {}", tag_name(&other)))),
+            }
+        }
+    }
+
+    /// The next XLogData or keepalive of the stream.
+    pub async fn next_message(&mut self) -> Result<ReplicationMessage, ConnError> {
+        loop {
+            match self.next_backend().await? {
+                Message::CopyData(body) => {
+                    let mut data = body.into_bytes();
+                    if data.is_empty() {
+                        return Err(ConnError::Protocol("empty CopyData".into()));
+                    }
+                    match data[0] {
+                        b'w' if data.len() >= 25 => {
+                            data.advance(1);
+                            let wal_start = Lsn(data.get_u64());
+                            let wal_end = Lsn(data.get_u64());
+                            data.advance(8); // send time
+                            return Ok(ReplicationMessage::XLogData { wal_start, wal_end, data });
+                        }
+                        b'k' if data.len() >= 18 => {
+                            let wal_end = Lsn(u64::from_be_bytes(data[1..9].try_into().unwrap_or_default()));
+                            return Ok(ReplicationMessage::Keepalive { wal_end, reply: data[17] != 0 });
+                        }
+                        t => return Err(ConnError::Protocol(format!("unknown CopyData message {:?} of {} bytes", t as char, data.len()))),
+                    }
+                }
+                Message::ErrorResponse(e) => return Err(ConnError::server(e.fields())),
+                Message::CopyDone => return Err(ConnError::Closed),
+                Message::NoticeResponse(_) | Message::ParameterStatus(_) => {}
+                other => return Err(ConnError::Protocol(format!("unexpected message in replication stream: {}", tag_name(&other)))),
+            }
+        }
+    }
+
+    /// Send a standby status update: everything up to `written` received, up to `flushed` settled.
+    pub async fn send_status(&mut self, written: Lsn, flushed: Lsn, reply: bool) -> Result<(), ConnError> {
+        let mut msg = BytesMut::with_capacity(34);
+        msg.put_u8(b'r');
+        msg.put_u64(written.0);
+        msg.put_u64(flushed.0);
+        msg.put_u64(flushed.0);
+        msg.put_i64(pg_now_micros());
+        msg.put_u8(reply as u8);
+        frontend::CopyData::new(msg.freeze())?.write(&mut self.write);
+        self.flush().await
+    }
+
+    async fn flush(&mut self) -> Result<(), ConnError> {
+        if !self.write.is_empty() {
+            self.stream.write_all(&self.write).await?;
+            self.write.clear();
+            self.stream.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Whether a whole message is already buffered (reading it will not wait on the network).
+    pub fn has_buffered_message(&self) -> bool {
+        match postgres_protocol::message::backend::Header::parse(&self.read) {
+            Ok(Some(h)) => self.read.len() > h.len() as usize,
+            _ => false,
+        }
+    }
+
+    /// Read until one whole message is buffered.
+    async fn fill_frame(&mut self) -> Result<(), ConnError> {
+        while !self.has_buffered_message() {
+            self.read.reserve(64 * 1024);
+            if self.stream.read_buf(&mut self.read).await? == 0 {
+                return Err(ConnError::Closed);
+            }
+        }
+        Ok(())
+    }
+
+    async fn next_backend(&mut self) -> Result<Message, ConnError> {
+        loop {
+            if let Some(msg) = Message::parse(&mut self.read)? {
+                return Ok(msg);
+            }
+            if self.read.capacity() - self.read.len() < 64 * 1024 {
+                self.read.reserve(256 * 1024);
+            }
+            if self.stream.read_buf(&mut self.read).await? == 0 {
+                return Err(ConnError::Closed);
+            }
+        }
+    }
+
+    /// Close the stream politely (CopyDone + Terminate); errors are ignored.
+    pub async fn close(mut self) {
+        frontend::copy_done(&mut self.write);
+        frontend::terminate(&mut self.write);
+        let _ = self.flush().await;
+    }
+}
+
+fn pg_now_micros() -> i64 {
+    let unix = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0);
+    unix - PG_EPOCH_OFFSET_MICROS
+}
+
+fn parse_server_version(v: &str) -> u32 {
+    // server_version looks like "15.19 (Debian 15.19-0+deb12u1)"; keep the major number.
+    let major: u32 = v.split(|c: char| !c.is_ascii_digit()).next().and_then(|s| s.parse().ok()).unwrap_or(0);
+    if major >= 1000 {
+        major / 10000
+    } else {
+        major
+    }
+}
+
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+pub fn quote_literal(value: &str) -> String {
+    format!("'{}'", value.replace('\'', "''"))
+}
+
+fn tag_name(msg: &Message) -> &'static str {
+    match msg {
+        Message::RowDescription(_) => "RowDescription",
+        Message::DataRow(_) => "DataRow",
+        Message::CommandComplete(_) => "CommandComplete",
+        Message::ReadyForQuery(_) => "ReadyForQuery",
+        Message::CopyOutResponse(_) => "CopyOutResponse",
+        Message::CopyInResponse(_) => "CopyInResponse",
+        _ => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_versions() {
+        assert_eq!(parse_server_version("15.19 (Debian 15.19-0+deb12u1)"), 15);
+        assert_eq!(parse_server_version("17devel"), 17);
+        assert_eq!(parse_server_version("150019"), 15);
+        assert_eq!(parse_server_version("garbage"), 0);
+    }
+
+    #[test]
+    fn quoting() {
+        assert_eq!(quote_ident(r#"a"b"#), r#""a""b""#);
+        assert_eq!(quote_literal("it's"), "'it''s'");
+    }
+}
