@@ -26,6 +26,13 @@ pub struct ProxyConfig {
     pub shutdown_timeout: Duration,
 }
 
+impl ProxyConfig {
+    /// Stub until the proxy lands (issue 3).
+    pub fn from_args(_args: &ProxyArgs, database_url: &str) -> anyhow::Result<ProxyConfig> {
+        Ok(ProxyConfig { upstream: database_url.to_string(), shutdown_timeout: Duration::from_secs(10) })
+    }
+}
+
 /// Serve clients accepted on `listener` until `shutdown` is cancelled.
 pub async fn serve(
     _config: ProxyConfig,
