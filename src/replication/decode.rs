@@ -140,9 +140,9 @@ impl Decoder {
         self.streamed_bytes = 0;
     }
 
-    /// Whether a (non-streamed) transaction is being received.
+    /// Whether a transaction is being received or a streamed one awaits its commit.
     pub fn in_transaction(&self) -> bool {
-        self.txn.is_some()
+        self.txn.is_some() || !self.streamed.is_empty() || self.streaming.is_some()
     }
 
     /// Decode one XLogData payload, appending what it completes to `out`.

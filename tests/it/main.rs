@@ -4,4 +4,5 @@
 mod support;
 
 mod embedded;
+mod events;
 mod install;

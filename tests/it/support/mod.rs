@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 use pgfire::embedded::{Cluster, ClusterOptions};
 
+pub mod webhook;
+
 /// Roles with passwords for authentication tests (the shared cluster's pg_hba asks them for one).
 pub const MD5_USER: (&str, &str) = ("pgfire_md5", "md5-secret");
 pub const SCRAM_USER: (&str, &str) = ("pgfire_scram", "scram-secret");
@@ -28,7 +30,8 @@ pub fn test_cluster_options() -> ClusterOptions {
         .setting("synchronous_commit", "off")
         .setting("full_page_writes", "off")
         .setting("wal_sender_timeout", "10s")
-        .setting("shared_buffers", "64MB");
+        .setting("shared_buffers", "64MB")
+        .setting("logical_decoding_work_mem", "64kB");
     opts.ephemeral = true;
     opts.hba = vec![
         format!("host all {} 127.0.0.1/32 md5", MD5_USER.0),
@@ -139,4 +142,23 @@ pub async fn texts(client: &tokio_postgres::Client, sql: &str) -> Vec<String> {
         .iter()
         .map(|r| r.get::<_, String>(0))
         .collect()
+}
+
+/// Wait until pgfire has settled everything committed so far: the slot's confirmed position
+/// reaches the current WAL position.
+pub async fn caught_up(db: &TestDb) {
+    let c = db.client().await;
+    let slot = slot_name(db);
+    let target: String = c.query_one("SELECT pg_current_wal_insert_lsn()::text", &[]).await.unwrap().get(0);
+    eventually(Duration::from_secs(30), "pgfire to catch up", || async {
+        let row = c
+            .query_one(
+                "SELECT coalesce(confirmed_flush_lsn >= $2::text::pg_lsn, false) FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot, &target],
+            )
+            .await
+            .unwrap();
+        row.get::<_, bool>(0).then_some(())
+    })
+    .await
 }
