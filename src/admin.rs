@@ -35,7 +35,11 @@ pub struct AdminState {
     pub dispatch: Arc<DispatchStats>,
 }
 
-pub async fn serve(listener: tokio::net::TcpListener, state: AdminState, shutdown: CancellationToken) -> std::io::Result<()> {
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AdminState,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
     let app = Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
@@ -46,14 +50,17 @@ pub async fn serve(listener: tokio::net::TcpListener, state: AdminState, shutdow
 }
 
 pub async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {addr} for the admin endpoint: {e} (use --admin-listen)"))
+    tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        anyhow::anyhow!("cannot listen on {addr} for the admin endpoint: {e} (use --admin-listen)")
+    })
 }
 
 async fn healthz(State(s): State<AdminState>) -> impl IntoResponse {
     let Some(c) = &s.consumer else {
-        return (StatusCode::OK, axum::Json(serde_json::json!({"status": "ok", "consumer": "off"})));
+        return (
+            StatusCode::OK,
+            axum::Json(serde_json::json!({"status": "ok", "consumer": "off"})),
+        );
     };
     let connected = c.connected.load(Ordering::SeqCst);
     let body = serde_json::json!({
@@ -65,7 +72,11 @@ async fn healthz(State(s): State<AdminState>) -> impl IntoResponse {
             "error": c.last_error.lock().ok().and_then(|e| e.clone()),
         }
     });
-    let code = if connected { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let code = if connected {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (code, axum::Json(body))
 }
 
@@ -74,15 +85,47 @@ async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {
     let mut put = |name: &str, kind: &str, v: u64| {
         out.push_str(&format!("# TYPE {name} {kind}\n{name} {v}\n"));
     };
-    put(metric::EVENTS, "counter", s.dispatch.events.load(Ordering::Relaxed));
-    put(metric::RUNS, "counter", s.dispatch.runs.load(Ordering::Relaxed));
-    put(metric::FAILURES, "counter", s.dispatch.failures.load(Ordering::Relaxed));
+    put(
+        metric::EVENTS,
+        "counter",
+        s.dispatch.events.load(Ordering::Relaxed),
+    );
+    put(
+        metric::RUNS,
+        "counter",
+        s.dispatch.runs.load(Ordering::Relaxed),
+    );
+    put(
+        metric::FAILURES,
+        "counter",
+        s.dispatch.failures.load(Ordering::Relaxed),
+    );
     if let Some(c) = &s.consumer {
-        put(metric::CONNECTED, "gauge", c.connected.load(Ordering::Relaxed) as u64);
-        put(metric::RECEIVED_LSN, "gauge", c.received_lsn.load(Ordering::Relaxed));
-        put(metric::CONFIRMED_LSN, "gauge", c.confirmed_lsn.load(Ordering::Relaxed));
-        put(metric::RECONNECTS, "counter", c.reconnects.load(Ordering::Relaxed));
-        put(metric::STREAMED_BYTES, "gauge", c.streamed_bytes.load(Ordering::Relaxed));
+        put(
+            metric::CONNECTED,
+            "gauge",
+            c.connected.load(Ordering::Relaxed) as u64,
+        );
+        put(
+            metric::RECEIVED_LSN,
+            "gauge",
+            c.received_lsn.load(Ordering::Relaxed),
+        );
+        put(
+            metric::CONFIRMED_LSN,
+            "gauge",
+            c.confirmed_lsn.load(Ordering::Relaxed),
+        );
+        put(
+            metric::RECONNECTS,
+            "counter",
+            c.reconnects.load(Ordering::Relaxed),
+        );
+        put(
+            metric::STREAMED_BYTES,
+            "gauge",
+            c.streamed_bytes.load(Ordering::Relaxed),
+        );
     }
     ([("content-type", "text/plain; version=0.0.4")], out)
 }

@@ -99,7 +99,10 @@ pub struct Catalog {
 
 impl Catalog {
     pub fn subscribers(&self, event_type: &str) -> &[Subscription] {
-        self.subscriptions.get(event_type).map(Vec::as_slice).unwrap_or(&[])
+        self.subscriptions
+            .get(event_type)
+            .map(Vec::as_slice)
+            .unwrap_or(&[])
     }
 
     /// Load a snapshot. Rows the database accepted but this pgfire cannot use are skipped with a
@@ -114,7 +117,10 @@ impl Catalog {
             ),
             ..Catalog::default()
         };
-        for row in client.query("SELECT key, value FROM pgfire.settings", &[]).await? {
+        for row in client
+            .query("SELECT key, value FROM pgfire.settings", &[])
+            .await?
+        {
             cat.settings.all.insert(row.get(0), row.get(1));
         }
         cat.apply_settings();
@@ -135,12 +141,16 @@ impl Catalog {
             let name: String = row.get(0);
             let kind: String = row.get(1);
             let Some(kind) = FunctionKind::parse(&kind) else {
-                cat.warnings.push(format!("function {name}: unknown kind {kind:?}, skipped"));
+                cat.warnings
+                    .push(format!("function {name}: unknown kind {kind:?}, skipped"));
                 continue;
             };
             let sql_callable: Option<String> = row.get(5);
             if kind == FunctionKind::Sql && sql_callable.is_none() {
-                cat.warnings.push(format!("function {name}: SQL function {:?}(jsonb) no longer exists", row.get::<_, Option<String>>(2)));
+                cat.warnings.push(format!(
+                    "function {name}: SQL function {:?}(jsonb) no longer exists",
+                    row.get::<_, Option<String>>(2)
+                ));
             }
             let timeout_ms: i32 = row.get(3);
             functions.insert(
@@ -169,12 +179,18 @@ impl Catalog {
                 cat.subscriptions
                     .entry(row.get(0))
                     .or_default()
-                    .push(Subscription { function: function.clone(), priority: row.get(2) });
+                    .push(Subscription {
+                        function: function.clone(),
+                        priority: row.get(2),
+                    });
             }
         }
 
         let rows = client
-            .query("SELECT table_name::oid, kind, id_column FROM pgfire.sources", &[])
+            .query(
+                "SELECT table_name::oid, kind, id_column FROM pgfire.sources",
+                &[],
+            )
             .await?;
         for row in rows {
             let oid: u32 = row.get(0);
@@ -183,7 +199,14 @@ impl Catalog {
                 "record" => SourceKind::Record,
                 _ => SourceKind::Session,
             };
-            cat.sources.insert(oid, Source { oid, kind, id_column: row.get(2) });
+            cat.sources.insert(
+                oid,
+                Source {
+                    oid,
+                    kind,
+                    id_column: row.get(2),
+                },
+            );
         }
         for w in &cat.warnings {
             tracing::warn!(warning = %w, "configuration");
@@ -219,12 +242,24 @@ pub async fn events_cmd(url: &str) -> anyhow::Result<()> {
             &[],
         )
         .await
-        .map_err(|e| anyhow::anyhow!("{} (is pgfire installed? run pgfire install)", crate::db::describe(&e)))?;
-    println!("{:<36} {:<5} {:>11}  DESCRIPTION", "EVENT", "PHASE", "SUBSCRIBERS");
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "{} (is pgfire installed? run pgfire install)",
+                crate::db::describe(&e)
+            )
+        })?;
+    println!(
+        "{:<36} {:<5} {:>11}  DESCRIPTION",
+        "EVENT", "PHASE", "SUBSCRIBERS"
+    );
     for r in rows {
         let (name, phase, subs, active, desc): (String, String, i32, i32, String) =
             (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
-        let count = if subs == active { subs.to_string() } else { format!("{active}/{subs}") };
+        let count = if subs == active {
+            subs.to_string()
+        } else {
+            format!("{active}/{subs}")
+        };
         println!("{name:<36} {phase:<5} {count:>11}  {desc}");
     }
     Ok(())

@@ -20,7 +20,11 @@ pub struct Cli {
 #[derive(Debug, Clone, clap::Args)]
 pub struct DbArgs {
     /// Connection string of the database pgfire serves.
-    #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+    )]
     pub database_url: String,
 }
 
@@ -89,7 +93,10 @@ pub enum Command {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(err) => {
             eprintln!("pgfire: cannot start the runtime: {err}");
@@ -109,15 +116,26 @@ fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("PGFIRE_LOG")
         .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .init();
 }
 
 async fn dispatch(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Install { db, slot } => crate::install::install_cmd(&db.database_url, slot.as_deref()).await,
-        Command::Uninstall { db, yes } => crate::install::uninstall_cmd(&db.database_url, yes).await,
+        Command::Install { db, slot } => {
+            crate::install::install_cmd(&db.database_url, slot.as_deref()).await
+        }
+        Command::Uninstall { db, yes } => {
+            crate::install::uninstall_cmd(&db.database_url, yes).await
+        }
         Command::Run { db, service } => crate::service::run_cmd(&db.database_url, service).await,
-        Command::Dev { data_dir, pg_port, service } => crate::service::dev_cmd(data_dir, pg_port, service).await,
+        Command::Dev {
+            data_dir,
+            pg_port,
+            service,
+        } => crate::service::dev_cmd(data_dir, pg_port, service).await,
         Command::Events { db } => crate::catalog::events_cmd(&db.database_url).await,
         Command::Status { db } => crate::service::status_cmd(&db.database_url).await,
     }

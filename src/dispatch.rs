@@ -74,7 +74,8 @@ impl Dispatcher {
                     return true;
                 }
                 let subs = subs.to_vec();
-                let event = row_events::row_event(&change, source, event_type, &self.catalog.database);
+                let event =
+                    row_events::row_event(&change, source, event_type, &self.catalog.database);
                 self.deliver(&event, &subs, shutdown).await
             }
             Item::Message { prefix, .. } if prefix == CONFIG_MESSAGE_PREFIX => {
@@ -111,7 +112,12 @@ impl Dispatcher {
         }
     }
 
-    async fn deliver(&self, event: &Event, subs: &[Subscription], shutdown: &CancellationToken) -> bool {
+    async fn deliver(
+        &self,
+        event: &Event,
+        subs: &[Subscription],
+        shutdown: &CancellationToken,
+    ) -> bool {
         self.stats.events.fetch_add(1, Ordering::Relaxed);
         let delivery = Delivery::new(event);
         let settings = &self.catalog.settings;
@@ -175,13 +181,18 @@ impl Dispatcher {
 
 /// Delay before retry number `attempt` (1-based): base doubling, capped.
 pub fn backoff(base: Duration, max: Duration, attempt: u32) -> Duration {
-    base.saturating_mul(1u32 << attempt.saturating_sub(1).min(20)).min(max)
+    base.saturating_mul(1u32 << attempt.saturating_sub(1).min(20))
+        .min(max)
 }
 
 /// Load a configuration snapshot over a short-lived connection.
 pub async fn load_catalog(url: &str) -> Result<Catalog, String> {
-    let client = crate::db::connect(url).await.map_err(|e| crate::db::describe(&e))?;
-    Catalog::load(&client).await.map_err(|e| crate::db::describe(&e))
+    let client = crate::db::connect(url)
+        .await
+        .map_err(|e| crate::db::describe(&e))?;
+    Catalog::load(&client)
+        .await
+        .map_err(|e| crate::db::describe(&e))
 }
 
 #[cfg(test)]

@@ -80,7 +80,13 @@ impl Cluster {
         std::fs::create_dir_all(&socket_dir)?;
         write_hba(&data_dir, &opts.hba)?;
         if root {
-            run(Command::new("chown").arg("-R").arg("postgres:").arg(&data_dir), "chown")?;
+            run(
+                Command::new("chown")
+                    .arg("-R")
+                    .arg("postgres:")
+                    .arg(&data_dir),
+                "chown",
+            )?;
             // The postgres user must be able to reach the data directory through its parents.
             for dir in data_dir.ancestors().skip(1) {
                 if dir == Path::new("/") {
@@ -111,7 +117,11 @@ impl Cluster {
             ("wal_sender_timeout", "20s".into()),
             ("logging_collector", "off".into()),
         ];
-        for (k, v) in defaults.iter().map(|(k, v)| (k.to_string(), v.clone())).chain(opts.settings.iter().cloned()) {
+        for (k, v) in defaults
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .chain(opts.settings.iter().cloned())
+        {
             args.push("-c".into());
             args.push(format!("{k}={v}"));
         }
@@ -185,7 +195,16 @@ if [ "$EPHEMERAL" = 1 ]; then rm -rf "$PGDATA"; fi"#,
         let out = Command::new(self.bin_dir.join("psql"))
             .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h"])
             .arg(&self.socket_dir)
-            .args(["-p", &self.port.to_string(), "-U", "postgres", "-d", db, "-c", sql])
+            .args([
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                db,
+                "-c",
+                sql,
+            ])
             .output()?;
         if !out.status.success() {
             return Err(ClusterError::Command {
@@ -243,7 +262,10 @@ pub fn find_bin_dir() -> Result<PathBuf, ClusterError> {
         })
         .collect();
     versions.sort();
-    versions.pop().map(|(_, b)| b).ok_or(ClusterError::NoBinaries)
+    versions
+        .pop()
+        .map(|(_, b)| b)
+        .ok_or(ClusterError::NoBinaries)
 }
 
 /// True when this process runs as root (uid 0), read from /proc.
@@ -265,7 +287,10 @@ pub fn free_port() -> std::io::Result<u16> {
 
 fn initdb(bin_dir: &Path, data_dir: &Path, root: bool) -> Result<(), ClusterError> {
     if root {
-        run(Command::new("chown").arg("postgres:").arg(data_dir), "chown")?;
+        run(
+            Command::new("chown").arg("postgres:").arg(data_dir),
+            "chown",
+        )?;
     }
     let mut cmd = if root {
         let mut c = Command::new("runuser");
@@ -274,9 +299,16 @@ fn initdb(bin_dir: &Path, data_dir: &Path, root: bool) -> Result<(), ClusterErro
     } else {
         Command::new(bin_dir.join("initdb"))
     };
-    cmd.arg("-D")
-        .arg(data_dir)
-        .args(["-U", "postgres", "-A", "trust", "-E", "UTF8", "--locale=C", "--no-sync"]);
+    cmd.arg("-D").arg(data_dir).args([
+        "-U",
+        "postgres",
+        "-A",
+        "trust",
+        "-E",
+        "UTF8",
+        "--locale=C",
+        "--no-sync",
+    ]);
     run(&mut cmd, "initdb")
 }
 
@@ -286,7 +318,9 @@ fn write_hba(data_dir: &Path, extra: &[String]) -> Result<(), ClusterError> {
         text.push_str(line);
         text.push('\n');
     }
-    text.push_str("local all all trust\nhost all all 127.0.0.1/32 trust\nhost all all ::1/128 trust\n");
+    text.push_str(
+        "local all all trust\nhost all all 127.0.0.1/32 trust\nhost all all ::1/128 trust\n",
+    );
     text.push_str("local replication all trust\nhost replication all 127.0.0.1/32 trust\n");
     std::fs::write(data_dir.join("pg_hba.conf"), text)?;
     Ok(())

@@ -22,7 +22,9 @@ impl fmt::Display for Lsn {
 impl FromStr for Lsn {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (hi, lo) = s.split_once('/').ok_or_else(|| format!("invalid LSN {s:?}"))?;
+        let (hi, lo) = s
+            .split_once('/')
+            .ok_or_else(|| format!("invalid LSN {s:?}"))?;
         let hi = u64::from_str_radix(hi, 16).map_err(|_| format!("invalid LSN {s:?}"))?;
         let lo = u64::from_str_radix(lo, 16).map_err(|_| format!("invalid LSN {s:?}"))?;
         if hi > u32::MAX as u64 || lo > u32::MAX as u64 {
@@ -95,7 +97,9 @@ impl Event {
             id: &self.id,
             event_type: &self.event_type,
             event_data: &self.data,
-            occurred_at: self.occurred_at.to_rfc3339_opts(SecondsFormat::Micros, true),
+            occurred_at: self
+                .occurred_at
+                .to_rfc3339_opts(SecondsFormat::Micros, true),
             source: &self.source,
         };
         serde_json::to_vec(&env).unwrap_or_default()

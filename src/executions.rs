@@ -38,7 +38,10 @@ impl Recorder {
 }
 
 /// Start the writer; it runs until `shutdown` and then flushes what it holds.
-pub fn start(database_url: String, shutdown: CancellationToken) -> (Recorder, tokio::task::JoinHandle<()>) {
+pub fn start(
+    database_url: String,
+    shutdown: CancellationToken,
+) -> (Recorder, tokio::task::JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(65_536);
     let task = tokio::spawn(writer(database_url, rx, shutdown));
     (Recorder { tx }, task)
@@ -91,11 +94,20 @@ async fn writer(url: String, mut rx: mpsc::Receiver<Execution>, shutdown: Cancel
     }
 }
 
-async fn write(url: &str, client: &mut Option<tokio_postgres::Client>, batch: &[Execution]) -> Result<(), String> {
+async fn write(
+    url: &str,
+    client: &mut Option<tokio_postgres::Client>,
+    batch: &[Execution],
+) -> Result<(), String> {
     if client.is_none() {
-        let mut config: tokio_postgres::Config = url.parse().map_err(|e: tokio_postgres::Error| e.to_string())?;
+        let mut config: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e: tokio_postgres::Error| e.to_string())?;
         config.application_name("pgfire history");
-        let (c, conn) = config.connect(tokio_postgres::NoTls).await.map_err(|e| crate::db::describe(&e))?;
+        let (c, conn) = config
+            .connect(tokio_postgres::NoTls)
+            .await
+            .map_err(|e| crate::db::describe(&e))?;
         tokio::spawn(conn);
         *client = Some(c);
     }
@@ -127,7 +139,9 @@ async fn write(url: &str, client: &mut Option<tokio_postgres::Client>, batch: &[
         buf.push('\n');
     }
     futures_util::pin_mut!(sink);
-    sink.send(Bytes::from(buf)).await.map_err(|e| crate::db::describe(&e))?;
+    sink.send(Bytes::from(buf))
+        .await
+        .map_err(|e| crate::db::describe(&e))?;
     sink.finish().await.map_err(|e| crate::db::describe(&e))?;
     Ok(())
 }

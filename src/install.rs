@@ -87,7 +87,10 @@ async fn apply(
     migrations: &[Migration],
 ) -> Result<InstallReport, InstallError> {
     let found: i32 = client
-        .query_one("SELECT coalesce(max(version), 0) FROM pgfire.migrations", &[])
+        .query_one(
+            "SELECT coalesce(max(version), 0) FROM pgfire.migrations",
+            &[],
+        )
         .await?
         .get(0);
     let known = migrations.iter().map(|m| m.version).max().unwrap_or(0);
@@ -116,7 +119,10 @@ async fn apply(
     report.version = known.max(found);
 
     let has_pub = client
-        .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&PUBLICATION])
+        .query_opt(
+            "SELECT 1 FROM pg_publication WHERE pubname = $1",
+            &[&PUBLICATION],
+        )
         .await?
         .is_some();
     if !has_pub {
@@ -127,7 +133,10 @@ async fn apply(
     }
 
     let stored: Option<String> = client
-        .query_opt("SELECT value FROM pgfire.settings WHERE key = 'slot_name'", &[])
+        .query_opt(
+            "SELECT value FROM pgfire.settings WHERE key = 'slot_name'",
+            &[],
+        )
         .await?
         .map(|r| r.get(0));
     let slot = slot
@@ -145,7 +154,10 @@ async fn apply(
             .await?;
     }
     let has_slot = client
-        .query_opt("SELECT 1 FROM pg_replication_slots WHERE slot_name = $1", &[&slot])
+        .query_opt(
+            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
         .await?
         .is_some();
     if !has_slot {
@@ -245,7 +257,10 @@ pub async fn install_cmd(url: &str, slot: Option<&str>) -> anyhow::Result<()> {
     let client = db::connect(url).await?;
     let report = install(&client, slot, MIGRATIONS).await?;
     if report.applied.is_empty() {
-        println!("pgfire is up to date (schema version {}, slot {}).", report.version, report.slot);
+        println!(
+            "pgfire is up to date (schema version {}, slot {}).",
+            report.version, report.slot
+        );
     } else {
         println!(
             "pgfire installed: schema version {} (applied {:?}), publication {PUBLICATION}, slot {}{}.",

@@ -7,8 +7,8 @@
 
 pub mod admin;
 pub mod catalog;
-pub mod db;
 pub mod cli;
+pub mod db;
 pub mod dispatch;
 pub mod embedded;
 pub mod event;

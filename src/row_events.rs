@@ -23,10 +23,18 @@ pub fn event_type(kind: SourceKind, op: Op) -> Option<&'static str> {
 }
 
 /// Build the event for `change` of `source`.
-pub fn row_event(change: &RowChange, source: &Source, event_type: &str, database: &Arc<str>) -> Event {
+pub fn row_event(
+    change: &RowChange,
+    source: &Source,
+    event_type: &str,
+    database: &Arc<str>,
+) -> Event {
     let rel = &change.relation;
     let names = rel.columns.iter().map(|c| &*c.name);
-    let old: Option<Map<String, Value>> = change.old.as_ref().map(|cells| row_map(names.clone(), cells, None));
+    let old: Option<Map<String, Value>> = change
+        .old
+        .as_ref()
+        .map(|cells| row_map(names.clone(), cells, None));
     let current = match (&change.new, &change.old) {
         (Some(new), old) => row_map(names.clone(), new, old.as_deref()),
         (None, _) => old.clone().unwrap_or_default(),
@@ -103,7 +111,11 @@ pub fn row_event(change: &RowChange, source: &Source, event_type: &str, database
 }
 
 /// Column name → value; an unchanged TOAST cell takes its value from the old row when there is one.
-fn row_map<'a>(names: impl Iterator<Item = &'a str>, cells: &[Cell], old: Option<&[Cell]>) -> Map<String, Value> {
+fn row_map<'a>(
+    names: impl Iterator<Item = &'a str>,
+    cells: &[Cell],
+    old: Option<&[Cell]>,
+) -> Map<String, Value> {
     let mut m = Map::with_capacity(cells.len());
     for (i, (name, cell)) in names.zip(cells).enumerate() {
         let v = match cell {
@@ -129,7 +141,11 @@ mod tests {
     use serde_json::json;
 
     fn rel() -> Arc<Relation> {
-        let col = |n: &str, t: u32| Column { name: Arc::from(n), type_oid: t, class: classify(t) };
+        let col = |n: &str, t: u32| Column {
+            name: Arc::from(n),
+            type_oid: t,
+            class: classify(t),
+        };
         Arc::new(Relation {
             oid: 42,
             schema: Arc::from("public"),
@@ -144,7 +160,12 @@ mod tests {
             relation: rel(),
             old,
             new,
-            commit: Arc::new(Commit { lsn: Lsn(0x16B3748), end_lsn: Lsn(0), time: Default::default(), xid: 751 }),
+            commit: Arc::new(Commit {
+                lsn: Lsn(0x16B3748),
+                end_lsn: Lsn(0),
+                time: Default::default(),
+                xid: 751,
+            }),
             position: 2,
         }
     }
@@ -154,14 +175,23 @@ mod tests {
     }
 
     fn user() -> Source {
-        Source { oid: 42, kind: SourceKind::User, id_column: Some("id".into()) }
+        Source {
+            oid: 42,
+            kind: SourceKind::User,
+            id_column: Some("id".into()),
+        }
     }
 
     #[test]
     fn update_has_changes_and_old_row() {
         let old = vec![v(json!(42)), v(json!("x@b.c")), v(json!("long"))];
         let new = vec![v(json!(42)), v(json!("a@b.c")), Cell::Unchanged];
-        let e = row_event(&change(Op::Update, Some(old), Some(new)), &user(), "POST_USER_UPDATE", &Arc::from("app"));
+        let e = row_event(
+            &change(Op::Update, Some(old), Some(new)),
+            &user(),
+            "POST_USER_UPDATE",
+            &Arc::from("app"),
+        );
         assert_eq!(e.id, "00000000016B3748-000002");
         assert_eq!(
             Value::Object(e.data),
@@ -173,15 +203,36 @@ mod tests {
 
     #[test]
     fn record_insert_names_the_table() {
-        let src = Source { oid: 42, kind: SourceKind::Record, id_column: Some("id".into()) };
-        let e = row_event(&change(Op::Insert, None, Some(vec![v(json!(7)), Cell::Null, v(json!("b"))])), &src, "POST_RECORD_CREATE", &Arc::from("app"));
-        assert_eq!(Value::Object(e.data), json!({"record_id": 7, "table": "users", "id": 7, "email": null, "bio": "b"}));
+        let src = Source {
+            oid: 42,
+            kind: SourceKind::Record,
+            id_column: Some("id".into()),
+        };
+        let e = row_event(
+            &change(
+                Op::Insert,
+                None,
+                Some(vec![v(json!(7)), Cell::Null, v(json!("b"))]),
+            ),
+            &src,
+            "POST_RECORD_CREATE",
+            &Arc::from("app"),
+        );
+        assert_eq!(
+            Value::Object(e.data),
+            json!({"record_id": 7, "table": "users", "id": 7, "email": null, "bio": "b"})
+        );
     }
 
     #[test]
     fn delete_carries_the_old_row() {
         let old = vec![v(json!(5)), v(json!("d@b.c")), Cell::Null];
-        let e = row_event(&change(Op::Delete, Some(old), None), &user(), "POST_USER_DELETE", &Arc::from("app"));
+        let e = row_event(
+            &change(Op::Delete, Some(old), None),
+            &user(),
+            "POST_USER_DELETE",
+            &Arc::from("app"),
+        );
         assert_eq!(e.data["user_id"], json!(5));
         assert_eq!(e.data["email"], json!("d@b.c"));
         assert_eq!(e.data["old"]["email"], json!("d@b.c"));
@@ -190,7 +241,12 @@ mod tests {
     #[test]
     fn unchanged_toast_without_old_row_is_named() {
         let new = vec![v(json!(1)), v(json!("e")), Cell::Unchanged];
-        let e = row_event(&change(Op::Update, None, Some(new)), &user(), "POST_USER_UPDATE", &Arc::from("app"));
+        let e = row_event(
+            &change(Op::Update, None, Some(new)),
+            &user(),
+            "POST_USER_UPDATE",
+            &Arc::from("app"),
+        );
         assert_eq!(e.data["unchanged_toast"], json!(["bio"]));
         assert!(!e.data.contains_key("bio"));
     }

@@ -72,30 +72,46 @@ impl Service {
         let client = db::connect(&cfg.database_url)
             .await
             .map_err(|e| anyhow::anyhow!("cannot connect to the database: {}", db::describe(&e)))?;
-        let known = install::MIGRATIONS.iter().map(|m| m.version).max().unwrap_or(0);
-        let version: Option<i32> = client
-            .query_one(
-                "SELECT CASE WHEN to_regclass('pgfire.migrations') IS NOT NULL
-                        THEN (SELECT max(version) FROM pgfire.migrations) END",
-                &[],
-            )
+        let known = install::MIGRATIONS
+            .iter()
+            .map(|m| m.version)
+            .max()
+            .unwrap_or(0);
+        let installed: bool = client
+            .query_one("SELECT to_regclass('pgfire.migrations') IS NOT NULL", &[])
             .await
             .map_err(|e| anyhow::anyhow!(db::describe(&e)))?
             .get(0);
+        let version: Option<i32> = if installed {
+            client
+                .query_one("SELECT max(version) FROM pgfire.migrations", &[])
+                .await
+                .map_err(|e| anyhow::anyhow!(db::describe(&e)))?
+                .get(0)
+        } else {
+            None
+        };
         match version {
-            None => anyhow::bail!("pgfire is not installed in this database: run `pgfire install` first"),
+            None => anyhow::bail!(
+                "pgfire is not installed in this database: run `pgfire install` first"
+            ),
             Some(v) if v < known => {
                 anyhow::bail!("the database has pgfire schema version {v}, older than this pgfire ({known}): run `pgfire install` to upgrade")
             }
             _ => {}
         }
         let slot: String = client
-            .query_opt("SELECT value FROM pgfire.settings WHERE key = 'slot_name'", &[])
+            .query_opt(
+                "SELECT value FROM pgfire.settings WHERE key = 'slot_name'",
+                &[],
+            )
             .await
             .map_err(|e| anyhow::anyhow!(db::describe(&e)))?
             .map(|r| r.get(0))
             .unwrap_or_else(|| install::DEFAULT_SLOT.to_string());
-        let catalog = Catalog::load(&client).await.map_err(|e| anyhow::anyhow!(db::describe(&e)))?;
+        let catalog = Catalog::load(&client)
+            .await
+            .map_err(|e| anyhow::anyhow!(db::describe(&e)))?;
         drop(client);
 
         let shutdown = CancellationToken::new();
@@ -103,7 +119,8 @@ impl Service {
         let health = Arc::new(ConsumerHealth::default());
         let stats = Arc::new(DispatchStats::default());
         let mut tasks = Vec::new();
-        let (recorder, history) = executions::start(cfg.database_url.clone(), history_shutdown.clone());
+        let (recorder, history) =
+            executions::start(cfg.database_url.clone(), history_shutdown.clone());
 
         if cfg.consumer {
             let settled = Arc::new(AtomicU64::new(0));
@@ -124,7 +141,13 @@ impl Service {
                 status_interval: cfg.status_interval,
                 connect_timeout: Duration::from_secs(10),
             };
-            tasks.push(tokio::spawn(replication::run(consumer, tx, settled, health.clone(), shutdown.clone())));
+            tasks.push(tokio::spawn(replication::run(
+                consumer,
+                tx,
+                settled,
+                health.clone(),
+                shutdown.clone(),
+            )));
         }
 
         let mut proxy_addr = None;
@@ -132,7 +155,12 @@ impl Service {
             let config = ProxyConfig::from_args(args, &cfg.database_url)?;
             let listener = tokio::net::TcpListener::bind(args.listen)
                 .await
-                .with_context(|| format!("cannot listen on {} for the proxy (use --listen)", args.listen))?;
+                .with_context(|| {
+                    format!(
+                        "cannot listen on {} for the proxy (use --listen)",
+                        args.listen
+                    )
+                })?;
             proxy_addr = Some(listener.local_addr()?);
             let token = shutdown.clone();
             tasks.push(tokio::spawn(async move {
@@ -158,14 +186,26 @@ impl Service {
             }));
         }
 
-        Ok(Service { shutdown, history_shutdown, tasks, history, admin_addr, proxy_addr, health, stats })
+        Ok(Service {
+            shutdown,
+            history_shutdown,
+            tasks,
+            history,
+            admin_addr,
+            proxy_addr,
+            health,
+            stats,
+        })
     }
 
     /// Stop in phases: stop taking work and confirm what is settled, then flush the history.
     pub async fn stop(self) {
         self.shutdown.cancel();
         for t in self.tasks {
-            if tokio::time::timeout(Duration::from_secs(30), t).await.is_err() {
+            if tokio::time::timeout(Duration::from_secs(30), t)
+                .await
+                .is_err()
+            {
                 tracing::warn!("a task did not stop within 30 s");
             }
         }
@@ -216,25 +256,40 @@ pub async fn dev_cmd(data_dir: PathBuf, pg_port: u16, args: ServiceArgs) -> anyh
     let mut opts = ClusterOptions::new(&data_dir);
     opts.port = Some(pg_port);
     let first = !data_dir.join("PG_VERSION").exists();
-    println!("pgfire dev: {} PostgreSQL in {} ...", if first { "creating" } else { "starting" }, data_dir.display());
+    println!(
+        "pgfire dev: {} PostgreSQL in {} ...",
+        if first { "creating" } else { "starting" },
+        data_dir.display()
+    );
     let cluster = tokio::task::spawn_blocking(move || Cluster::start(&opts)).await??;
     let admin_url = cluster.url("postgres");
     let admin_client = db::connect(&admin_url).await?;
-    if admin_client.query_opt("SELECT 1 FROM pg_database WHERE datname = 'app'", &[]).await?.is_none() {
+    if admin_client
+        .query_opt("SELECT 1 FROM pg_database WHERE datname = 'app'", &[])
+        .await?
+        .is_none()
+    {
         admin_client.batch_execute("CREATE DATABASE app").await?;
     }
     drop(admin_client);
     let url = cluster.url("app");
     let client = db::connect(&url).await?;
     install::install(&client, None, install::MIGRATIONS).await?;
-    client.batch_execute(DEV_DEMO).await.map_err(|e| anyhow::anyhow!(db::describe(&e)))?;
+    client
+        .batch_execute(DEV_DEMO)
+        .await
+        .map_err(|e| anyhow::anyhow!(db::describe(&e)))?;
     drop(client);
 
     let listen = args.proxy.listen;
     let no_proxy = args.proxy.no_proxy;
     let admin = args.admin_listen;
     let service = Service::start(ServiceConfig::from_args(&url, args)).await?;
-    let app_url = if no_proxy { url.clone() } else { format!("postgres://postgres@{listen}/app") };
+    let app_url = if no_proxy {
+        url.clone()
+    } else {
+        format!("postgres://postgres@{listen}/app")
+    };
     println!(
         "\npgfire dev is running.\n\
          \n  database (direct):   {url}\
@@ -257,8 +312,15 @@ pub async fn dev_cmd(data_dir: PathBuf, pg_port: u16, args: ServiceArgs) -> anyh
 }
 
 pub async fn status_cmd(url: &str) -> anyhow::Result<()> {
-    let client = db::connect(url).await.map_err(|e| anyhow::anyhow!("cannot connect to the database: {}", db::describe(&e)))?;
-    let q = |e: tokio_postgres::Error| anyhow::anyhow!("{} (is pgfire installed? run pgfire install)", db::describe(&e));
+    let client = db::connect(url)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot connect to the database: {}", db::describe(&e)))?;
+    let q = |e: tokio_postgres::Error| {
+        anyhow::anyhow!(
+            "{} (is pgfire installed? run pgfire install)",
+            db::describe(&e)
+        )
+    };
     let row = client
         .query_opt(
             "SELECT s.slot_name::text, s.active, s.confirmed_flush_lsn::text,
@@ -272,10 +334,27 @@ pub async fn status_cmd(url: &str) -> anyhow::Result<()> {
         .map_err(q)?;
     match row {
         Some(r) => {
-            let (name, active, lsn, lag, retained): (String, bool, Option<String>, Option<i64>, Option<String>) =
-                (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
-            println!("slot {name}: {}", if active { "streaming" } else { "not in use (is pgfire run running?)" });
-            println!("  confirmed up to {}, {} bytes behind, WAL retained {}", lsn.unwrap_or_default(), lag.unwrap_or(0), retained.unwrap_or_default());
+            let (name, active, lsn, lag, retained): (
+                String,
+                bool,
+                Option<String>,
+                Option<i64>,
+                Option<String>,
+            ) = (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
+            println!(
+                "slot {name}: {}",
+                if active {
+                    "streaming"
+                } else {
+                    "not in use (is pgfire run running?)"
+                }
+            );
+            println!(
+                "  confirmed up to {}, {} bytes behind, WAL retained {}",
+                lsn.unwrap_or_default(),
+                lag.unwrap_or(0),
+                retained.unwrap_or_default()
+            );
         }
         None => println!("replication slot missing: run pgfire install"),
     }
@@ -294,8 +373,12 @@ pub async fn status_cmd(url: &str) -> anyhow::Result<()> {
     } else {
         println!("failed runs in the last hour:");
         for r in rows {
-            let (f, s, n, at, err): (String, String, i64, String, Option<String>) = (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
-            println!("  {f:<24} {s:<8} {n:>6}  last {at}: {}", err.unwrap_or_default());
+            let (f, s, n, at, err): (String, String, i64, String, Option<String>) =
+                (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
+            println!(
+                "  {f:<24} {s:<8} {n:>6}  last {at}: {}",
+                err.unwrap_or_default()
+            );
         }
     }
     Ok(())

@@ -8,7 +8,11 @@ use crate::catalog::FunctionDef;
 pub struct Log;
 
 impl Kind for Log {
-    fn post<'a>(&'a self, def: &'a FunctionDef, d: &'a Delivery<'a>) -> BoxFuture<'a, Result<(), FunctionError>> {
+    fn post<'a>(
+        &'a self,
+        def: &'a FunctionDef,
+        d: &'a Delivery<'a>,
+    ) -> BoxFuture<'a, Result<(), FunctionError>> {
         Box::pin(async move {
             if tracing::enabled!(target: "pgfire::function", tracing::Level::INFO) {
                 let envelope = String::from_utf8_lossy(d.envelope());

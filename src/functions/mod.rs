@@ -42,7 +42,10 @@ pub struct Delivery<'a> {
 
 impl<'a> Delivery<'a> {
     pub fn new(event: &'a Event) -> Self {
-        Delivery { event, envelope: OnceLock::new() }
+        Delivery {
+            event,
+            envelope: OnceLock::new(),
+        }
     }
 
     pub fn envelope(&self) -> &[u8] {
@@ -52,7 +55,11 @@ impl<'a> Delivery<'a> {
 
 /// A function kind's implementation.
 pub trait Kind: Send + Sync {
-    fn post<'a>(&'a self, def: &'a FunctionDef, delivery: &'a Delivery<'a>) -> BoxFuture<'a, Result<(), FunctionError>>;
+    fn post<'a>(
+        &'a self,
+        def: &'a FunctionDef,
+        delivery: &'a Delivery<'a>,
+    ) -> BoxFuture<'a, Result<(), FunctionError>>;
 }
 
 /// The implementations of every kind, sharing their clients (HTTP, database pool).
@@ -72,13 +79,19 @@ impl Kinds {
     }
 
     /// Run `def` for `delivery`, bounded by the function's timeout.
-    pub async fn post(&self, def: &FunctionDef, delivery: &Delivery<'_>) -> Result<(), FunctionError> {
+    pub async fn post(
+        &self,
+        def: &FunctionDef,
+        delivery: &Delivery<'_>,
+    ) -> Result<(), FunctionError> {
         let kind: &dyn Kind = match def.kind {
             FunctionKind::Webhook => &self.webhook,
             FunctionKind::Sql => &self.sql,
             FunctionKind::Log => &self.log,
             FunctionKind::Nats => {
-                return Err(FunctionError::Failed("nats functions are not available in this version of pgfire".into()))
+                return Err(FunctionError::Failed(
+                    "nats functions are not available in this version of pgfire".into(),
+                ))
             }
         };
         match tokio::time::timeout(def.timeout, kind.post(def, delivery)).await {

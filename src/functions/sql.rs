@@ -16,28 +16,49 @@ impl Sql {
         let manager = deadpool_postgres::Manager::from_config(
             config,
             tokio_postgres::NoTls,
-            deadpool_postgres::ManagerConfig { recycling_method: deadpool_postgres::RecyclingMethod::Fast },
+            deadpool_postgres::ManagerConfig {
+                recycling_method: deadpool_postgres::RecyclingMethod::Fast,
+            },
         );
-        let pool = deadpool_postgres::Pool::builder(manager).max_size(4).build()?;
+        let pool = deadpool_postgres::Pool::builder(manager)
+            .max_size(4)
+            .build()?;
         Ok(Sql { pool })
     }
 }
 
 impl Kind for Sql {
-    fn post<'a>(&'a self, def: &'a FunctionDef, d: &'a Delivery<'a>) -> BoxFuture<'a, Result<(), FunctionError>> {
+    fn post<'a>(
+        &'a self,
+        def: &'a FunctionDef,
+        d: &'a Delivery<'a>,
+    ) -> BoxFuture<'a, Result<(), FunctionError>> {
         Box::pin(async move {
             let callable = def.sql_callable.as_deref().ok_or_else(|| {
-                FunctionError::Failed(format!("SQL function {}(jsonb) does not exist", def.target.as_deref().unwrap_or("")))
+                FunctionError::Failed(format!(
+                    "SQL function {}(jsonb) does not exist",
+                    def.target.as_deref().unwrap_or("")
+                ))
             })?;
-            let client = self.pool.get().await.map_err(|e| FunctionError::Failed(format!("no database connection: {e}")))?;
-            let envelope = std::str::from_utf8(d.envelope()).map_err(|e| FunctionError::Failed(e.to_string()))?;
+            let client = self
+                .pool
+                .get()
+                .await
+                .map_err(|e| FunctionError::Failed(format!("no database connection: {e}")))?;
+            let envelope = std::str::from_utf8(d.envelope())
+                .map_err(|e| FunctionError::Failed(e.to_string()))?;
             let sql = format!("SELECT {callable}($1::text::jsonb)::text");
-            let stmt = client.prepare_cached(&sql).await.map_err(|e| FunctionError::Failed(crate::db::describe(&e)))?;
+            let stmt = client
+                .prepare_cached(&sql)
+                .await
+                .map_err(|e| FunctionError::Failed(crate::db::describe(&e)))?;
             let cancel = client.cancel_token();
             let mut guard = CancelOnDrop(Some(cancel));
             let result = client.query_one(&stmt, &[&envelope]).await;
             guard.0 = None;
-            result.map(|_| ()).map_err(|e| FunctionError::Failed(crate::db::describe(&e)))
+            result
+                .map(|_| ())
+                .map_err(|e| FunctionError::Failed(crate::db::describe(&e)))
         })
     }
 }

@@ -38,15 +38,25 @@ pub fn sign(secret: &str, id: &str, timestamp: i64, body: &[u8]) -> Result<Strin
     mac.update(timestamp.to_string().as_bytes());
     mac.update(b".");
     mac.update(body);
-    Ok(format!("v1,{}", base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())))
+    Ok(format!(
+        "v1,{}",
+        base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+    ))
 }
 
 impl Kind for Webhook {
-    fn post<'a>(&'a self, def: &'a FunctionDef, d: &'a Delivery<'a>) -> BoxFuture<'a, Result<(), FunctionError>> {
+    fn post<'a>(
+        &'a self,
+        def: &'a FunctionDef,
+        d: &'a Delivery<'a>,
+    ) -> BoxFuture<'a, Result<(), FunctionError>> {
         Box::pin(async move {
             let url = def.target.as_deref().unwrap_or_default();
             let body = d.envelope().to_vec();
-            let ts = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
+            let ts = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs() as i64)
+                .unwrap_or(0);
             let mut req = self
                 .http
                 .post(url)
@@ -55,7 +65,10 @@ impl Kind for Webhook {
                 .header("webhook-id", &d.event.id)
                 .header("webhook-timestamp", ts.to_string());
             if let Some(secret) = &def.secret {
-                req = req.header("webhook-signature", sign(secret, &d.event.id, ts, &body).map_err(FunctionError::Failed)?);
+                req = req.header(
+                    "webhook-signature",
+                    sign(secret, &d.event.id, ts, &body).map_err(FunctionError::Failed)?,
+                );
             }
             let resp = req.body(body).send().await.map_err(|e| {
                 if e.is_timeout() {
@@ -70,7 +83,10 @@ impl Kind for Webhook {
             }
             let text = resp.text().await.unwrap_or_default();
             let snippet: String = text.chars().take(200).collect();
-            Err(FunctionError::Failed(format!("POST {} answered {status}: {snippet}", redact(url))))
+            Err(FunctionError::Failed(format!(
+                "POST {} answered {status}: {snippet}",
+                redact(url)
+            )))
         })
     }
 }
@@ -122,7 +138,10 @@ mod tests {
 
     #[test]
     fn redaction() {
-        assert_eq!(redact("https://u:p@h.example/x?token=1"), "https://u@h.example/x");
+        assert_eq!(
+            redact("https://u:p@h.example/x?token=1"),
+            "https://u@h.example/x"
+        );
         assert_eq!(redact("::"), "<invalid URL>");
     }
 }

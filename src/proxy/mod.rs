@@ -29,7 +29,10 @@ pub struct ProxyConfig {
 impl ProxyConfig {
     /// Stub until the proxy lands (issue 3).
     pub fn from_args(_args: &ProxyArgs, database_url: &str) -> anyhow::Result<ProxyConfig> {
-        Ok(ProxyConfig { upstream: database_url.to_string(), shutdown_timeout: Duration::from_secs(10) })
+        Ok(ProxyConfig {
+            upstream: database_url.to_string(),
+            shutdown_timeout: Duration::from_secs(10),
+        })
     }
 }
 

@@ -44,7 +44,10 @@ impl ConnError {
             ConnError::Io(_) | ConnError::Closed => true,
             ConnError::Server { code, .. } => {
                 // Connection exceptions, shutdown, too many connections, slot in use, startup.
-                code.starts_with("08") || code.starts_with("57") || code.starts_with("53") || code == "55006"
+                code.starts_with("08")
+                    || code.starts_with("57")
+                    || code.starts_with("53")
+                    || code == "55006"
             }
             ConnError::Protocol(_) => true,
             ConnError::Auth(_) | ConnError::Config(_) => false,
@@ -62,7 +65,11 @@ impl ConnError {
                 _ => {}
             }
         }
-        ConnError::Server { code, message, hint }
+        ConnError::Server {
+            code,
+            message,
+            hint,
+        }
     }
 }
 
@@ -73,7 +80,11 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 #[derive(Debug)]
 pub enum ReplicationMessage {
     /// WAL data: a pgoutput message starting at `wal_start`.
-    XLogData { wal_start: Lsn, wal_end: Lsn, data: Bytes },
+    XLogData {
+        wal_start: Lsn,
+        wal_end: Lsn,
+        data: Bytes,
+    },
     /// The server's position; `reply` asks for a status update now.
     Keepalive { wal_end: Lsn, reply: bool },
 }
@@ -88,10 +99,17 @@ pub struct ReplicationConn {
 impl ReplicationConn {
     /// Connect and authenticate as a logical replication connection to the URL's database.
     pub async fn connect(url: &str, timeout: Duration) -> Result<ReplicationConn, ConnError> {
-        let config: tokio_postgres::Config = url.parse().map_err(|e: tokio_postgres::Error| ConnError::Config(e.to_string()))?;
+        let config: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e: tokio_postgres::Error| ConnError::Config(e.to_string()))?;
         tokio::time::timeout(timeout, Self::connect_config(&config))
             .await
-            .map_err(|_| ConnError::Io(std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")))?
+            .map_err(|_| {
+                ConnError::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "connect timed out",
+                ))
+            })?
     }
 
     async fn connect_config(config: &tokio_postgres::Config) -> Result<ReplicationConn, ConnError> {
@@ -102,10 +120,13 @@ impl ReplicationConn {
                 s.set_nodelay(true)?;
                 Box::new(s)
             }
-            Some(Host::Unix(dir)) => {
-                Box::new(tokio::net::UnixStream::connect(dir.join(format!(".s.PGSQL.{port}"))).await?)
-            }
-            None => Box::new(tokio::net::UnixStream::connect(format!("/var/run/postgresql/.s.PGSQL.{port}")).await?),
+            Some(Host::Unix(dir)) => Box::new(
+                tokio::net::UnixStream::connect(dir.join(format!(".s.PGSQL.{port}"))).await?,
+            ),
+            None => Box::new(
+                tokio::net::UnixStream::connect(format!("/var/run/postgresql/.s.PGSQL.{port}"))
+                    .await?,
+            ),
         };
         let user = config
             .get_user()
@@ -149,13 +170,20 @@ impl ReplicationConn {
     }
 
     async fn authenticate(&mut self, user: &str, password: Option<&[u8]>) -> Result<(), ConnError> {
-        let need_password = || ConnError::Auth("the server asks for a password and the connection string has none".into());
+        let need_password = || {
+            ConnError::Auth(
+                "the server asks for a password and the connection string has none".into(),
+            )
+        };
         let mut scram: Option<ScramSha256> = None;
         loop {
             match self.next_backend().await? {
                 Message::AuthenticationOk => return Ok(()),
                 Message::AuthenticationCleartextPassword => {
-                    frontend::password_message(password.ok_or_else(need_password)?, &mut self.write)?;
+                    frontend::password_message(
+                        password.ok_or_else(need_password)?,
+                        &mut self.write,
+                    )?;
                 }
                 Message::AuthenticationMd5Password(body) => {
                     let hash = postgres_protocol::authentication::md5_hash(
@@ -172,20 +200,31 @@ impl ReplicationConn {
                         has_scram |= m == SCRAM_SHA_256;
                     }
                     if !has_scram {
-                        return Err(ConnError::Auth("the server offers no SASL mechanism pgfire supports".into()));
+                        return Err(ConnError::Auth(
+                            "the server offers no SASL mechanism pgfire supports".into(),
+                        ));
                     }
-                    let s = ScramSha256::new(password.ok_or_else(need_password)?, ChannelBinding::unsupported());
+                    let s = ScramSha256::new(
+                        password.ok_or_else(need_password)?,
+                        ChannelBinding::unsupported(),
+                    );
                     frontend::sasl_initial_response(SCRAM_SHA_256, s.message(), &mut self.write)?;
                     scram = Some(s);
                 }
                 Message::AuthenticationSaslContinue(body) => {
-                    let s = scram.as_mut().ok_or_else(|| ConnError::Protocol("unexpected SASL continue".into()))?;
-                    s.update(body.data()).map_err(|e| ConnError::Auth(e.to_string()))?;
+                    let s = scram
+                        .as_mut()
+                        .ok_or_else(|| ConnError::Protocol("unexpected SASL continue".into()))?;
+                    s.update(body.data())
+                        .map_err(|e| ConnError::Auth(e.to_string()))?;
                     frontend::sasl_response(s.message(), &mut self.write)?;
                 }
                 Message::AuthenticationSaslFinal(body) => {
-                    let s = scram.as_mut().ok_or_else(|| ConnError::Protocol("unexpected SASL final".into()))?;
-                    s.finish(body.data()).map_err(|e| ConnError::Auth(e.to_string()))?;
+                    let s = scram
+                        .as_mut()
+                        .ok_or_else(|| ConnError::Protocol("unexpected SASL final".into()))?;
+                    s.finish(body.data())
+                        .map_err(|e| ConnError::Auth(e.to_string()))?;
                     continue;
                 }
                 Message::ErrorResponse(e) => return Err(ConnError::server(e.fields())),
@@ -224,8 +263,16 @@ impl ReplicationConn {
     }
 
     /// Start logical replication from `slot` at `start` (0/0: where the slot left off).
-    pub async fn start_replication(&mut self, slot: &str, start: Lsn, options: &str) -> Result<(), ConnError> {
-        let sql = format!("START_REPLICATION SLOT {} LOGICAL {start} ({options})", quote_ident(slot));
+    pub async fn start_replication(
+        &mut self,
+        slot: &str,
+        start: Lsn,
+        options: &str,
+    ) -> Result<(), ConnError> {
+        let sql = format!(
+            "START_REPLICATION SLOT {} LOGICAL {start} ({options})",
+            quote_ident(slot)
+        );
         frontend::query(&sql, &mut self.write)?;
         self.flush().await?;
         loop {
@@ -241,7 +288,12 @@ impl ReplicationConn {
             match self.next_backend().await? {
                 Message::ErrorResponse(e) => return Err(ConnError::server(e.fields())),
                 Message::NoticeResponse(_) => {}
-                other => return Err(ConnError::Protocol(format!("unexpected reply to START_REPLICATION: {}", tag_name(&other)))),
+                other => {
+                    return Err(ConnError::Protocol(format!(
+                        "unexpected reply to START_REPLICATION: {}",
+                        tag_name(&other)
+                    )))
+                }
             }
         }
     }
@@ -261,25 +313,50 @@ impl ReplicationConn {
                             let wal_start = Lsn(data.get_u64());
                             let wal_end = Lsn(data.get_u64());
                             data.advance(8); // send time
-                            return Ok(ReplicationMessage::XLogData { wal_start, wal_end, data });
+                            return Ok(ReplicationMessage::XLogData {
+                                wal_start,
+                                wal_end,
+                                data,
+                            });
                         }
                         b'k' if data.len() >= 18 => {
-                            let wal_end = Lsn(u64::from_be_bytes(data[1..9].try_into().unwrap_or_default()));
-                            return Ok(ReplicationMessage::Keepalive { wal_end, reply: data[17] != 0 });
+                            let wal_end = Lsn(u64::from_be_bytes(
+                                data[1..9].try_into().unwrap_or_default(),
+                            ));
+                            return Ok(ReplicationMessage::Keepalive {
+                                wal_end,
+                                reply: data[17] != 0,
+                            });
                         }
-                        t => return Err(ConnError::Protocol(format!("unknown CopyData message {:?} of {} bytes", t as char, data.len()))),
+                        t => {
+                            return Err(ConnError::Protocol(format!(
+                                "unknown CopyData message {:?} of {} bytes",
+                                t as char,
+                                data.len()
+                            )))
+                        }
                     }
                 }
                 Message::ErrorResponse(e) => return Err(ConnError::server(e.fields())),
                 Message::CopyDone => return Err(ConnError::Closed),
                 Message::NoticeResponse(_) | Message::ParameterStatus(_) => {}
-                other => return Err(ConnError::Protocol(format!("unexpected message in replication stream: {}", tag_name(&other)))),
+                other => {
+                    return Err(ConnError::Protocol(format!(
+                        "unexpected message in replication stream: {}",
+                        tag_name(&other)
+                    )))
+                }
             }
         }
     }
 
     /// Send a standby status update: everything up to `written` received, up to `flushed` settled.
-    pub async fn send_status(&mut self, written: Lsn, flushed: Lsn, reply: bool) -> Result<(), ConnError> {
+    pub async fn send_status(
+        &mut self,
+        written: Lsn,
+        flushed: Lsn,
+        reply: bool,
+    ) -> Result<(), ConnError> {
         let mut msg = BytesMut::with_capacity(34);
         msg.put_u8(b'r');
         msg.put_u64(written.0);
@@ -342,13 +419,20 @@ impl ReplicationConn {
 }
 
 fn pg_now_micros() -> i64 {
-    let unix = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0);
+    let unix = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0);
     unix - PG_EPOCH_OFFSET_MICROS
 }
 
 fn parse_server_version(v: &str) -> u32 {
     // server_version looks like "15.19 (Debian 15.19-0+deb12u1)"; keep the major number.
-    let major: u32 = v.split(|c: char| !c.is_ascii_digit()).next().and_then(|s| s.parse().ok()).unwrap_or(0);
+    let major: u32 = v
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
     if major >= 1000 {
         major / 10000
     } else {

@@ -175,7 +175,11 @@ impl Decoder {
 
     fn apply(&mut self, msg: Msg, out: &mut Vec<Item>) -> Result<(), DecodeError> {
         match msg {
-            Msg::Begin { final_lsn, timestamp, xid } => {
+            Msg::Begin {
+                final_lsn,
+                timestamp,
+                xid,
+            } => {
                 self.txn = Some(OpenTxn {
                     commit: Arc::new(Commit {
                         lsn: Lsn(final_lsn),
@@ -190,7 +194,13 @@ impl Decoder {
                 self.txn = None;
                 out.push(Item::Checkpoint(Lsn(end_lsn)));
             }
-            Msg::Relation { relation_id, namespace, relation_name, columns, .. } => {
+            Msg::Relation {
+                relation_id,
+                namespace,
+                relation_name,
+                columns,
+                ..
+            } => {
                 let columns = columns
                     .into_iter()
                     .map(|c| Column {
@@ -212,10 +222,19 @@ impl Decoder {
             Msg::Insert { relation_id, tuple } => {
                 self.row(Op::Insert, relation_id, None, Some(tuple), out)?;
             }
-            Msg::Update { relation_id, old_tuple, new_tuple, .. } => {
+            Msg::Update {
+                relation_id,
+                old_tuple,
+                new_tuple,
+                ..
+            } => {
                 self.row(Op::Update, relation_id, old_tuple, Some(new_tuple), out)?;
             }
-            Msg::Delete { relation_id, old_tuple, .. } => {
+            Msg::Delete {
+                relation_id,
+                old_tuple,
+                ..
+            } => {
                 self.row(Op::Delete, relation_id, Some(old_tuple), None, out)?;
             }
             Msg::Truncate { relation_ids, .. } => {
@@ -224,9 +243,18 @@ impl Decoder {
                     .map(|oid| self.relation(*oid))
                     .collect::<Result<Vec<_>, _>>()?;
                 let (commit, position) = self.next_position()?;
-                out.push(Item::Truncate { relations, commit, position });
+                out.push(Item::Truncate {
+                    relations,
+                    commit,
+                    position,
+                });
             }
-            Msg::Message { flags, lsn, prefix, content } => {
+            Msg::Message {
+                flags,
+                lsn,
+                prefix,
+                content,
+            } => {
                 let transactional = flags & 1 == 1;
                 let (commit, position) = match (transactional, self.txn.is_some()) {
                     (true, true) => {
@@ -235,11 +263,21 @@ impl Decoder {
                     }
                     _ => (None, 0),
                 };
-                out.push(Item::Message { prefix, content, lsn: Lsn(lsn), commit, position });
+                out.push(Item::Message {
+                    prefix,
+                    content,
+                    lsn: Lsn(lsn),
+                    commit,
+                    position,
+                });
             }
             Msg::StreamStart { xid, .. } => self.streaming = Some(xid),
             Msg::StreamStop => self.streaming = None,
-            Msg::StreamAbort { xid, subtransaction_xid, .. } => {
+            Msg::StreamAbort {
+                xid,
+                subtransaction_xid,
+                ..
+            } => {
                 if xid == subtransaction_xid {
                     if let Some(t) = self.streamed.remove(&xid) {
                         self.streamed_bytes -= t.bytes;
@@ -251,7 +289,13 @@ impl Decoder {
                     self.streamed_bytes -= before - t.bytes;
                 }
             }
-            Msg::StreamCommit { xid, commit_lsn, end_lsn, timestamp, .. } => {
+            Msg::StreamCommit {
+                xid,
+                commit_lsn,
+                end_lsn,
+                timestamp,
+                ..
+            } => {
                 let t = self.streamed.remove(&xid).unwrap_or_default();
                 self.streamed_bytes -= t.bytes;
                 self.replay(xid, t, Lsn(commit_lsn), pg_time(timestamp), out)?;
@@ -264,7 +308,14 @@ impl Decoder {
     }
 
     /// Decode a committed streamed transaction's buffered messages as one transaction.
-    fn replay(&mut self, xid: u32, t: StreamedTxn, lsn: Lsn, time: DateTime<Utc>, out: &mut Vec<Item>) -> Result<(), DecodeError> {
+    fn replay(
+        &mut self,
+        xid: u32,
+        t: StreamedTxn,
+        lsn: Lsn,
+        time: DateTime<Utc>,
+        out: &mut Vec<Item>,
+    ) -> Result<(), DecodeError> {
         let mut parser = LogicalReplicationParser::with_protocol_version(2);
         let mut start = BytesMut::with_capacity(6);
         start.put_u8(b'S');
@@ -274,7 +325,12 @@ impl Decoder {
             .parse_wal_message(&start)
             .map_err(|e| DecodeError::Malformed(e.to_string()))?;
         self.txn = Some(OpenTxn {
-            commit: Arc::new(Commit { lsn, end_lsn: Lsn(0), time, xid }),
+            commit: Arc::new(Commit {
+                lsn,
+                end_lsn: Lsn(0),
+                time,
+                xid,
+            }),
             position: 0,
         });
         for (_, raw) in t.messages {
@@ -304,12 +360,26 @@ impl Decoder {
             .ok_or(DecodeError::UnknownRelation(oid))
     }
 
-    fn row(&mut self, op: Op, oid: u32, old: Option<TupleData>, new: Option<TupleData>, out: &mut Vec<Item>) -> Result<(), DecodeError> {
+    fn row(
+        &mut self,
+        op: Op,
+        oid: u32,
+        old: Option<TupleData>,
+        new: Option<TupleData>,
+        out: &mut Vec<Item>,
+    ) -> Result<(), DecodeError> {
         let relation = self.relation(oid)?;
         let (commit, position) = self.next_position()?;
         let old = old.map(|t| cells(&relation, &t));
         let new = new.map(|t| cells(&relation, &t));
-        out.push(Item::Row(RowChange { op, relation, old, new, commit, position }));
+        out.push(Item::Row(RowChange {
+            op,
+            relation,
+            old,
+            new,
+            commit,
+            position,
+        }));
         Ok(())
     }
 }
@@ -324,10 +394,16 @@ fn cells(rel: &Relation, tuple: &TupleData) -> Vec<Cell> {
             b'n' => Cell::Null,
             b'u' => Cell::Unchanged,
             _ => {
-                let class = rel.columns.get(i).map(|c| c.class).unwrap_or(TypeClass::Text);
+                let class = rel
+                    .columns
+                    .get(i)
+                    .map(|c| c.class)
+                    .unwrap_or(TypeClass::Text);
                 match std::str::from_utf8(c.as_bytes()) {
                     Ok(text) => Cell::Value(render(class, text)),
-                    Err(_) => Cell::Value(Value::String(String::from_utf8_lossy(c.as_bytes()).into_owned())),
+                    Err(_) => Cell::Value(Value::String(
+                        String::from_utf8_lossy(c.as_bytes()).into_owned(),
+                    )),
                 }
             }
         })
@@ -335,7 +411,8 @@ fn cells(rel: &Relation, tuple: &TupleData) -> Vec<Cell> {
 }
 
 fn pg_time(micros: i64) -> DateTime<Utc> {
-    DateTime::from_timestamp_micros(micros.saturating_add(PG_EPOCH_OFFSET_MICROS)).unwrap_or_default()
+    DateTime::from_timestamp_micros(micros.saturating_add(PG_EPOCH_OFFSET_MICROS))
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -404,7 +481,14 @@ mod tests {
     }
 
     fn stream_start(xid: u32) -> Bytes {
-        Bytes::from(vec![b'S', (xid >> 24) as u8, (xid >> 16) as u8, (xid >> 8) as u8, xid as u8, 1])
+        Bytes::from(vec![
+            b'S',
+            (xid >> 24) as u8,
+            (xid >> 16) as u8,
+            (xid >> 8) as u8,
+            xid as u8,
+            1,
+        ])
     }
 
     fn stream_commit(xid: u32, lsn: u64, end: u64) -> Bytes {
@@ -441,15 +525,26 @@ mod tests {
         let mut d = Decoder::new();
         let mut out = Vec::new();
         d.decode(begin(100, 7), &mut out).unwrap();
-        d.decode(relation_msg(1, "public", "users", &[("id", 20), ("email", 25)]), &mut out).unwrap();
-        d.decode(insert_msg(None, 1, &[Some("9007199254740993"), None]), &mut out).unwrap();
+        d.decode(
+            relation_msg(1, "public", "users", &[("id", 20), ("email", 25)]),
+            &mut out,
+        )
+        .unwrap();
+        d.decode(
+            insert_msg(None, 1, &[Some("9007199254740993"), None]),
+            &mut out,
+        )
+        .unwrap();
         assert!(d.in_transaction());
         d.decode(commit(100, 120), &mut out).unwrap();
         assert!(!d.in_transaction());
         let r = rows(&out);
         assert_eq!(r.len(), 1);
         assert_eq!(r[0].0, 100);
-        assert_eq!(r[0].2[0], Cell::Value(serde_json::from_str("9007199254740993").unwrap()));
+        assert_eq!(
+            r[0].2[0],
+            Cell::Value(serde_json::from_str("9007199254740993").unwrap())
+        );
         assert_eq!(r[0].2[1], Cell::Null);
         assert!(matches!(out.last(), Some(Item::Checkpoint(Lsn(120)))));
     }
@@ -465,17 +560,26 @@ mod tests {
         let mut out = Vec::new();
         d.decode(stream_start(50), &mut out).unwrap();
         d.decode(rel.freeze(), &mut out).unwrap();
-        d.decode(insert_msg(Some(50), 1, &[Some("1")]), &mut out).unwrap();
-        d.decode(insert_msg(Some(51), 1, &[Some("2")]), &mut out).unwrap();
-        d.decode(insert_msg(Some(50), 1, &[Some("3")]), &mut out).unwrap();
+        d.decode(insert_msg(Some(50), 1, &[Some("1")]), &mut out)
+            .unwrap();
+        d.decode(insert_msg(Some(51), 1, &[Some("2")]), &mut out)
+            .unwrap();
+        d.decode(insert_msg(Some(50), 1, &[Some("3")]), &mut out)
+            .unwrap();
         d.decode(Bytes::from_static(b"E"), &mut out).unwrap();
         assert!(out.is_empty(), "nothing before commit");
         assert!(d.streamed_bytes > 0);
         d.decode(stream_abort(50, 51), &mut out).unwrap();
         d.decode(stream_commit(50, 300, 320), &mut out).unwrap();
         let r = rows(&out);
-        assert_eq!(r.iter().map(|x| x.2[0].clone()).collect::<Vec<_>>(), vec![Cell::Value(1.into()), Cell::Value(3.into())]);
-        assert_eq!(r.iter().map(|x| (x.0, x.1)).collect::<Vec<_>>(), vec![(300, 0), (300, 1)]);
+        assert_eq!(
+            r.iter().map(|x| x.2[0].clone()).collect::<Vec<_>>(),
+            vec![Cell::Value(1.into()), Cell::Value(3.into())]
+        );
+        assert_eq!(
+            r.iter().map(|x| (x.0, x.1)).collect::<Vec<_>>(),
+            vec![(300, 0), (300, 1)]
+        );
         assert_eq!(d.streamed_bytes, 0);
         assert!(matches!(out.last(), Some(Item::Checkpoint(Lsn(320)))));
     }
@@ -484,9 +588,11 @@ mod tests {
     fn aborted_stream_produces_nothing() {
         let mut d = Decoder::new();
         let mut out = Vec::new();
-        d.decode(relation_msg(1, "public", "t", &[("id", 23)]), &mut out).unwrap();
+        d.decode(relation_msg(1, "public", "t", &[("id", 23)]), &mut out)
+            .unwrap();
         d.decode(stream_start(9), &mut out).unwrap();
-        d.decode(insert_msg(Some(9), 1, &[Some("1")]), &mut out).unwrap();
+        d.decode(insert_msg(Some(9), 1, &[Some("1")]), &mut out)
+            .unwrap();
         d.decode(Bytes::from_static(b"E"), &mut out).unwrap();
         d.decode(stream_abort(9, 9), &mut out).unwrap();
         assert!(out.is_empty());
@@ -497,11 +603,23 @@ mod tests {
     fn garbage_is_an_error_not_a_panic() {
         let mut d = Decoder::new();
         let mut out = Vec::new();
-        for bad in [&b""[..], b"Z", b"B\x00", b"I\x00\x00\x00\x01N\x00\x05", b"R\x00"] {
-            assert!(d.decode(Bytes::copy_from_slice(bad), &mut out).is_err(), "{bad:?}");
+        for bad in [
+            &b""[..],
+            b"Z",
+            b"B\x00",
+            b"I\x00\x00\x00\x01N\x00\x05",
+            b"R\x00",
+        ] {
+            assert!(
+                d.decode(Bytes::copy_from_slice(bad), &mut out).is_err(),
+                "{bad:?}"
+            );
         }
         // An insert for a relation never described.
         d.decode(begin(1, 1), &mut out).unwrap();
-        assert!(matches!(d.decode(insert_msg(None, 77, &[Some("1")]), &mut out), Err(DecodeError::UnknownRelation(77))));
+        assert!(matches!(
+            d.decode(insert_msg(None, 77, &[Some("1")]), &mut out),
+            Err(DecodeError::UnknownRelation(77))
+        ));
     }
 }

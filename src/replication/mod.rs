@@ -101,7 +101,10 @@ async fn session(
     if conn.server_version != 0 && conn.server_version < 14 {
         return Err(ConnError::Server {
             code: "0A000".into(),
-            message: format!("PostgreSQL {} is too old: pgfire needs 14 or newer", conn.server_version),
+            message: format!(
+                "PostgreSQL {} is too old: pgfire needs 14 or newer",
+                conn.server_version
+            ),
             hint: None,
         });
     }
@@ -110,7 +113,8 @@ async fn session(
         "proto_version '2', publication_names {}, messages 'true', streaming 'on'",
         conn::quote_literal(&conn::quote_ident(&config.publication))
     );
-    conn.start_replication(&config.slot, start, &options).await?;
+    conn.start_replication(&config.slot, start, &options)
+        .await?;
     health.connected.store(true, Ordering::SeqCst);
     health.set_error(None);
     tracing::info!(slot = %config.slot, from = %start, "replication started");

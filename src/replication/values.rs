@@ -58,9 +58,8 @@ pub fn classify(oid: u32) -> TypeClass {
         1115 => TypeClass::Array(E::Timestamp),
         1185 => TypeClass::Array(E::TimestampTz),
         // text, varchar, bpchar, name, char, uuid, bytea, date, time, interval, inet, ... arrays
-        1001 | 1002 | 1003 | 1009 | 1014 | 1015 | 1041 | 651 | 1182 | 1183 | 1187 | 1270 | 2951 | 791 | 143 => {
-            TypeClass::Array(E::Text)
-        }
+        1001 | 1002 | 1003 | 1009 | 1014 | 1015 | 1041 | 651 | 1182 | 1183 | 1187 | 1270 | 2951
+        | 791 | 143 => TypeClass::Array(E::Text),
         _ => TypeClass::Text,
     }
 }
@@ -74,11 +73,15 @@ pub fn render(class: TypeClass, text: &str) -> Value {
             other => Value::String(other.to_string()),
         },
         TypeClass::Number => number(text),
-        TypeClass::Json => serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.to_string())),
+        TypeClass::Json => {
+            serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.to_string()))
+        }
         TypeClass::Timestamp => Value::String(timestamp(text, false)),
         TypeClass::TimestampTz => Value::String(timestamp(text, true)),
         TypeClass::Text => Value::String(text.to_string()),
-        TypeClass::Array(elem) => parse_array(text, elem).unwrap_or_else(|| Value::String(text.to_string())),
+        TypeClass::Array(elem) => {
+            parse_array(text, elem).unwrap_or_else(|| Value::String(text.to_string()))
+        }
     }
 }
 
@@ -133,7 +136,11 @@ pub fn parse_array(text: &str, elem: ElemClass) -> Option<Value> {
         Some(_) => &text[text.find('=')? + 1..],
         None => text,
     };
-    let mut p = ArrayParser { s: body.as_bytes(), i: 0, elem };
+    let mut p = ArrayParser {
+        s: body.as_bytes(),
+        i: 0,
+        elem,
+    };
     let v = p.array(0)?;
     (p.i == p.s.len()).then_some(v)
 }
@@ -213,8 +220,14 @@ mod tests {
 
     #[test]
     fn numbers_are_exact() {
-        assert_eq!(render(classify(20), "9223372036854775807").to_string(), "9223372036854775807");
-        assert_eq!(render(classify(1700), "12345678901234567890.000000000000000001").to_string(), "12345678901234567890.000000000000000001");
+        assert_eq!(
+            render(classify(20), "9223372036854775807").to_string(),
+            "9223372036854775807"
+        );
+        assert_eq!(
+            render(classify(1700), "12345678901234567890.000000000000000001").to_string(),
+            "12345678901234567890.000000000000000001"
+        );
         assert_eq!(render(classify(1700), "1.50").to_string(), "1.50");
         assert_eq!(render(classify(1700), "NaN"), json!("NaN"));
         assert_eq!(render(classify(701), "-Infinity"), json!("-Infinity"));
@@ -226,32 +239,65 @@ mod tests {
     fn scalars() {
         assert_eq!(render(classify(16), "t"), json!(true));
         assert_eq!(render(classify(16), "f"), json!(false));
-        assert_eq!(render(classify(3802), r#"{"a": [1, 2.50]}"#).to_string(), r#"{"a":[1,2.50]}"#);
+        assert_eq!(
+            render(classify(3802), r#"{"a": [1, 2.50]}"#).to_string(),
+            r#"{"a":[1,2.50]}"#
+        );
         assert_eq!(render(classify(114), "not json"), json!("not json"));
         assert_eq!(render(classify(25), "hello"), json!("hello"));
-        assert_eq!(render(classify(2950), "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"), json!("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"));
+        assert_eq!(
+            render(classify(2950), "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"),
+            json!("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11")
+        );
     }
 
     #[test]
     fn timestamps_are_rfc3339() {
-        assert_eq!(render(classify(1184), "2024-01-02 03:04:05.123456+00"), json!("2024-01-02T03:04:05.123456Z"));
-        assert_eq!(render(classify(1184), "2024-01-02 03:04:05+00"), json!("2024-01-02T03:04:05Z"));
-        assert_eq!(render(classify(1114), "2024-01-02 03:04:05"), json!("2024-01-02T03:04:05"));
+        assert_eq!(
+            render(classify(1184), "2024-01-02 03:04:05.123456+00"),
+            json!("2024-01-02T03:04:05.123456Z")
+        );
+        assert_eq!(
+            render(classify(1184), "2024-01-02 03:04:05+00"),
+            json!("2024-01-02T03:04:05Z")
+        );
+        assert_eq!(
+            render(classify(1114), "2024-01-02 03:04:05"),
+            json!("2024-01-02T03:04:05")
+        );
         assert_eq!(render(classify(1184), "infinity"), json!("infinity"));
-        assert_eq!(render(classify(1184), "0044-03-15 00:00:00+00 BC"), json!("0044-03-15 00:00:00+00 BC"));
-        assert_eq!(render(classify(1184), "12345-01-01 00:00:00+00"), json!("12345-01-01 00:00:00+00"));
+        assert_eq!(
+            render(classify(1184), "0044-03-15 00:00:00+00 BC"),
+            json!("0044-03-15 00:00:00+00 BC")
+        );
+        assert_eq!(
+            render(classify(1184), "12345-01-01 00:00:00+00"),
+            json!("12345-01-01 00:00:00+00")
+        );
     }
 
     #[test]
     fn arrays() {
         assert_eq!(render(classify(1007), "{1,2,NULL}"), json!([1, 2, null]));
-        assert_eq!(render(classify(1009), r#"{"a b",c,"NULL","q\"x\\y"}"#), json!(["a b", "c", "NULL", "q\"x\\y"]));
-        assert_eq!(render(classify(1007), "{{1,2},{3,4}}"), json!([[1, 2], [3, 4]]));
+        assert_eq!(
+            render(classify(1009), r#"{"a b",c,"NULL","q\"x\\y"}"#),
+            json!(["a b", "c", "NULL", "q\"x\\y"])
+        );
+        assert_eq!(
+            render(classify(1007), "{{1,2},{3,4}}"),
+            json!([[1, 2], [3, 4]])
+        );
         assert_eq!(render(classify(1007), "{}"), json!([]));
         assert_eq!(render(classify(1007), "[0:1]={7,8}"), json!([7, 8]));
-        assert_eq!(render(classify(3807), r#"{"{\"a\": 1}",null}"#), json!([{"a": 1}, null]));
+        assert_eq!(
+            render(classify(3807), r#"{"{\"a\": 1}",null}"#),
+            json!([{"a": 1}, null])
+        );
         assert_eq!(render(classify(1000), "{t,f}"), json!([true, false]));
-        assert_eq!(render(classify(1185), r#"{"2024-01-02 03:04:05+00"}"#), json!(["2024-01-02T03:04:05Z"]));
+        assert_eq!(
+            render(classify(1185), r#"{"2024-01-02 03:04:05+00"}"#),
+            json!(["2024-01-02T03:04:05Z"])
+        );
     }
 
     #[test]

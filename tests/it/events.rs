@@ -38,7 +38,9 @@ async fn wait_captured(c: &tokio_postgres::Client, n: usize) -> Vec<(String, Val
 }
 
 fn verify_signature(secret: &str, id: &str, ts: &str, body: &[u8], header: &str) -> bool {
-    let key = base64::engine::general_purpose::STANDARD.decode(secret.trim_start_matches("whsec_")).unwrap();
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(secret.trim_start_matches("whsec_"))
+        .unwrap();
     let mut mac = Hmac::<Sha256>::new_from_slice(&key).unwrap();
     mac.update(format!("{id}.{ts}.").as_bytes());
     mac.update(body);
@@ -81,7 +83,16 @@ async fn user_events_reach_a_signed_webhook_with_the_exact_payload() {
     let mut ids = Vec::new();
     for (i, r) in got.iter().enumerate() {
         let env = r.json();
-        assert!(verify_signature(SECRET, &r.header("webhook-id"), &r.header("webhook-timestamp"), &r.body, &r.header("webhook-signature")), "signature of webhook {i}");
+        assert!(
+            verify_signature(
+                SECRET,
+                &r.header("webhook-id"),
+                &r.header("webhook-timestamp"),
+                &r.body,
+                &r.header("webhook-signature")
+            ),
+            "signature of webhook {i}"
+        );
         assert_eq!(r.header("webhook-id"), env["id"].as_str().unwrap());
         assert_eq!(r.header("content-type"), "application/json");
         assert_eq!(env["source"]["database"], json!(db.name));
@@ -99,7 +110,10 @@ async fn user_events_reach_a_signed_webhook_with_the_exact_payload() {
 
     // Exact text of values that must not lose precision.
     let body = String::from_utf8(got[0].body.to_vec()).unwrap();
-    assert!(body.contains(r#""balance":12345678901234567890.123456789"#), "{body}");
+    assert!(
+        body.contains(r#""balance":12345678901234567890.123456789"#),
+        "{body}"
+    );
     assert!(body.contains(r#""visits":9007199254740993"#), "{body}");
     assert!(body.contains(r#""n":1.10"#), "{body}");
 
@@ -119,7 +133,10 @@ async fn user_events_reach_a_signed_webhook_with_the_exact_payload() {
     assert_eq!(update["event_type"], "POST_USER_UPDATE");
     assert_eq!(update["event_data"]["email"], "a@b.c");
     assert_eq!(update["event_data"]["user_id"], 42);
-    assert_eq!(update["event_data"]["changes"], json!({"email": {"old": "x@b.c", "new": "a@b.c"}}));
+    assert_eq!(
+        update["event_data"]["changes"],
+        json!({"email": {"old": "x@b.c", "new": "a@b.c"}})
+    );
     assert_eq!(update["event_data"]["old"], expected_row);
 
     let delete = got[2].json();
@@ -133,7 +150,14 @@ async fn user_events_reach_a_signed_webhook_with_the_exact_payload() {
         (s.len() >= 3).then_some(s)
     })
     .await;
-    assert_eq!(statuses, ["ok 1 hook POST_USER_CREATE", "ok 1 hook POST_USER_UPDATE", "ok 1 hook POST_USER_DELETE"]);
+    assert_eq!(
+        statuses,
+        [
+            "ok 1 hook POST_USER_CREATE",
+            "ok 1 hook POST_USER_UPDATE",
+            "ok 1 hook POST_USER_DELETE"
+        ]
+    );
     service.stop().await;
 }
 
@@ -164,13 +188,31 @@ async fn record_events_name_their_table_and_other_tables_stay_silent() {
     .await
     .unwrap();
     let got = wait_captured(&c, 3).await;
-    let types: Vec<_> = got.iter().map(|(_, e)| e["event_type"].as_str().unwrap().to_string()).collect();
-    assert_eq!(types, ["POST_RECORD_CREATE", "POST_RECORD_UPDATE", "POST_RECORD_DELETE"]);
-    let expected: Value = serde_json::from_str(r#"{"record_id": "A-1", "table": "orders", "order_no": "A-1", "total": 10.50}"#).unwrap();
+    let types: Vec<_> = got
+        .iter()
+        .map(|(_, e)| e["event_type"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        types,
+        [
+            "POST_RECORD_CREATE",
+            "POST_RECORD_UPDATE",
+            "POST_RECORD_DELETE"
+        ]
+    );
+    let expected: Value = serde_json::from_str(
+        r#"{"record_id": "A-1", "table": "orders", "order_no": "A-1", "total": 10.50}"#,
+    )
+    .unwrap();
     assert_eq!(got[0].1["event_data"], expected);
-    assert_eq!(got[1].1["event_data"]["changes"], serde_json::from_str::<Value>(r#"{"total": {"old": 10.50, "new": 11.00}}"#).unwrap());
+    assert_eq!(
+        got[1].1["event_data"]["changes"],
+        serde_json::from_str::<Value>(r#"{"total": {"old": 10.50, "new": 11.00}}"#).unwrap()
+    );
     // A later event proves nothing else is in flight: the audit rows produced nothing.
-    c.batch_execute("INSERT INTO orders VALUES ('A-2', 1)").await.unwrap();
+    c.batch_execute("INSERT INTO orders VALUES ('A-2', 1)")
+        .await
+        .unwrap();
     let got = wait_captured(&c, 4).await;
     assert_eq!(got.len(), 4);
     assert!(got.iter().all(|(_, e)| e["source"]["table"] == "orders"));
@@ -196,9 +238,14 @@ async fn functions_run_in_priority_order_and_inactive_ones_are_skipped() {
     .await
     .unwrap();
     let service = start_service(&db).await;
-    c.batch_execute("INSERT INTO users VALUES (1); INSERT INTO users VALUES (2);").await.unwrap();
+    c.batch_execute("INSERT INTO users VALUES (1); INSERT INTO users VALUES (2);")
+        .await
+        .unwrap();
     let got = wait_captured(&c, 4).await;
-    let order: Vec<String> = got.iter().map(|(f, e)| format!("{f}{}", e["event_data"]["user_id"])).collect();
+    let order: Vec<String> = got
+        .iter()
+        .map(|(f, e)| format!("{f}{}", e["event_data"]["user_id"]))
+        .collect();
     assert_eq!(order, ["b1", "a1", "b2", "a2"]);
     service.stop().await;
 }
@@ -249,7 +296,18 @@ async fn configuration_changes_apply_while_running_in_commit_order() {
     .await
     .unwrap();
     let got = wait_captured(&c, 6).await;
-    let seen: Vec<String> = got.iter().map(|(f, e)| format!("{f}{}", e["event_data"]["user_id"].as_i64().or(e["event_data"]["record_id"].as_i64()).unwrap())).collect();
+    let seen: Vec<String> = got
+        .iter()
+        .map(|(f, e)| {
+            format!(
+                "{f}{}",
+                e["event_data"]["user_id"]
+                    .as_i64()
+                    .or(e["event_data"]["record_id"].as_i64())
+                    .unwrap()
+            )
+        })
+        .collect();
     assert_eq!(seen, ["a2", "b5", "b6", "b7", "a8", "b8"]);
     service.stop().await;
 }
@@ -270,18 +328,30 @@ async fn a_failing_webhook_is_retried_and_recorded_attempt_by_attempt() {
     .await
     .unwrap();
     let service = start_service(&db).await;
-    c.batch_execute("INSERT INTO users VALUES (1)").await.unwrap();
+    c.batch_execute("INSERT INTO users VALUES (1)")
+        .await
+        .unwrap();
     let rows = eventually(WAIT, "3 attempts", || async {
         let s = texts(&c, "SELECT attempt || ' ' || status || ' ' || coalesce(error, '') FROM pgfire.executions ORDER BY attempt").await;
         (s.len() >= 3).then_some(s)
     })
     .await;
-    assert!(rows[0].starts_with("1 error POST http://127.0.0.1:") && rows[0].contains("500"), "{rows:?}");
-    assert!(rows[1].starts_with("2 error") && rows[1].contains("503"), "{rows:?}");
+    assert!(
+        rows[0].starts_with("1 error POST http://127.0.0.1:") && rows[0].contains("500"),
+        "{rows:?}"
+    );
+    assert!(
+        rows[1].starts_with("2 error") && rows[1].contains("503"),
+        "{rows:?}"
+    );
     assert_eq!(rows[2], "3 ok ");
     let got = hook.received();
     assert_eq!(got.len(), 3);
-    assert!(got.iter().all(|r| r.header("webhook-id") == got[0].header("webhook-id")), "same id on every attempt");
+    assert!(
+        got.iter()
+            .all(|r| r.header("webhook-id") == got[0].header("webhook-id")),
+        "same id on every attempt"
+    );
     service.stop().await;
 }
 
@@ -303,16 +373,28 @@ async fn an_unreachable_webhook_goes_dead_and_the_stream_moves_on() {
     .await
     .unwrap();
     let service = start_service(&db).await;
-    c.batch_execute("INSERT INTO users VALUES (1); INSERT INTO users VALUES (2);").await.unwrap();
+    c.batch_execute("INSERT INTO users VALUES (1); INSERT INTO users VALUES (2);")
+        .await
+        .unwrap();
     wait_captured(&c, 2).await;
     let rows = eventually(WAIT, "history", || async {
         let s = texts(&c, "SELECT function_name || ' ' || attempt || ' ' || status FROM pgfire.executions WHERE function_name = 'down' ORDER BY event_id, attempt").await;
         (s.len() >= 4).then_some(s)
     })
     .await;
-    assert_eq!(rows, ["down 1 error", "down 2 dead", "down 1 error", "down 2 dead"]);
-    let err = texts(&c, "SELECT error FROM pgfire.executions WHERE status = 'dead' LIMIT 1").await;
-    assert!(err[0].contains(&format!("POST http://127.0.0.1:{closed}/x")), "{err:?}");
+    assert_eq!(
+        rows,
+        ["down 1 error", "down 2 dead", "down 1 error", "down 2 dead"]
+    );
+    let err = texts(
+        &c,
+        "SELECT error FROM pgfire.executions WHERE status = 'dead' LIMIT 1",
+    )
+    .await;
+    assert!(
+        err[0].contains(&format!("POST http://127.0.0.1:{closed}/x")),
+        "{err:?}"
+    );
     service.stop().await;
 }
 
@@ -355,7 +437,10 @@ async fn column_types_keep_their_meaning() {
         assert_eq!(&d[k], v, "column {k}");
     }
     // numeric exactness survives jsonb too.
-    assert_eq!(texts(&c, "SELECT envelope->'event_data'->>'n' FROM captured").await, ["0.000000000000000000001"]);
+    assert_eq!(
+        texts(&c, "SELECT envelope->'event_data'->>'n' FROM captured").await,
+        ["0.000000000000000000001"]
+    );
     service.stop().await;
 }
 
@@ -418,12 +503,33 @@ async fn large_transactions_stream_and_only_committed_work_is_delivered() {
         (n[0] == "3000").then_some(())
     })
     .await;
-    let ids = texts(&c, "SELECT string_agg((envelope->'event_data'->>'id'), ',' ORDER BY n) FROM captured").await;
-    let expected: Vec<String> = (1..=2000).chain(4001..=5000).map(|i| i.to_string()).collect();
+    let ids = texts(
+        &c,
+        "SELECT string_agg((envelope->'event_data'->>'id'), ',' ORDER BY n) FROM captured",
+    )
+    .await;
+    let expected: Vec<String> = (1..=2000)
+        .chain(4001..=5000)
+        .map(|i| i.to_string())
+        .collect();
     assert_eq!(ids[0], expected.join(","));
-    let positions = texts(&c, "SELECT count(DISTINCT envelope->>'id')::text FROM captured").await;
+    let positions = texts(
+        &c,
+        "SELECT count(DISTINCT envelope->>'id')::text FROM captured",
+    )
+    .await;
     assert_eq!(positions, ["3000"]);
-    let stats = texts(&c, &format!("SELECT stream_txns::text FROM pg_stat_replication_slots WHERE slot_name = 'pgfire_{}'", db.name)).await;
-    assert!(stats.first().map(|s| s != "0").unwrap_or(false), "the transaction was streamed: {stats:?}");
+    let stats = texts(
+        &c,
+        &format!(
+            "SELECT stream_txns::text FROM pg_stat_replication_slots WHERE slot_name = 'pgfire_{}'",
+            db.name
+        ),
+    )
+    .await;
+    assert!(
+        stats.first().map(|s| s != "0").unwrap_or(false),
+        "the transaction was streamed: {stats:?}"
+    );
     service.stop().await;
 }

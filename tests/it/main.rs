@@ -6,3 +6,4 @@ mod support;
 mod embedded;
 mod events;
 mod install;
+mod resilience;

@@ -66,8 +66,14 @@ pub struct TestDb {
 impl TestDb {
     pub fn new() -> TestDb {
         let cluster = cluster();
-        let name = format!("t{}_{}", std::process::id(), COUNTER.fetch_add(1, Ordering::SeqCst));
-        cluster.psql("postgres", &format!("CREATE DATABASE {name}")).expect("create database");
+        let name = format!(
+            "t{}_{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        );
+        cluster
+            .psql("postgres", &format!("CREATE DATABASE {name}"))
+            .expect("create database");
         TestDb { name, cluster }
     }
 
@@ -77,12 +83,16 @@ impl TestDb {
 
     /// Run SQL with psql; panics with psql's error on failure.
     pub fn psql(&self, sql: &str) -> String {
-        self.cluster.psql(&self.name, sql).unwrap_or_else(|e| panic!("{e}"))
+        self.cluster
+            .psql(&self.name, sql)
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Run SQL with psql, returning psql's error text on failure.
     pub fn try_psql(&self, sql: &str) -> Result<String, String> {
-        self.cluster.psql(&self.name, sql).map_err(|e| e.to_string())
+        self.cluster
+            .psql(&self.name, sql)
+            .map_err(|e| e.to_string())
     }
 
     pub async fn client(&self) -> tokio_postgres::Client {
@@ -130,7 +140,9 @@ pub async fn start_service(db: &TestDb) -> pgfire::service::Service {
     let mut cfg = pgfire::service::ServiceConfig::new(db.url());
     cfg.admin_listen = Some("127.0.0.1:0".parse().unwrap());
     cfg.status_interval = Duration::from_millis(100);
-    pgfire::service::Service::start(cfg).await.expect("start pgfire")
+    pgfire::service::Service::start(cfg)
+        .await
+        .expect("start pgfire")
 }
 
 /// Query rows of one text column (for compact assertions).
@@ -149,7 +161,11 @@ pub async fn texts(client: &tokio_postgres::Client, sql: &str) -> Vec<String> {
 pub async fn caught_up(db: &TestDb) {
     let c = db.client().await;
     let slot = slot_name(db);
-    let target: String = c.query_one("SELECT pg_current_wal_insert_lsn()::text", &[]).await.unwrap().get(0);
+    let target: String = c
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
     eventually(Duration::from_secs(30), "pgfire to catch up", || async {
         let row = c
             .query_one(

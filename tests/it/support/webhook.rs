@@ -21,7 +21,10 @@ impl Received {
         serde_json::from_slice(&self.body).expect("webhook body is JSON")
     }
     pub fn header(&self, name: &str) -> String {
-        self.headers.get(name).map(|v| v.to_str().unwrap().to_string()).unwrap_or_default()
+        self.headers
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default()
     }
 }
 
@@ -43,8 +46,13 @@ impl Receiver {
     }
 
     pub async fn with_statuses(statuses: Vec<u16>) -> Receiver {
-        let shared = Shared { statuses: Arc::new(Mutex::new(statuses)), ..Shared::default() };
-        let app = Router::new().route("/{*path}", post(handle)).with_state(shared.clone());
+        let shared = Shared {
+            statuses: Arc::new(Mutex::new(statuses)),
+            ..Shared::default()
+        };
+        let app = Router::new()
+            .route("/{*path}", post(handle))
+            .with_state(shared.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });

@@ -1,0 +1,266 @@
+//! At least once: kill -9 of pgfire, PostgreSQL restarts, unreachable databases.
+
+use std::process::{Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use pgfire::embedded::{Cluster, ClusterOptions};
+
+use crate::support::{
+    eventually, install_pgfire, start_service, test_cluster_options, texts, TestDb,
+};
+
+const SETUP: &str = "
+CREATE TABLE users (id int PRIMARY KEY, email text);
+CREATE TABLE delivered (event_id text NOT NULL, user_id int NOT NULL);
+CREATE FUNCTION deliver(e jsonb) RETURNS void LANGUAGE sql AS $$
+  INSERT INTO delivered VALUES (e->>'id', (e->'event_data'->>'user_id')::int) $$;
+INSERT INTO pgfire.sources (table_name, kind) VALUES ('users', 'user');
+INSERT INTO pgfire.functions (name, kind, target) VALUES ('deliver', 'sql', 'deliver');
+INSERT INTO pgfire.subscriptions (event_type, function_name) VALUES ('POST_USER_CREATE', 'deliver');
+";
+
+fn spawn_pgfire(url: &str) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_pgfire"))
+        .args(["run", "--no-proxy", "--admin-listen", "127.0.0.1:0"])
+        .env("DATABASE_URL", url)
+        .env("PGFIRE_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn pgfire")
+}
+
+#[tokio::test]
+async fn kill_9_loses_no_event_and_redelivers_with_the_same_id() {
+    let db = TestDb::new();
+    install_pgfire(&db).await;
+    let c = db.client().await;
+    c.batch_execute(SETUP).await.unwrap();
+    let mut child = spawn_pgfire(&db.url());
+    // 1500 rows in 500 transactions of 1 to 5 rows, while pgfire runs.
+    let writer = {
+        let url = db.url();
+        tokio::spawn(async move {
+            let c = pgfire::db::connect(&url).await.unwrap();
+            let mut id = 0;
+            for t in 0..500 {
+                let n = 1 + t % 5;
+                let rows: Vec<String> = (0..n)
+                    .map(|i| format!("({}, 'u{}')", id + i, id + i))
+                    .collect();
+                id += n;
+                c.batch_execute(&format!("INSERT INTO users VALUES {}", rows.join(",")))
+                    .await
+                    .unwrap();
+            }
+            id
+        })
+    };
+    eventually(Duration::from_secs(60), "some deliveries", || async {
+        let n: i64 = c
+            .query_one("SELECT count(*) FROM delivered", &[])
+            .await
+            .unwrap()
+            .get(0);
+        (n >= 200).then_some(())
+    })
+    .await;
+    child.kill().expect("kill -9");
+    child.wait().unwrap();
+    let total = writer.await.unwrap();
+    let before: i64 = c
+        .query_one("SELECT count(DISTINCT user_id) FROM delivered", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        before < total as i64,
+        "killed before the end ({before} of {total})"
+    );
+
+    let mut child = spawn_pgfire(&db.url());
+    eventually(Duration::from_secs(60), "every row delivered", || async {
+        let n: i64 = c
+            .query_one("SELECT count(DISTINCT user_id) FROM delivered", &[])
+            .await
+            .unwrap()
+            .get(0);
+        (n == total as i64).then_some(())
+    })
+    .await;
+    child.kill().ok();
+    child.wait().ok();
+    // Duplicates are allowed, but a duplicate carries the same id as the first delivery.
+    let conflicting = texts(
+        &c,
+        "SELECT event_id FROM delivered GROUP BY event_id HAVING count(DISTINCT user_id) > 1",
+    )
+    .await;
+    assert!(conflicting.is_empty(), "{conflicting:?}");
+    let ids: i64 = c
+        .query_one("SELECT count(DISTINCT event_id) FROM delivered", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(ids, total as i64);
+}
+
+#[tokio::test]
+async fn postgres_restarts_and_pgfire_reconnects_without_losing_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts: ClusterOptions = test_cluster_options();
+    opts.data_dir = dir.path().join("data");
+    opts.ephemeral = false;
+    opts.port = Some(pgfire::embedded::free_port().unwrap());
+    // Commits must survive the crash below.
+    opts.settings
+        .push(("synchronous_commit".into(), "on".into()));
+    opts.settings.push(("fsync".into(), "on".into()));
+    let cluster = Cluster::start(&opts).unwrap();
+    cluster.psql("postgres", "CREATE DATABASE app").unwrap();
+    let url = cluster.url("app");
+    let c = pgfire::db::connect(&url).await.unwrap();
+    pgfire::install::install(&c, None, pgfire::install::MIGRATIONS)
+        .await
+        .unwrap();
+    c.batch_execute(SETUP).await.unwrap();
+    let mut cfg = pgfire::service::ServiceConfig::new(url.clone());
+    cfg.status_interval = Duration::from_millis(100);
+    let service = pgfire::service::Service::start(cfg).await.unwrap();
+    c.batch_execute("INSERT INTO users VALUES (1)")
+        .await
+        .unwrap();
+    let count = |c: tokio_postgres::Client| async move {
+        let n: i64 = c
+            .query_one("SELECT count(DISTINCT user_id) FROM delivered", &[])
+            .await
+            .unwrap()
+            .get(0);
+        n
+    };
+    eventually(Duration::from_secs(30), "first delivery", || async {
+        (count(pgfire::db::connect(&url).await.unwrap()).await == 1).then_some(())
+    })
+    .await;
+
+    // An immediate shutdown, as in a crash, with a committed row pgfire may not have seen.
+    c.batch_execute("INSERT INTO users VALUES (2)")
+        .await
+        .unwrap();
+    let mut cluster = cluster;
+    cluster.crash();
+    drop(cluster);
+    eventually(Duration::from_secs(10), "pgfire to notice", || async {
+        (!service.health.connected.load(Ordering::SeqCst)).then_some(())
+    })
+    .await;
+    let cluster = Cluster::start(&opts).unwrap();
+    let c = pgfire::db::connect(&url).await.unwrap();
+    c.batch_execute("INSERT INTO users VALUES (3)")
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(60),
+        "deliveries after the restart",
+        || async { (count(pgfire::db::connect(&url).await.unwrap()).await == 3).then_some(()) },
+    )
+    .await;
+    assert!(service.health.reconnects.load(Ordering::SeqCst) >= 1);
+    service.stop().await;
+    cluster.stop();
+}
+
+#[tokio::test]
+async fn an_unreachable_database_is_a_clear_error() {
+    let port = pgfire::embedded::free_port().unwrap();
+    let url = format!("postgres://postgres@127.0.0.1:{port}/app");
+    let err =
+        match pgfire::service::Service::start(pgfire::service::ServiceConfig::new(url.clone()))
+            .await
+        {
+            Ok(_) => panic!("started without a database"),
+            Err(e) => e.to_string(),
+        };
+    assert!(
+        err.contains("cannot connect to the database") && err.contains("onnection refused"),
+        "{err}"
+    );
+    // The command line says the same and exits non-zero.
+    let out = Command::new(env!("CARGO_BIN_EXE_pgfire"))
+        .args(["install"])
+        .env("DATABASE_URL", &url)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("pgfire: ") && stderr.contains("onnection refused"),
+        "{stderr}"
+    );
+    // A malformed URL too.
+    let out = Command::new(env!("CARGO_BIN_EXE_pgfire"))
+        .args(["run"])
+        .env("DATABASE_URL", "postgres://[::1")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("pgfire: "),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn running_before_install_says_what_to_do() {
+    let db = TestDb::new();
+    let err = match pgfire::service::Service::start(pgfire::service::ServiceConfig::new(db.url()))
+        .await
+    {
+        Ok(_) => panic!("started without pgfire installed"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("run `pgfire install` first"), "{err}");
+    let out = Command::new(env!("CARGO_BIN_EXE_pgfire"))
+        .args(["uninstall"])
+        .env("DATABASE_URL", db.url())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--yes"));
+}
+
+#[tokio::test]
+async fn healthz_and_metrics_report_the_stream() {
+    let db = TestDb::new();
+    install_pgfire(&db).await;
+    db.psql(SETUP);
+    let service = start_service(&db).await;
+    let admin = service.admin_addr.unwrap();
+    db.psql("INSERT INTO users VALUES (1)");
+    let c = db.client().await;
+    eventually(Duration::from_secs(30), "delivery", || async {
+        (!texts(&c, "SELECT event_id FROM delivered").await.is_empty()).then_some(())
+    })
+    .await;
+    let health = reqwest::get(format!("http://{admin}/healthz"))
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+    let body: serde_json::Value = health.json().await.unwrap();
+    assert_eq!(body["status"], "ok");
+    assert_eq!(body["replication"]["connected"], true);
+    let metrics = reqwest::get(format!("http://{admin}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("pgfire_events_total 1"), "{metrics}");
+    assert!(
+        metrics.contains("pgfire_function_runs_total 1"),
+        "{metrics}"
+    );
+    service.stop().await;
+}
