@@ -66,7 +66,8 @@ pub async fn install(
     check_prerequisites(client).await?;
     client
         .batch_execute(
-            "SELECT pg_advisory_lock(hashtext('pgfire.install'));
+            "SET client_min_messages = warning;
+             SELECT pg_advisory_lock(hashtext('pgfire.install'));
              CREATE SCHEMA IF NOT EXISTS pgfire;
              CREATE TABLE IF NOT EXISTS pgfire.migrations (
                  version    integer PRIMARY KEY,

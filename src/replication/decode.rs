@@ -102,8 +102,17 @@ struct StreamedTxn {
     bytes: usize,
 }
 
+/// A committed streamed transaction being decoded, a slice at a time, so its events need never
+/// all be in memory at once.
+struct Replay {
+    parser: LogicalReplicationParser,
+    messages: std::vec::IntoIter<(u32, Bytes)>,
+    end_lsn: Lsn,
+}
+
 pub struct Decoder {
     parser: LogicalReplicationParser,
+    replay: Option<Replay>,
     relations: HashMap<u32, Arc<Relation>>,
     txn: Option<OpenTxn>,
     streaming: Option<u32>,
@@ -122,6 +131,7 @@ impl Decoder {
     pub fn new() -> Decoder {
         Decoder {
             parser: LogicalReplicationParser::with_protocol_version(2),
+            replay: None,
             relations: HashMap::new(),
             txn: None,
             streaming: None,
@@ -135,6 +145,7 @@ impl Decoder {
     pub fn reset(&mut self) {
         self.parser = LogicalReplicationParser::with_protocol_version(2);
         self.txn = None;
+        self.replay = None;
         self.streaming = None;
         self.streamed.clear();
         self.streamed_bytes = 0;
@@ -145,8 +156,41 @@ impl Decoder {
         self.txn.is_some() || !self.streamed.is_empty() || self.streaming.is_some()
     }
 
-    /// Decode one XLogData payload, appending what it completes to `out`.
+    /// Whether a committed streamed transaction awaits [`Decoder::drain`].
+    pub fn replaying(&self) -> bool {
+        self.replay.is_some()
+    }
+
+    /// Decode up to `limit` changes of the committed streamed transaction being replayed; its
+    /// checkpoint follows its last change.
+    pub fn drain(&mut self, out: &mut Vec<Item>, limit: usize) -> Result<(), DecodeError> {
+        let Some(mut replay) = self.replay.take() else {
+            return Ok(());
+        };
+        for _ in 0..limit.max(1) {
+            let Some((_, raw)) = replay.messages.next() else {
+                self.txn = None;
+                out.push(Item::Checkpoint(replay.end_lsn));
+                return Ok(());
+            };
+            self.streamed_bytes -= raw.len();
+            let msg = replay
+                .parser
+                .parse_wal_message_bytes(raw)
+                .map_err(|e| DecodeError::Malformed(e.to_string()))?;
+            self.apply(msg.message, out)?;
+        }
+        self.replay = Some(replay);
+        Ok(())
+    }
+
+    /// Decode one XLogData payload, appending what it completes to `out`. A committed streamed
+    /// transaction is not decoded here but by [`Decoder::drain`], which must run to completion
+    /// before the next call.
     pub fn decode(&mut self, data: Bytes, out: &mut Vec<Item>) -> Result<(), DecodeError> {
+        while self.replaying() {
+            self.drain(out, usize::MAX)?;
+        }
         let raw = data.clone();
         let msg = self
             .parser
@@ -297,9 +341,7 @@ impl Decoder {
                 ..
             } => {
                 let t = self.streamed.remove(&xid).unwrap_or_default();
-                self.streamed_bytes -= t.bytes;
-                self.replay(xid, t, Lsn(commit_lsn), pg_time(timestamp), out)?;
-                out.push(Item::Checkpoint(Lsn(end_lsn)));
+                self.start_replay(xid, t, Lsn(commit_lsn), Lsn(end_lsn), pg_time(timestamp))?;
             }
             // Types, origins and two-phase messages carry nothing pgfire delivers.
             _ => {}
@@ -307,15 +349,9 @@ impl Decoder {
         Ok(())
     }
 
-    /// Decode a committed streamed transaction's buffered messages as one transaction.
-    fn replay(
-        &mut self,
-        xid: u32,
-        t: StreamedTxn,
-        lsn: Lsn,
-        time: DateTime<Utc>,
-        out: &mut Vec<Item>,
-    ) -> Result<(), DecodeError> {
+    /// Set up the decoding of a committed streamed transaction's buffered messages.
+    fn start_replay(&mut self, xid: u32, t: StreamedTxn, lsn: Lsn, end_lsn: Lsn, time: DateTime<Utc>) -> Result<(), DecodeError> {
+        // The buffered messages carry the xid prefix of a streamed chunk: put the parser in one.
         let mut parser = LogicalReplicationParser::with_protocol_version(2);
         let mut start = BytesMut::with_capacity(6);
         start.put_u8(b'S');
@@ -325,21 +361,10 @@ impl Decoder {
             .parse_wal_message(&start)
             .map_err(|e| DecodeError::Malformed(e.to_string()))?;
         self.txn = Some(OpenTxn {
-            commit: Arc::new(Commit {
-                lsn,
-                end_lsn: Lsn(0),
-                time,
-                xid,
-            }),
+            commit: Arc::new(Commit { lsn, end_lsn, time, xid }),
             position: 0,
         });
-        for (_, raw) in t.messages {
-            let msg = parser
-                .parse_wal_message_bytes(raw)
-                .map_err(|e| DecodeError::Malformed(e.to_string()))?;
-            self.apply(msg.message, out)?;
-        }
-        self.txn = None;
+        self.replay = Some(Replay { parser, messages: t.messages.into_iter(), end_lsn });
         Ok(())
     }
 
@@ -571,6 +596,11 @@ mod tests {
         assert!(d.streamed_bytes > 0);
         d.decode(stream_abort(50, 51), &mut out).unwrap();
         d.decode(stream_commit(50, 300, 320), &mut out).unwrap();
+        assert!(d.replaying() && d.in_transaction());
+        d.drain(&mut out, 2).unwrap(); // the Relation message and one insert
+        assert_eq!(rows(&out).len(), 1, "a slice at a time");
+        d.drain(&mut out, 100).unwrap();
+        assert!(!d.replaying() && !d.in_transaction());
         let r = rows(&out);
         assert_eq!(
             r.iter().map(|x| x.2[0].clone()).collect::<Vec<_>>(),

@@ -171,11 +171,25 @@ async fn session(
                 ReplicationMessage::XLogData { wal_start, data, .. } => {
                     received = received.max(wal_start);
                     decoder.decode(data, &mut batch).map_err(|e| ConnError::Protocol(e.to_string()))?;
+                    // A committed streamed transaction is handed over a batch at a time.
+                    while decoder.replaying() {
+                        let room = BATCH.saturating_sub(batch.len());
+                        decoder.drain(&mut batch, room).map_err(|e| ConnError::Protocol(e.to_string()))?;
+                        if batch.len() >= BATCH {
+                            let items = std::mem::replace(&mut batch, Vec::with_capacity(BATCH));
+                            tokio::select! {
+                                biased;
+                                _ = shutdown.cancelled() => { conn.close().await; return Ok(()); }
+                                r = tx.send(items) => if r.is_err() { return Ok(()); },
+                            }
+                        }
+                    }
                     health.received_lsn.store(received.0, Ordering::Relaxed);
                     health.streamed_bytes.store(decoder.streamed_bytes as u64, Ordering::Relaxed);
                 }
                 ReplicationMessage::Keepalive { wal_end, reply } => {
                     received = received.max(wal_end);
+                    health.received_lsn.store(received.0, Ordering::Relaxed);
                     // Between transactions, everything up to the server's position is handed over.
                     if !decoder.in_transaction() {
                         batch.push(Item::Checkpoint(wal_end));

@@ -3,6 +3,7 @@
 
 mod support;
 
+mod dev;
 mod embedded;
 mod events;
 mod install;
