@@ -23,6 +23,7 @@ pub mod metric {
     pub const FAILURES: &str = "pgfire_function_failures_total";
     pub const RECEIVED_LSN: &str = "pgfire_received_lsn";
     pub const CONFIRMED_LSN: &str = "pgfire_confirmed_lsn";
+    pub const SETTLED_LSN: &str = "pgfire_settled_lsn";
     pub const RECONNECTS: &str = "pgfire_replication_reconnects_total";
     pub const CONNECTED: &str = "pgfire_replication_connected";
     pub const STREAMED_BYTES: &str = "pgfire_streamed_transaction_bytes";
@@ -115,6 +116,11 @@ async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {
             metric::CONFIRMED_LSN,
             "gauge",
             c.confirmed_lsn.load(Ordering::Relaxed),
+        );
+        put(
+            metric::SETTLED_LSN,
+            "gauge",
+            c.settled_lsn.load(Ordering::Relaxed),
         );
         put(
             metric::RECONNECTS,

@@ -37,6 +37,9 @@ pub struct ServiceArgs {
     /// Do not start the replication consumer.
     #[arg(long)]
     pub no_consumer: bool,
+    /// Replication slot to read (default: the one `pgfire install` chose).
+    #[arg(long)]
+    pub slot: Option<String>,
     #[command(flatten)]
     pub proxy: ProxyArgs,
 }

@@ -3,7 +3,6 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,6 +26,8 @@ pub struct ServiceConfig {
     pub database_url: String,
     pub admin_listen: Option<SocketAddr>,
     pub consumer: bool,
+    /// Overrides the slot recorded by `pgfire install`.
+    pub slot: Option<String>,
     pub proxy: Option<ProxyArgs>,
     pub status_interval: Duration,
 }
@@ -37,6 +38,7 @@ impl ServiceConfig {
             database_url: database_url.into(),
             admin_listen: None,
             consumer: true,
+            slot: None,
             proxy: None,
             status_interval: Duration::from_secs(1),
         }
@@ -47,6 +49,7 @@ impl ServiceConfig {
             database_url: database_url.to_string(),
             admin_listen: Some(args.admin_listen),
             consumer: !args.no_consumer,
+            slot: args.slot,
             proxy: (!args.proxy.no_proxy).then_some(args.proxy),
             status_interval: Duration::from_secs(1),
         }
@@ -100,15 +103,15 @@ impl Service {
             }
             _ => {}
         }
-        let slot: String = client
+        let stored: Option<String> = client
             .query_opt(
                 "SELECT value FROM pgfire.settings WHERE key = 'slot_name'",
                 &[],
             )
             .await
             .map_err(|e| anyhow::anyhow!(db::describe(&e)))?
-            .map(|r| r.get(0))
-            .unwrap_or_else(|| install::DEFAULT_SLOT.to_string());
+            .map(|r| r.get(0));
+        let slot = cfg.slot.clone().or(stored).unwrap_or_else(|| install::DEFAULT_SLOT.to_string());
         let catalog = Catalog::load(&client)
             .await
             .map_err(|e| anyhow::anyhow!(db::describe(&e)))?;
@@ -123,7 +126,7 @@ impl Service {
             executions::start(cfg.database_url.clone(), history_shutdown.clone());
 
         if cfg.consumer {
-            let settled = Arc::new(AtomicU64::new(0));
+            let settled = health.settled_lsn.clone();
             let (tx, rx) = tokio::sync::mpsc::channel(16);
             let dispatcher = Dispatcher {
                 catalog: Arc::new(catalog),

@@ -36,6 +36,8 @@ pub struct ConsumerHealth {
     pub connected: AtomicBool,
     pub received_lsn: AtomicU64,
     pub confirmed_lsn: AtomicU64,
+    /// What dispatch has settled (the slot is confirmed up to here at the next status update).
+    pub settled_lsn: Arc<AtomicU64>,
     pub reconnects: AtomicU64,
     pub streamed_bytes: AtomicU64,
     pub last_error: Mutex<Option<String>>,
