@@ -3,7 +3,7 @@
 //! side in one run, for three shapes of transactions.
 //!
 //! `cargo bench --bench cdc` (env: PGFIRE_BENCH_ROWS, default 500000; PGFIRE_BENCH_ROUNDS,
-//! default 2, run in A-B-B-A order).
+//! default 2, run in A-B-B-A order; PGFIRE_BENCH_SHAPES, e.g. `one,hundred`, default all three).
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -33,7 +33,8 @@ impl Shape {
         }
     }
     fn load_sql(self, rows: u64) -> String {
-        let insert = "INSERT INTO items (name, amount, created_at) VALUES ('item ' || i, i * 1.25, now())";
+        let insert =
+            "INSERT INTO items (name, amount, created_at) VALUES ('item ' || i, i * 1.25, now())";
         match self {
             Shape::Single => format!("DO $$ BEGIN FOR i IN 1..{rows} LOOP {insert}; COMMIT; END LOOP; END $$"),
             Shape::Hundred => format!(
@@ -46,11 +47,22 @@ impl Shape {
     }
 }
 
-const OPTIONS: [&str; 4] = ["proto_version=2", "publication_names=pgfire", "messages=true", "streaming=on"];
+const OPTIONS: [&str; 4] = [
+    "proto_version=2",
+    "publication_names=pgfire",
+    "messages=true",
+    "streaming=on",
+];
 
 fn main() -> anyhow::Result<()> {
-    let rows: u64 = std::env::var("PGFIRE_BENCH_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(500_000);
-    let rounds: usize = std::env::var("PGFIRE_BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(2);
+    let rows: u64 = std::env::var("PGFIRE_BENCH_ROWS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(500_000);
+    let rounds: usize = std::env::var("PGFIRE_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2);
     let rt = tokio::runtime::Runtime::new()?;
     let dir = tempfile::Builder::new().prefix("pgfire-bench-").tempdir()?;
     let mut opts = ClusterOptions::new(dir.path().join("data"))
@@ -64,10 +76,17 @@ fn main() -> anyhow::Result<()> {
     opts.ephemeral = true;
     let cluster = Cluster::start(&opts)?;
     let bin = env!("CARGO_BIN_EXE_pgfire");
-    println!("pgfire CDC benchmark: {rows} inserts per shape, {rounds} rounds (A-B-B-A), PostgreSQL {}", cluster.bin_dir.display());
+    println!(
+        "pgfire CDC benchmark: {rows} inserts per shape, {rounds} rounds (A-B-B-A), PostgreSQL {}",
+        cluster.bin_dir.display()
+    );
 
     let mut results = Vec::new();
+    let only = std::env::var("PGFIRE_BENCH_SHAPES").unwrap_or_default();
     for shape in [Shape::Single, Shape::Hundred, Shape::One] {
+        if !only.is_empty() && !only.split(',').any(|s| s == shape.key()) {
+            continue;
+        }
         let db = format!("bench_{}", shape.key());
         cluster.psql("postgres", &format!("CREATE DATABASE {db}"))?;
         let url = cluster.url(&db);
@@ -93,23 +112,44 @@ fn main() -> anyhow::Result<()> {
         cluster.psql(&db, &shape.load_sql(rows))?;
         let end = cluster.psql(&db, "SELECT pg_current_wal_insert_lsn()")?;
         // The backlog must be flushed before anyone reads it.
-        while cluster.psql(&db, &format!("SELECT pg_current_wal_flush_lsn() >= '{end}'"))? != "t" {
+        while cluster.psql(
+            &db,
+            &format!("SELECT pg_current_wal_flush_lsn() >= '{end}'"),
+        )? != "t"
+        {
             std::thread::sleep(Duration::from_millis(50));
         }
-        println!("\n{}: loaded in {:.1} s, backlog ends at {end}", shape.name(), t0.elapsed().as_secs_f64());
+        println!(
+            "\n{}: loaded in {:.1} s, backlog ends at {end}",
+            shape.name(),
+            t0.elapsed().as_secs_f64()
+        );
 
         let mut recv = Vec::new();
         let mut fire = Vec::new();
         for r in 0..rounds {
-            let order: [bool; 2] = if r % 2 == 0 { [true, false] } else { [false, true] };
+            let order: [bool; 2] = if r % 2 == 0 {
+                [true, false]
+            } else {
+                [false, true]
+            };
             for recv_first in order {
                 if recv_first {
-                    let secs = run_recvlogical(&cluster, &db, &format!("recv_{}_{r}", shape.key()), &end)?;
-                    println!("  round {r}: pg_recvlogical {:>9.0} rows/s ({secs:.2} s)", rows as f64 / secs);
+                    let secs =
+                        run_recvlogical(&cluster, &db, &format!("recv_{}_{r}", shape.key()), &end)?;
+                    println!(
+                        "  round {r}: pg_recvlogical {:>9.0} rows/s ({secs:.2} s)",
+                        rows as f64 / secs
+                    );
                     recv.push(rows as f64 / secs);
                 } else {
-                    let (secs, rss) = run_pgfire(bin, &url, &format!("pgfire_{}_{r}", shape.key()), &end)?;
-                    println!("  round {r}: pgfire        {:>9.0} rows/s ({secs:.2} s, peak RSS {} MB)", rows as f64 / secs, rss / 1024);
+                    let (secs, rss) =
+                        run_pgfire(bin, &url, &format!("pgfire_{}_{r}", shape.key()), &end)?;
+                    println!(
+                        "  round {r}: pgfire        {:>9.0} rows/s ({secs:.2} s, peak RSS {} MB)",
+                        rows as f64 / secs,
+                        rss / 1024
+                    );
                     fire.push((rows as f64 / secs, rss));
                 }
             }
@@ -123,7 +163,12 @@ fn main() -> anyhow::Result<()> {
         let r = median(recv.clone());
         let f = median(fire.iter().map(|x| x.0).collect());
         let rss = fire.iter().map(|x| x.1).max().unwrap_or(0);
-        println!("| {} | {r:.0} | {f:.0} | {:.2}x | {} MB |", shape.name(), f / r, rss / 1024);
+        println!(
+            "| {} | {r:.0} | {f:.0} | {:.2}x | {} MB |",
+            shape.name(),
+            f / r,
+            rss / 1024
+        );
     }
     println!("(medians of {rounds} rounds; pgfire runs a `log` function with logging off, records every run in pgfire.executions)");
     cluster.stop();
@@ -142,15 +187,39 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// Drain the slot to `end` with pg_recvlogical; seconds taken.
 fn run_recvlogical(cluster: &Cluster, db: &str, slot: &str, end: &str) -> anyhow::Result<f64> {
     let mut cmd = Command::new(cluster.bin_dir.join("pg_recvlogical"));
-    cmd.args(["-h", "127.0.0.1", "-p", &cluster.port.to_string(), "-U", "postgres", "-d", db])
-        .args(["--slot", slot, "--start", "--no-loop", "-E", end, "-f", "/dev/null", "-s", "1"]);
+    cmd.args([
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &cluster.port.to_string(),
+        "-U",
+        "postgres",
+        "-d",
+        db,
+    ])
+    .args([
+        "--slot",
+        slot,
+        "--start",
+        "--no-loop",
+        "-E",
+        end,
+        "-f",
+        "/dev/null",
+        "-s",
+        "1",
+    ]);
     for o in OPTIONS {
         cmd.args(["-o", o]);
     }
     let t0 = Instant::now();
     let out = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).output()?;
     let secs = t0.elapsed().as_secs_f64();
-    anyhow::ensure!(out.status.success(), "pg_recvlogical failed: {}", String::from_utf8_lossy(&out.stderr));
+    anyhow::ensure!(
+        out.status.success(),
+        "pg_recvlogical failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok(secs)
 }
 
@@ -160,14 +229,26 @@ fn run_pgfire(bin: &str, url: &str, slot: &str, end: &str) -> anyhow::Result<(f6
     let target: pgfire::event::Lsn = end.parse().map_err(anyhow::Error::msg)?;
     let t0 = Instant::now();
     let mut child = Command::new(bin)
-        .args(["run", "--no-proxy", "--slot", slot, "--admin-listen", &format!("127.0.0.1:{admin}")])
+        .args([
+            "run",
+            "--no-proxy",
+            "--slot",
+            slot,
+            "--admin-listen",
+            &format!("127.0.0.1:{admin}"),
+        ])
         .env("DATABASE_URL", url)
-        .env("PGFIRE_LOG", "warn")
+        .env(
+            "PGFIRE_LOG",
+            std::env::var("PGFIRE_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()?;
     let metrics = format!("http://127.0.0.1:{admin}/metrics");
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let secs = rt.block_on(async {
         let http = reqwest::Client::new();
         loop {
@@ -192,13 +273,16 @@ fn run_pgfire(bin: &str, url: &str, slot: &str, end: &str) -> anyhow::Result<(f6
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     })?;
-    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap_or_default();
+    let status =
+        std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap_or_default();
     let rss = status
         .lines()
         .find_map(|l| l.strip_prefix("VmHWM:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0);
-    Command::new("kill").args(["-TERM", &child.id().to_string()]).status()?;
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()?;
     child.wait()?;
     Ok((secs, rss))
 }

@@ -32,7 +32,7 @@ impl FunctionKind {
 /// A row of `pgfire.functions`.
 #[derive(Debug, Clone)]
 pub struct FunctionDef {
-    pub name: String,
+    pub name: Arc<str>,
     pub kind: FunctionKind,
     pub target: Option<String>,
     pub timeout: Duration,
@@ -156,7 +156,7 @@ impl Catalog {
             functions.insert(
                 name.clone(),
                 Arc::new(FunctionDef {
-                    name,
+                    name: Arc::from(name),
                     kind,
                     target: row.get(2),
                     timeout: Duration::from_millis(timeout_ms.clamp(1, 10_000) as u64),

@@ -69,14 +69,15 @@ impl Dispatcher {
                 let Some(event_type) = row_events::event_type(source.kind, change.op) else {
                     return true;
                 };
-                let subs = self.catalog.subscribers(event_type);
+                // The snapshot in use for this event, even if a reload swaps it meanwhile.
+                let catalog = self.catalog.clone();
+                let subs = catalog.subscribers(event_type);
                 if subs.is_empty() {
                     return true;
                 }
-                let subs = subs.to_vec();
-                let event =
-                    row_events::row_event(&change, source, event_type, &self.catalog.database);
-                self.deliver(&event, &subs, shutdown).await
+                let approx_size = change.approx_size();
+                let event = row_events::row_event(change, source, event_type, &catalog.database);
+                self.deliver(&event, approx_size, subs, shutdown).await
             }
             Item::Message { prefix, .. } if prefix == CONFIG_MESSAGE_PREFIX => {
                 self.reload(shutdown).await;
@@ -112,16 +113,22 @@ impl Dispatcher {
         }
     }
 
+    /// Run every subscription for `event`; `approx_size` (the row's raw size) spares building the
+    /// envelope just to check the payload limit when the event is clearly small.
     async fn deliver(
         &self,
         event: &Event,
+        approx_size: usize,
         subs: &[Subscription],
         shutdown: &CancellationToken,
     ) -> bool {
         self.stats.events.fetch_add(1, Ordering::Relaxed);
         let delivery = Delivery::new(event);
         let settings = &self.catalog.settings;
-        let too_big = {
+        // JSON escaping at most sextuples a value; names and punctuation are in approx_size.
+        let too_big = if approx_size * 6 + 4096 < settings.payload_limit {
+            None
+        } else {
             let size = delivery.envelope().len();
             (size > settings.payload_limit).then(|| {
                 format!("event payload of {size} bytes exceeds the limit of {} bytes (setting limits.payload_bytes)", settings.payload_limit)
@@ -154,8 +161,8 @@ impl Dispatcher {
                 };
                 self.recorder
                     .record(Execution {
-                        event_id: event.id.clone(),
-                        event_type: event.event_type.to_string(),
+                        event_id: event.id,
+                        event_type: event.event_type.clone(),
                         function_name: def.name.clone(),
                         attempt,
                         status,

@@ -67,7 +67,7 @@ pub struct EventSource {
 #[derive(Debug, Clone)]
 pub struct Event {
     /// Stable across redeliveries: commit LSN and position in the transaction.
-    pub id: String,
+    pub id: EventId,
     pub event_type: Arc<str>,
     pub data: Map<String, Value>,
     pub occurred_at: DateTime<Utc>,
@@ -76,14 +76,29 @@ pub struct Event {
     pub row_key: Option<String>,
 }
 
-/// The event id: hex commit LSN and the change's position in its transaction.
-pub fn event_id(commit_lsn: Lsn, position: u32) -> String {
-    format!("{:016X}-{:06}", commit_lsn.0, position)
+/// The event id: the commit LSN and the change's position in its transaction. Written as
+/// `00000000016B3748-000002` (hex LSN, decimal position), so ids sort in commit order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct EventId {
+    pub commit_lsn: Lsn,
+    pub position: u32,
+}
+
+impl fmt::Display for EventId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016X}-{:06}", self.commit_lsn.0, self.position)
+    }
+}
+
+impl Serialize for EventId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
 }
 
 #[derive(Serialize)]
 struct Envelope<'a> {
-    id: &'a str,
+    id: EventId,
     event_type: &'a str,
     event_data: &'a Map<String, Value>,
     occurred_at: String,
@@ -94,7 +109,7 @@ impl Event {
     /// The JSON envelope every function kind receives (DESIGN section 2).
     pub fn envelope(&self) -> Vec<u8> {
         let env = Envelope {
-            id: &self.id,
+            id: self.id,
             event_type: &self.event_type,
             event_data: &self.data,
             occurred_at: self
@@ -123,8 +138,12 @@ mod tests {
 
     #[test]
     fn ids_sort_by_commit_then_position() {
-        assert_eq!(event_id(Lsn(0x16B3748), 3), "00000000016B3748-000003");
-        assert!(event_id(Lsn(0x10), 2) < event_id(Lsn(0x10), 10));
-        assert!(event_id(Lsn(0xF), 99) < event_id(Lsn(0x10), 0));
+        let id = |l, p| EventId {
+            commit_lsn: Lsn(l),
+            position: p,
+        };
+        assert_eq!(id(0x16B3748, 3).to_string(), "00000000016B3748-000003");
+        assert!(id(0x10, 2).to_string() < id(0x10, 10).to_string());
+        assert!(id(0xF, 99).to_string() < id(0x10, 0).to_string());
     }
 }

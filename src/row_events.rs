@@ -6,7 +6,7 @@ use std::sync::Arc;
 use serde_json::{Map, Value};
 
 use crate::catalog::{Source, SourceKind};
-use crate::event::{event_id, Event, EventSource};
+use crate::event::{Event, EventId, EventSource};
 use crate::replication::decode::{Cell, Op, RowChange};
 
 /// The POST event type of a change to a source, if that kind of source has row events.
@@ -22,80 +22,81 @@ pub fn event_type(kind: SourceKind, op: Op) -> Option<&'static str> {
     })
 }
 
-/// Build the event for `change` of `source`.
+/// Build the event for `change` of `source`, moving the row's values into it.
 pub fn row_event(
-    change: &RowChange,
+    change: RowChange,
     source: &Source,
     event_type: &str,
     database: &Arc<str>,
 ) -> Event {
-    let rel = &change.relation;
-    let names = rel.columns.iter().map(|c| &*c.name);
-    let old: Option<Map<String, Value>> = change
-        .old
-        .as_ref()
-        .map(|cells| row_map(names.clone(), cells, None));
-    let current = match (&change.new, &change.old) {
-        (Some(new), old) => row_map(names.clone(), new, old.as_deref()),
-        (None, _) => old.clone().unwrap_or_default(),
-    };
-
-    let mut data = Map::with_capacity(current.len() + 4);
+    let rel = change.relation.clone();
     let id_key = match source.kind {
         SourceKind::User => "user_id",
         _ => "record_id",
     };
-    let id = source
+    let id_index = source
         .id_column
         .as_deref()
-        .and_then(|c| current.get(c).cloned())
+        .and_then(|c| rel.columns.iter().position(|col| &*col.name == c));
+    let old_map: Option<Map<String, Value>> = change.old.as_ref().map(|cells| {
+        rel.columns
+            .iter()
+            .zip(cells)
+            .filter_map(|(c, cell)| cell_value(cell, None).map(|v| (c.name.to_string(), v)))
+            .collect()
+    });
+    let (cells, fallback) = match change.new {
+        Some(new) => (new, change.old.as_deref()),
+        None => (change.old.clone().unwrap_or_default(), None),
+    };
+    let mut data = Map::with_capacity(cells.len() + 4);
+    let id = id_index
+        .and_then(|i| cells.get(i))
+        .and_then(|cell| cell_value(cell, fallback.and_then(|o| o.get(id_index?))))
         .unwrap_or(Value::Null);
     data.insert(id_key.to_string(), id.clone());
     if source.kind != SourceKind::User {
         data.insert("table".to_string(), Value::String(rel.name.to_string()));
     }
-    for (k, v) in &current {
-        data.insert(k.clone(), v.clone());
+    let mut changes = (change.op == Op::Update && old_map.is_some()).then(Map::new);
+    let mut missing = Vec::new();
+    for (i, (col, cell)) in rel.columns.iter().zip(cells).enumerate() {
+        let old_cell = fallback.and_then(|o| o.get(i));
+        let Some(v) = cell_value(&cell, old_cell) else {
+            missing.push(Value::String(col.name.to_string()));
+            continue;
+        };
+        if let Some(changes) = changes.as_mut() {
+            let old_v = old_cell
+                .and_then(|o| cell_value(o, None))
+                .unwrap_or(Value::Null);
+            if old_v != v {
+                let mut c = Map::with_capacity(2);
+                c.insert("old".into(), old_v);
+                c.insert("new".into(), v.clone());
+                changes.insert(col.name.to_string(), Value::Object(c));
+            }
+        }
+        data.insert(col.name.to_string(), v);
     }
     // Columns the server did not resend (unchanged TOAST, no old row to take them from).
-    if let Some(new) = &change.new {
-        let missing: Vec<Value> = rel
-            .columns
-            .iter()
-            .zip(new)
-            .filter(|(c, cell)| **cell == Cell::Unchanged && !current.contains_key(&*c.name))
-            .map(|(c, _)| Value::String(c.name.to_string()))
-            .collect();
-        if !missing.is_empty() {
-            data.insert("unchanged_toast".to_string(), Value::Array(missing));
-        }
+    if !missing.is_empty() {
+        data.insert("unchanged_toast".to_string(), Value::Array(missing));
     }
-    if change.op == Op::Update {
-        if let Some(old) = &old {
-            let mut changes = Map::new();
-            for (k, new_v) in &current {
-                match old.get(k) {
-                    Some(old_v) if old_v == new_v => {}
-                    old_v => {
-                        let mut c = Map::with_capacity(2);
-                        c.insert("old".into(), old_v.cloned().unwrap_or(Value::Null));
-                        c.insert("new".into(), new_v.clone());
-                        changes.insert(k.clone(), Value::Object(c));
-                    }
-                }
-            }
-            data.insert("changes".to_string(), Value::Object(changes));
-            data.insert("old".to_string(), Value::Object(old.clone()));
-        }
-    } else if change.op == Op::Delete {
-        if let Some(old) = old {
+    if let Some(changes) = changes {
+        data.insert("changes".to_string(), Value::Object(changes));
+    }
+    if change.op != Op::Insert {
+        if let Some(old) = old_map {
             data.insert("old".to_string(), Value::Object(old));
         }
     }
 
-    let row_key = Some(format!("{}:{}", rel.oid, id));
     Event {
-        id: event_id(change.commit.lsn, change.position),
+        id: EventId {
+            commit_lsn: change.commit.lsn,
+            position: change.position,
+        },
         event_type: Arc::from(event_type),
         data,
         occurred_at: change.commit.time,
@@ -106,30 +107,21 @@ pub fn row_event(
             lsn: change.commit.lsn,
             xid: change.commit.xid,
         },
-        row_key,
+        row_key: Some(format!("{}:{}", rel.oid, id)),
     }
 }
 
-/// Column name → value; an unchanged TOAST cell takes its value from the old row when there is one.
-fn row_map<'a>(
-    names: impl Iterator<Item = &'a str>,
-    cells: &[Cell],
-    old: Option<&[Cell]>,
-) -> Map<String, Value> {
-    let mut m = Map::with_capacity(cells.len());
-    for (i, (name, cell)) in names.zip(cells).enumerate() {
-        let v = match cell {
-            Cell::Null => Value::Null,
-            Cell::Value(v) => v.clone(),
-            Cell::Unchanged => match old.and_then(|o| o.get(i)) {
-                Some(Cell::Value(v)) => v.clone(),
-                Some(Cell::Null) => Value::Null,
-                _ => continue,
-            },
-        };
-        m.insert(name.to_string(), v);
+/// A cell's value; an unchanged TOAST cell takes the old row's value, or has none.
+fn cell_value(cell: &Cell, old: Option<&Cell>) -> Option<Value> {
+    match cell {
+        Cell::Null => Some(Value::Null),
+        Cell::Value(v) => Some(v.clone()),
+        Cell::Unchanged => match old {
+            Some(Cell::Value(v)) => Some(v.clone()),
+            Some(Cell::Null) => Some(Value::Null),
+            _ => None,
+        },
     }
-    m
 }
 
 #[cfg(test)]
@@ -167,6 +159,7 @@ mod tests {
                 xid: 751,
             }),
             position: 2,
+            raw_size: 0,
         }
     }
 
@@ -187,12 +180,12 @@ mod tests {
         let old = vec![v(json!(42)), v(json!("x@b.c")), v(json!("long"))];
         let new = vec![v(json!(42)), v(json!("a@b.c")), Cell::Unchanged];
         let e = row_event(
-            &change(Op::Update, Some(old), Some(new)),
+            change(Op::Update, Some(old), Some(new)),
             &user(),
             "POST_USER_UPDATE",
             &Arc::from("app"),
         );
-        assert_eq!(e.id, "00000000016B3748-000002");
+        assert_eq!(e.id.to_string(), "00000000016B3748-000002");
         assert_eq!(
             Value::Object(e.data),
             json!({"user_id": 42, "id": 42, "email": "a@b.c", "bio": "long",
@@ -209,7 +202,7 @@ mod tests {
             id_column: Some("id".into()),
         };
         let e = row_event(
-            &change(
+            change(
                 Op::Insert,
                 None,
                 Some(vec![v(json!(7)), Cell::Null, v(json!("b"))]),
@@ -228,7 +221,7 @@ mod tests {
     fn delete_carries_the_old_row() {
         let old = vec![v(json!(5)), v(json!("d@b.c")), Cell::Null];
         let e = row_event(
-            &change(Op::Delete, Some(old), None),
+            change(Op::Delete, Some(old), None),
             &user(),
             "POST_USER_DELETE",
             &Arc::from("app"),
@@ -242,7 +235,7 @@ mod tests {
     fn unchanged_toast_without_old_row_is_named() {
         let new = vec![v(json!(1)), v(json!("e")), Cell::Unchanged];
         let e = row_event(
-            &change(Op::Update, None, Some(new)),
+            change(Op::Update, None, Some(new)),
             &user(),
             "POST_USER_UPDATE",
             &Arc::from("app"),

@@ -111,7 +111,11 @@ impl Service {
             .await
             .map_err(|e| anyhow::anyhow!(db::describe(&e)))?
             .map(|r| r.get(0));
-        let slot = cfg.slot.clone().or(stored).unwrap_or_else(|| install::DEFAULT_SLOT.to_string());
+        let slot = cfg
+            .slot
+            .clone()
+            .or(stored)
+            .unwrap_or_else(|| install::DEFAULT_SLOT.to_string());
         let catalog = Catalog::load(&client)
             .await
             .map_err(|e| anyhow::anyhow!(db::describe(&e)))?;

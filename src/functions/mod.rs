@@ -87,7 +87,8 @@ impl Kinds {
         let kind: &dyn Kind = match def.kind {
             FunctionKind::Webhook => &self.webhook,
             FunctionKind::Sql => &self.sql,
-            FunctionKind::Log => &self.log,
+            // A log line cannot hang: no timer needed.
+            FunctionKind::Log => return self.log.post(def, delivery).await,
             FunctionKind::Nats => {
                 return Err(FunctionError::Failed(
                     "nats functions are not available in this version of pgfire".into(),

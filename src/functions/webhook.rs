@@ -53,6 +53,7 @@ impl Kind for Webhook {
         Box::pin(async move {
             let url = def.target.as_deref().unwrap_or_default();
             let body = d.envelope().to_vec();
+            let id = d.event.id.to_string();
             let ts = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_secs() as i64)
@@ -62,12 +63,12 @@ impl Kind for Webhook {
                 .post(url)
                 .timeout(def.timeout)
                 .header("content-type", "application/json")
-                .header("webhook-id", &d.event.id)
+                .header("webhook-id", &id)
                 .header("webhook-timestamp", ts.to_string());
             if let Some(secret) = &def.secret {
                 req = req.header(
                     "webhook-signature",
-                    sign(secret, &d.event.id, ts, &body).map_err(FunctionError::Failed)?,
+                    sign(secret, &id, ts, &body).map_err(FunctionError::Failed)?,
                 );
             }
             let resp = req.body(body).send().await.map_err(|e| {

@@ -57,6 +57,22 @@ pub struct RowChange {
     pub commit: Arc<Commit>,
     /// Position of the change in its transaction (with the commit LSN: the event id).
     pub position: u32,
+    /// Bytes of column data the server sent for the change.
+    pub raw_size: usize,
+}
+
+impl RowChange {
+    /// A rough size of the change: its column data and names (for cheap payload-limit checks).
+    pub fn approx_size(&self) -> usize {
+        self.raw_size
+            + self
+                .relation
+                .columns
+                .iter()
+                .map(|c| c.name.len() + 8)
+                .sum::<usize>()
+                * 3
+    }
 }
 
 /// What the decoder hands to dispatch, in commit order.
@@ -350,7 +366,14 @@ impl Decoder {
     }
 
     /// Set up the decoding of a committed streamed transaction's buffered messages.
-    fn start_replay(&mut self, xid: u32, t: StreamedTxn, lsn: Lsn, end_lsn: Lsn, time: DateTime<Utc>) -> Result<(), DecodeError> {
+    fn start_replay(
+        &mut self,
+        xid: u32,
+        t: StreamedTxn,
+        lsn: Lsn,
+        end_lsn: Lsn,
+        time: DateTime<Utc>,
+    ) -> Result<(), DecodeError> {
         // The buffered messages carry the xid prefix of a streamed chunk: put the parser in one.
         let mut parser = LogicalReplicationParser::with_protocol_version(2);
         let mut start = BytesMut::with_capacity(6);
@@ -361,10 +384,25 @@ impl Decoder {
             .parse_wal_message(&start)
             .map_err(|e| DecodeError::Malformed(e.to_string()))?;
         self.txn = Some(OpenTxn {
-            commit: Arc::new(Commit { lsn, end_lsn, time, xid }),
+            commit: Arc::new(Commit {
+                lsn,
+                end_lsn,
+                time,
+                xid,
+            }),
             position: 0,
         });
-        self.replay = Some(Replay { parser, messages: t.messages.into_iter(), end_lsn });
+        tracing::debug!(
+            xid,
+            changes = t.messages.len(),
+            bytes = t.bytes,
+            "streamed transaction committed"
+        );
+        self.replay = Some(Replay {
+            parser,
+            messages: t.messages.into_iter(),
+            end_lsn,
+        });
         Ok(())
     }
 
@@ -395,6 +433,11 @@ impl Decoder {
     ) -> Result<(), DecodeError> {
         let relation = self.relation(oid)?;
         let (commit, position) = self.next_position()?;
+        let raw_size = [&old, &new]
+            .iter()
+            .filter_map(|t| t.as_ref())
+            .map(|t| t.columns.iter().map(|c| c.as_bytes().len()).sum::<usize>())
+            .sum();
         let old = old.map(|t| cells(&relation, &t));
         let new = new.map(|t| cells(&relation, &t));
         out.push(Item::Row(RowChange {
@@ -404,6 +447,7 @@ impl Decoder {
             new,
             commit,
             position,
+            raw_size,
         }));
         Ok(())
     }

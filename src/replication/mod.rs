@@ -121,57 +121,33 @@ async fn session(
     health.set_error(None);
     tracing::info!(slot = %config.slot, from = %start, "replication started");
 
-    let mut received = start;
-    let mut confirmed = Lsn(0);
+    let mut s = Stream {
+        conn,
+        tx,
+        settled,
+        health,
+        shutdown,
+        received: start,
+        ticker: tokio::time::interval(config.status_interval),
+    };
+    s.ticker
+        .set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut batch: Vec<Item> = Vec::with_capacity(BATCH);
-    let mut ticker = tokio::time::interval(config.status_interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         // Hand over what we hold before waiting on the network, and whenever a batch is full.
-        if !batch.is_empty() && (batch.len() >= BATCH || !conn.has_buffered_message()) {
+        if !batch.is_empty() && (batch.len() >= BATCH || !s.conn.has_buffered_message()) {
             let items = std::mem::replace(&mut batch, Vec::with_capacity(BATCH));
-            let permit = loop {
-                tokio::select! {
-                    biased;
-                    _ = shutdown.cancelled() => {
-                        conn.send_status(received, Lsn(settled.load(Ordering::SeqCst)), false).await.ok();
-                        conn.close().await;
-                        return Ok(());
-                    }
-                    p = tx.reserve() => break p,
-                    // While dispatch pushes back, keep the server from timing us out.
-                    _ = ticker.tick() => {
-                        confirmed = Lsn(settled.load(Ordering::SeqCst));
-                        conn.send_status(received, confirmed, false).await?;
-                        health.confirmed_lsn.store(confirmed.0, Ordering::Relaxed);
-                    }
-                }
-            };
-            match permit {
-                Ok(p) => p.send(items),
-                Err(_) => return Ok(()), // dispatch is gone: shutting down
+            if !s.hand_over(items).await? {
+                return s.finish().await;
             }
         }
         tokio::select! {
             biased;
-            _ = shutdown.cancelled() => {
-                // Final position: only what dispatch settled.
-                conn.send_status(received, Lsn(settled.load(Ordering::SeqCst)), false).await.ok();
-                conn.close().await;
-                return Ok(());
-            }
-            _ = ticker.tick() => {
-                let now = Lsn(settled.load(Ordering::SeqCst));
-                conn.send_status(received, now, false).await?;
-                if now != confirmed {
-                    tracing::debug!(lsn = %now, "confirmed");
-                }
-                confirmed = now;
-                health.confirmed_lsn.store(confirmed.0, Ordering::Relaxed);
-            }
-            msg = conn.next_message() => match msg? {
+            _ = s.shutdown.cancelled() => return s.finish().await,
+            _ = s.ticker.tick() => s.status().await?,
+            msg = s.conn.next_message() => match msg? {
                 ReplicationMessage::XLogData { wal_start, data, .. } => {
-                    received = received.max(wal_start);
+                    s.received = s.received.max(wal_start);
                     decoder.decode(data, &mut batch).map_err(|e| ConnError::Protocol(e.to_string()))?;
                     // A committed streamed transaction is handed over a batch at a time.
                     while decoder.replaying() {
@@ -179,29 +155,74 @@ async fn session(
                         decoder.drain(&mut batch, room).map_err(|e| ConnError::Protocol(e.to_string()))?;
                         if batch.len() >= BATCH {
                             let items = std::mem::replace(&mut batch, Vec::with_capacity(BATCH));
-                            tokio::select! {
-                                biased;
-                                _ = shutdown.cancelled() => { conn.close().await; return Ok(()); }
-                                r = tx.send(items) => if r.is_err() { return Ok(()); },
+                            if !s.hand_over(items).await? {
+                                return s.finish().await;
                             }
                         }
                     }
-                    health.received_lsn.store(received.0, Ordering::Relaxed);
-                    health.streamed_bytes.store(decoder.streamed_bytes as u64, Ordering::Relaxed);
+                    s.health.received_lsn.store(s.received.0, Ordering::Relaxed);
+                    s.health.streamed_bytes.store(decoder.streamed_bytes as u64, Ordering::Relaxed);
                 }
                 ReplicationMessage::Keepalive { wal_end, reply } => {
-                    received = received.max(wal_end);
-                    health.received_lsn.store(received.0, Ordering::Relaxed);
+                    s.received = s.received.max(wal_end);
+                    s.health.received_lsn.store(s.received.0, Ordering::Relaxed);
                     // Between transactions, everything up to the server's position is handed over.
                     if !decoder.in_transaction() {
                         batch.push(Item::Checkpoint(wal_end));
                     }
                     if reply {
-                        confirmed = Lsn(settled.load(Ordering::SeqCst));
-                        conn.send_status(received, confirmed, false).await?;
+                        s.status().await?;
                     }
                 }
             }
         }
+    }
+}
+
+/// One streaming connection and what it reports back.
+struct Stream<'a> {
+    conn: ReplicationConn,
+    tx: &'a mpsc::Sender<Vec<Item>>,
+    settled: &'a AtomicU64,
+    health: &'a ConsumerHealth,
+    shutdown: &'a CancellationToken,
+    received: Lsn,
+    ticker: tokio::time::Interval,
+}
+
+impl Stream<'_> {
+    /// Tell the server what is received and what is settled (the slot may confirm that).
+    async fn status(&mut self) -> Result<(), ConnError> {
+        let settled = Lsn(self.settled.load(Ordering::SeqCst));
+        self.conn.send_status(self.received, settled, false).await?;
+        self.health
+            .confirmed_lsn
+            .store(settled.0, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Give a batch to dispatch, waiting while it pushes back but still sending status updates
+    /// so the server does not time us out. False when shutting down.
+    async fn hand_over(&mut self, items: Vec<Item>) -> Result<bool, ConnError> {
+        loop {
+            tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => return Ok(false),
+                permit = self.tx.reserve() => {
+                    return Ok(match permit {
+                        Ok(p) => { p.send(items); true }
+                        Err(_) => false, // dispatch is gone: shutting down
+                    });
+                }
+                _ = self.ticker.tick() => self.status().await?,
+            }
+        }
+    }
+
+    /// Final status (only what dispatch settled) and a polite close.
+    async fn finish(mut self) -> Result<(), ConnError> {
+        self.status().await.ok();
+        self.conn.close().await;
+        Ok(())
     }
 }

@@ -6,10 +6,20 @@ use std::time::Duration;
 
 use crate::support::eventually;
 
-fn start_dev(dir: &std::path::Path, pg_port: u16, proxy: u16, admin: u16) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
+fn start_dev(
+    dir: &std::path::Path,
+    pg_port: u16,
+    proxy: u16,
+    admin: u16,
+) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_pgfire"))
         .args(["dev", "--pg-port", &pg_port.to_string()])
-        .args(["--listen", &format!("127.0.0.1:{proxy}"), "--admin-listen", &format!("127.0.0.1:{admin}")])
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{proxy}"),
+            "--admin-listen",
+            &format!("127.0.0.1:{admin}"),
+        ])
         .arg("--data-dir")
         .arg(dir)
         .env("PGFIRE_LOG", "info")
@@ -18,7 +28,10 @@ fn start_dev(dir: &std::path::Path, pg_port: u16, proxy: u16, admin: u16) -> (st
         .spawn()
         .expect("spawn pgfire dev");
     let (tx, rx) = std::sync::mpsc::channel();
-    for stream in [Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>, Box::new(child.stderr.take().unwrap())] {
+    for stream in [
+        Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+        Box::new(child.stderr.take().unwrap()),
+    ] {
         let tx = tx.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stream).lines().map_while(Result::ok) {
@@ -40,11 +53,17 @@ fn wait_line(rx: &std::sync::mpsc::Receiver<String>, needle: &str, seen: &mut Ve
             }
         }
     }
-    panic!("pgfire dev never printed {needle:?}; output:\n{}", seen.join("\n"));
+    panic!(
+        "pgfire dev never printed {needle:?}; output:\n{}",
+        seen.join("\n")
+    );
 }
 
 fn interrupt(child: &mut std::process::Child) -> std::process::ExitStatus {
-    Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
     for _ in 0..300 {
         if let Some(status) = child.try_wait().unwrap() {
             return status;
@@ -66,27 +85,41 @@ async fn dev_runs_the_demo_stops_on_ctrl_c_and_reuses_its_data() {
     wait_line(&rx, "pgfire dev is running", &mut seen);
     let url = format!("postgres://postgres@127.0.0.1:{pg}/app");
     let c = pgfire::db::connect(&url).await.unwrap();
-    c.batch_execute("INSERT INTO users (email, name) VALUES ('ada@example.com', 'Ada')").await.unwrap();
+    c.batch_execute("INSERT INTO users (email, name) VALUES ('ada@example.com', 'Ada')")
+        .await
+        .unwrap();
     wait_line(&rx, "POST_USER_CREATE", &mut seen);
     eventually(Duration::from_secs(20), "the execution row", || async {
         let n: i64 = c.query_one("SELECT count(*) FROM pgfire.executions WHERE function_name = 'log_users' AND status = 'ok'", &[]).await.unwrap().get(0);
         (n == 1).then_some(())
     })
     .await;
-    let health = reqwest::get(format!("http://127.0.0.1:{admin}/healthz")).await.unwrap();
+    let health = reqwest::get(format!("http://127.0.0.1:{admin}/healthz"))
+        .await
+        .unwrap();
     assert_eq!(health.status(), 200);
     drop(c);
     let status = interrupt(&mut child);
     assert!(status.success(), "exit status {status:?}");
-    assert!(!data.join("postmaster.pid").exists(), "PostgreSQL stopped with pgfire dev");
+    assert!(
+        !data.join("postmaster.pid").exists(),
+        "PostgreSQL stopped with pgfire dev"
+    );
 
     // Again: same data, the demo row is still there, nothing installed twice.
     let (mut child, rx) = start_dev(&data, pg, proxy, admin);
     let mut seen = Vec::new();
     wait_line(&rx, "pgfire dev is running", &mut seen);
-    assert!(seen.iter().any(|l| l.contains("starting PostgreSQL")), "{seen:?}");
+    assert!(
+        seen.iter().any(|l| l.contains("starting PostgreSQL")),
+        "{seen:?}"
+    );
     let c = pgfire::db::connect(&url).await.unwrap();
-    let n: i64 = c.query_one("SELECT count(*) FROM users", &[]).await.unwrap().get(0);
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM users", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(n, 1);
     drop(c);
     assert!(interrupt(&mut child).success());
