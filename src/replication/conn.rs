@@ -157,10 +157,8 @@ impl ReplicationConn {
         loop {
             match conn.next_backend().await? {
                 Message::ReadyForQuery(_) => break,
-                Message::ParameterStatus(p) => {
-                    if p.name()? == "server_version_num" || p.name()? == "server_version" {
-                        conn.server_version = parse_server_version(p.value()?);
-                    }
+                Message::ParameterStatus(p) if p.name()? == "server_version" => {
+                    conn.server_version = parse_server_version(p.value()?);
                 }
                 Message::ErrorResponse(e) => return Err(ConnError::server(e.fields())),
                 _ => {}
