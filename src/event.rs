@@ -72,8 +72,6 @@ pub struct Event {
     pub data: Map<String, Value>,
     pub occurred_at: DateTime<Utc>,
     pub source: EventSource,
-    /// Which row the event is about (table oid and key), for per-row ordering.
-    pub row_key: Option<String>,
 }
 
 /// The event id: the commit LSN and the change's position in its transaction. Written as

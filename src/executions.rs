@@ -132,10 +132,10 @@ async fn write(
         copy_field(&mut buf, &e.function_name);
         let _ = write!(
             buf,
-            "\t{}\t{}\t{}\t{:.3}\t",
+            "\t{}\t{}\t{}+00\t{:.3}\t",
             e.attempt,
             e.status,
-            e.started_at.format("%Y-%m-%dT%H:%M:%S%.6fZ"),
+            e.started_at.naive_utc(),
             e.duration.as_secs_f64() * 1000.0
         );
         match &e.error {

@@ -54,7 +54,7 @@ pub fn row_event(
         .and_then(|i| cells.get(i))
         .and_then(|cell| cell_value(cell, fallback.and_then(|o| o.get(id_index?))))
         .unwrap_or(Value::Null);
-    data.insert(id_key.to_string(), id.clone());
+    data.insert(id_key.to_string(), id);
     if source.kind != SourceKind::User {
         data.insert("table".to_string(), Value::String(rel.name.to_string()));
     }
@@ -62,7 +62,11 @@ pub fn row_event(
     let mut missing = Vec::new();
     for (i, (col, cell)) in rel.columns.iter().zip(cells).enumerate() {
         let old_cell = fallback.and_then(|o| o.get(i));
-        let Some(v) = cell_value(&cell, old_cell) else {
+        let value = match cell {
+            Cell::Value(v) => Some(v), // moved, not copied
+            other => cell_value(&other, old_cell),
+        };
+        let Some(v) = value else {
             missing.push(Value::String(col.name.to_string()));
             continue;
         };
@@ -107,7 +111,6 @@ pub fn row_event(
             lsn: change.commit.lsn,
             xid: change.commit.xid,
         },
-        row_key: Some(format!("{}:{}", rel.oid, id)),
     }
 }
 

@@ -124,6 +124,7 @@ struct Replay {
     parser: LogicalReplicationParser,
     messages: std::vec::IntoIter<(u32, Bytes)>,
     end_lsn: Lsn,
+    started: std::time::Instant,
 }
 
 pub struct Decoder {
@@ -185,6 +186,7 @@ impl Decoder {
         };
         for _ in 0..limit.max(1) {
             let Some((_, raw)) = replay.messages.next() else {
+                tracing::debug!(elapsed = ?replay.started.elapsed(), "streamed transaction decoded");
                 self.txn = None;
                 out.push(Item::Checkpoint(replay.end_lsn));
                 return Ok(());
@@ -402,6 +404,7 @@ impl Decoder {
             parser,
             messages: t.messages.into_iter(),
             end_lsn,
+            started: std::time::Instant::now(),
         });
         Ok(())
     }
