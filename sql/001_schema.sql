@@ -224,6 +224,10 @@ BEGIN
     SELECT c.relkind, c.relreplident, pg_get_userbyid(c.relowner) AS owner,
            pg_has_role(c.relowner, 'USAGE') AS owned
       INTO rel FROM pg_class c WHERE c.oid = NEW.table_name;
+    IF (SELECT relnamespace FROM pg_class WHERE oid = NEW.table_name) = 'pgfire'::regnamespace THEN
+        RAISE EXCEPTION '% is one of pgfire''s own tables and cannot be a source', NEW.table_name
+            USING ERRCODE = '42809', HINT = 'pgfire writes its history there: events about it would trigger themselves';
+    END IF;
     IF rel.relkind NOT IN ('r', 'p') THEN
         RAISE EXCEPTION '% is not a table', NEW.table_name
             USING ERRCODE = '42809', HINT = 'sources are ordinary or partitioned tables';

@@ -206,7 +206,9 @@ async fn registering_a_source_needs_ownership_and_sets_replica_identity() {
     .await
     .is_empty());
 
-    // Not a table; a table someone else owns.
+    // pgfire's own tables would loop; not a table; a table someone else owns.
+    let err = c.batch_execute("INSERT INTO pgfire.sources VALUES ('pgfire.executions', 'record')").await.unwrap_err();
+    assert!(err.as_db_error().unwrap().message().contains("pgfire's own tables"), "{err:?}");
     let err = c
         .batch_execute(
             "CREATE VIEW v AS SELECT 1; INSERT INTO pgfire.sources VALUES ('v', 'record')",
@@ -318,8 +320,16 @@ async fn configuration_is_validated_by_the_database() {
 async fn events_and_status_commands_show_the_catalog_and_the_slot() {
     let db = TestDb::new();
     let run = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_pgfire")).args(args).env("DATABASE_URL", db.url()).output().unwrap();
-        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_pgfire"))
+            .args(args)
+            .env("DATABASE_URL", db.url())
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     };
     let (ok, _, err) = run(&["events"]);
     assert!(!ok && err.contains("run pgfire install"), "{err}");
@@ -327,14 +337,26 @@ async fn events_and_status_commands_show_the_catalog_and_the_slot() {
     assert!(ok, "{err}");
     assert!(out.contains("pgfire installed: schema version 1"), "{out}");
     let (ok, out, _) = run(&["install"]);
-    assert!(ok && out.contains("up to date") && out.contains(&slot_name(&db)), "{out}");
+    assert!(
+        ok && out.contains("up to date") && out.contains(&slot_name(&db)),
+        "{out}"
+    );
     db.psql("INSERT INTO pgfire.functions (name, kind) VALUES ('l', 'log'); INSERT INTO pgfire.subscriptions VALUES ('POST_USER_CREATE', 'l')");
     let (ok, out, _) = run(&["events"]);
     assert!(ok);
-    let line = out.lines().find(|l| l.starts_with("POST_USER_CREATE")).unwrap();
-    assert!(line.contains(" 1 ") && line.contains("After a new user is created"), "{line}");
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("POST_USER_CREATE"))
+        .unwrap();
+    assert!(
+        line.contains(" 1 ") && line.contains("After a new user is created"),
+        "{line}"
+    );
     let (ok, out, _) = run(&["status"]);
     assert!(ok);
-    assert!(out.contains(&format!("slot {}: not in use", slot_name(&db))), "{out}");
+    assert!(
+        out.contains(&format!("slot {}: not in use", slot_name(&db))),
+        "{out}"
+    );
     assert!(out.contains("no failed runs in the last hour"), "{out}");
 }
