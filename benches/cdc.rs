@@ -143,6 +143,9 @@ fn main() -> anyhow::Result<()> {
                     );
                     recv.push(rows as f64 / secs);
                 } else {
+                    // Every run delivers the same event ids again; in production ids only grow, so
+                    // start each run with an empty history rather than one full of its duplicates.
+                    cluster.psql(&db, "TRUNCATE pgfire.executions; CHECKPOINT")?;
                     let (secs, rss) =
                         run_pgfire(bin, &url, &format!("pgfire_{}_{r}", shape.key()), &end)?;
                     println!(
