@@ -207,8 +207,17 @@ async fn registering_a_source_needs_ownership_and_sets_replica_identity() {
     .is_empty());
 
     // pgfire's own tables would loop; not a table; a table someone else owns.
-    let err = c.batch_execute("INSERT INTO pgfire.sources VALUES ('pgfire.executions', 'record')").await.unwrap_err();
-    assert!(err.as_db_error().unwrap().message().contains("pgfire's own tables"), "{err:?}");
+    let err = c
+        .batch_execute("INSERT INTO pgfire.sources VALUES ('pgfire.executions', 'record')")
+        .await
+        .unwrap_err();
+    assert!(
+        err.as_db_error()
+            .unwrap()
+            .message()
+            .contains("pgfire's own tables"),
+        "{err:?}"
+    );
     let err = c
         .batch_execute(
             "CREATE VIEW v AS SELECT 1; INSERT INTO pgfire.sources VALUES ('v', 'record')",
