@@ -1,0 +1,472 @@
+//! One client session: the startup phase (SSL/GSS negotiation, cancel requests, the startup
+//! packet), then a relay in both directions that forwards bytes as they arrive and decodes only
+//! Query/Parse/Bind (client) and ReadyForQuery/ErrorResponse (server).
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::Arc;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::OwnedSemaphorePermit;
+use tokio_util::sync::CancellationToken;
+
+use super::{ProxyConfig, Upstream};
+use crate::wire::{self, Backend, Startup, WireError};
+
+/// The PRE hooks' seam: sees every Query, Parse and Bind a client sends, before it is forwarded.
+pub trait Hook: Send + Sync {
+    fn frontend(&self, _msg: &wire::Frontend<'_>) {}
+}
+
+/// The hook of a proxy without PRE functions.
+pub struct NoHook;
+impl Hook for NoHook {}
+
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Why a session ended early, as the client is told.
+struct Fatal {
+    code: &'static str,
+    message: String,
+}
+
+impl From<WireError> for Fatal {
+    fn from(e: WireError) -> Self {
+        Fatal {
+            code: wire::PROTOCOL_VIOLATION,
+            message: e.to_string(),
+        }
+    }
+}
+
+pub(super) async fn run(
+    socket: tokio::net::TcpStream,
+    peer: SocketAddr,
+    config: Arc<ProxyConfig>,
+    hook: Arc<dyn Hook>,
+    permit: Option<OwnedSemaphorePermit>,
+    drain: CancellationToken,
+) {
+    let mut client: Box<dyn Stream> = Box::new(socket);
+    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let startup = tokio::time::timeout(
+        config.startup_timeout,
+        startup(&mut client, &mut buf, &config),
+    )
+    .await;
+    let (upstream, packet) = match startup {
+        Err(_) => {
+            let msg = format!(
+                "startup packet not received within {} s",
+                config.startup_timeout.as_secs()
+            );
+            return fatal(&mut client, wire::PROTOCOL_VIOLATION, &msg).await;
+        }
+        Ok(Err(f)) => return fatal(&mut client, f.code, &f.message).await,
+        Ok(Ok(None)) => return, // cancel request handled, or the client left
+        Ok(Ok(Some((c, packet)))) => {
+            client = c;
+            let Some(_) = &permit else {
+                return fatal(
+                    &mut client,
+                    wire::TOO_MANY_CONNECTIONS,
+                    "sorry, too many clients already",
+                )
+                .await;
+            };
+            match connect(&config.upstream).await {
+                Ok(u) => (u, packet),
+                Err(err) => {
+                    tracing::warn!(error = %err, "cannot reach the database");
+                    let msg = format!("pgfire cannot reach the database: {err}");
+                    return fatal(&mut client, wire::CONNECTION_FAILURE, &msg).await;
+                }
+            }
+        }
+    };
+    let mut upstream = upstream;
+    if upstream.write_all(&packet).await.is_err() {
+        return fatal(
+            &mut client,
+            wire::CONNECTION_FAILURE,
+            "the database closed the connection",
+        )
+        .await;
+    }
+    tracing::debug!(%peer, "session started");
+    relay(client, upstream, buf, &config, hook.as_ref(), &drain).await;
+    drop(permit);
+}
+
+/// The startup phase: returns the (possibly TLS) client stream and the startup packet to send
+/// upstream, or `None` when the connection is done (a cancel request, a client that left).
+async fn startup(
+    client: &mut Box<dyn Stream>,
+    buf: &mut BytesMut,
+    config: &ProxyConfig,
+) -> Result<Option<(Box<dyn Stream>, BytesMut)>, Fatal> {
+    let mut tls_done = false;
+    loop {
+        let (packet, len) = loop {
+            if let Some(p) = wire::startup_packet(buf)? {
+                break p;
+            }
+            if client.read_buf(buf).await.unwrap_or(0) == 0 {
+                return Ok(None);
+            }
+        };
+        match packet {
+            Startup::Ssl if !tls_done => {
+                buf.advance(len);
+                if !buf.is_empty() {
+                    // Bytes sent before the TLS handshake could be injected by a third party.
+                    return Err(Fatal {
+                        code: wire::PROTOCOL_VIOLATION,
+                        message: "unencrypted data after SSL request".into(),
+                    });
+                }
+                match &config.tls {
+                    Some(tls) => {
+                        client.write_all(b"S").await.map_err(io_fatal)?;
+                        let acceptor = tokio_rustls::TlsAcceptor::from(tls.clone());
+                        let plain = std::mem::replace(client, Box::new(empty::EmptyDuplex));
+                        let stream = acceptor.accept(plain).await.map_err(|e| Fatal {
+                            code: wire::PROTOCOL_VIOLATION,
+                            message: format!("TLS handshake failed: {e}"),
+                        })?;
+                        *client = Box::new(stream);
+                        tls_done = true;
+                    }
+                    None => client.write_all(b"N").await.map_err(io_fatal)?,
+                }
+            }
+            Startup::GssEnc if !tls_done => {
+                buf.advance(len);
+                client.write_all(b"N").await.map_err(io_fatal)?;
+            }
+            Startup::Ssl | Startup::GssEnc => {
+                return Err(Fatal {
+                    code: wire::PROTOCOL_VIOLATION,
+                    message: "encryption requested twice".into(),
+                });
+            }
+            Startup::Cancel { .. } => {
+                // Backend keys pass through unchanged, so the request goes to the database as is.
+                let packet = buf.split_to(len);
+                if let Ok(mut up) = connect(&config.upstream).await {
+                    let _ = up.write_all(&packet).await;
+                    let mut sink = [0u8; 16];
+                    let _ =
+                        tokio::time::timeout(std::time::Duration::from_secs(5), up.read(&mut sink))
+                            .await;
+                }
+                return Ok(None);
+            }
+            Startup::Startup { .. } => {
+                let packet = buf.split_to(len);
+                let stream = std::mem::replace(client, Box::new(empty::EmptyDuplex));
+                return Ok(Some((stream, packet)));
+            }
+        }
+    }
+}
+
+fn io_fatal(e: std::io::Error) -> Fatal {
+    Fatal {
+        code: wire::CONNECTION_FAILURE,
+        message: e.to_string(),
+    }
+}
+
+async fn connect(upstream: &Upstream) -> std::io::Result<Box<dyn Stream>> {
+    Ok(match upstream {
+        Upstream::Tcp(host, port) => {
+            let s = tokio::net::TcpStream::connect((host.as_str(), *port)).await?;
+            s.set_nodelay(true)?;
+            Box::new(s)
+        }
+        Upstream::Unix(path) => Box::new(tokio::net::UnixStream::connect(path).await?),
+    })
+}
+
+/// Send a FATAL ErrorResponse and close.
+async fn fatal(client: &mut Box<dyn Stream>, code: &str, message: &str) {
+    let mut b = BytesMut::new();
+    wire::error_response(&mut b, "FATAL", code, message);
+    let _ = client.write_all(&b).await;
+    let _ = client.flush().await;
+    let _ = client.shutdown().await;
+}
+
+/// Tracks frame boundaries in one direction so bytes can be forwarded as they arrive, while
+/// whole frames of the types we inspect are held until complete.
+#[derive(Default)]
+struct Scanner {
+    /// Bytes of the current pass-through frame not yet seen.
+    remaining: usize,
+}
+
+impl Scanner {
+    /// How many bytes at the start of `buf` can be forwarded now. `whole(tag)` says which frames
+    /// to inspect (they are passed complete to `inspect`); `check_tag` validates each tag.
+    fn scan(
+        &mut self,
+        buf: &[u8],
+        check_tag: impl Fn(u8) -> Result<(), WireError>,
+        whole: impl Fn(u8) -> bool,
+        mut inspect: impl FnMut(&[u8]) -> Result<(), WireError>,
+    ) -> Result<usize, WireError> {
+        let mut pos = 0;
+        loop {
+            if self.remaining > 0 {
+                let n = self.remaining.min(buf.len() - pos);
+                pos += n;
+                self.remaining -= n;
+                if self.remaining > 0 {
+                    return Ok(pos);
+                }
+            }
+            let Some((tag, len)) = wire::frame_header(&buf[pos..])? else {
+                return Ok(pos);
+            };
+            check_tag(tag)?;
+            if whole(tag) {
+                if buf.len() - pos < len {
+                    return Ok(pos);
+                }
+                inspect(&buf[pos..pos + len])?;
+                pos += len;
+            } else {
+                self.remaining = len;
+            }
+        }
+    }
+}
+
+async fn relay(
+    client: Box<dyn Stream>,
+    upstream: Box<dyn Stream>,
+    pending: BytesMut,
+    config: &ProxyConfig,
+    hook: &dyn Hook,
+    drain: &CancellationToken,
+) {
+    let (mut cr, mut cw) = tokio::io::split(client);
+    let (mut ur, mut uw) = tokio::io::split(upstream);
+    // 'I' idle, 'T' in a transaction, 'E' failed transaction; 0 before the first ReadyForQuery.
+    let status = AtomicU8::new(0);
+    // The client sent something the server has not answered with ReadyForQuery yet.
+    let busy = AtomicBool::new(true);
+    let outcome = tokio::select! {
+        r = client_to_server(&mut cr, &mut uw, pending, hook, &busy) => r,
+        r = server_to_client(&mut ur, &mut cw, &status, &busy, drain, config) => r,
+    };
+    if let Err(f) = outcome {
+        let mut b = BytesMut::new();
+        wire::error_response(&mut b, "FATAL", f.code, &f.message);
+        let _ = cw.write_all(&b).await;
+        // Tell the server we are gone, politely.
+        let _ = uw.write_all(&[b'X', 0, 0, 0, 4]).await;
+    }
+    let _ = cw.shutdown().await;
+    let _ = uw.shutdown().await;
+}
+
+async fn client_to_server(
+    cr: &mut (impl AsyncRead + Unpin),
+    uw: &mut (impl AsyncWrite + Unpin),
+    mut buf: BytesMut,
+    hook: &dyn Hook,
+    busy: &AtomicBool,
+) -> Result<(), Fatal> {
+    let mut scanner = Scanner::default();
+    let check = |tag| {
+        if wire::is_frontend_tag(tag) {
+            Ok(())
+        } else {
+            Err(WireError::UnknownTag(tag))
+        }
+    };
+    let inspect = |frame: &[u8]| {
+        if let Some(msg) = wire::decode_frontend(frame)? {
+            hook.frontend(&msg);
+        }
+        Ok(())
+    };
+    loop {
+        let n = scanner.scan(&buf, check, |t| matches!(t, b'Q' | b'P' | b'B'), inspect)?;
+        if n > 0 {
+            busy.store(true, Ordering::SeqCst);
+            uw.write_all(&buf[..n]).await.map_err(io_fatal)?;
+            buf.advance(n);
+        }
+        if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+            buf.reserve(READ_CHUNK);
+        }
+        if cr.read_buf(&mut buf).await.map_err(io_fatal)? == 0 {
+            return Ok(()); // the client left
+        }
+    }
+}
+
+async fn server_to_client(
+    ur: &mut (impl AsyncRead + Unpin),
+    cw: &mut (impl AsyncWrite + Unpin),
+    status: &AtomicU8,
+    busy: &AtomicBool,
+    drain: &CancellationToken,
+    config: &ProxyConfig,
+) -> Result<(), Fatal> {
+    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let mut scanner = Scanner::default();
+    let mut deadline: Option<tokio::time::Instant> = None;
+    let shutdown_error = || Fatal {
+        code: wire::ADMIN_SHUTDOWN,
+        message: "terminating connection due to administrator command".into(),
+    };
+    loop {
+        let n = scanner.scan(
+            &buf,
+            |_| Ok(()),
+            |t| matches!(t, b'Z' | b'E'),
+            |frame| {
+                if let Some(Backend::ReadyForQuery(s)) = wire::decode_backend(frame)? {
+                    status.store(s, Ordering::SeqCst);
+                    busy.store(false, Ordering::SeqCst);
+                }
+                Ok(())
+            },
+        )?;
+        if n > 0 {
+            cw.write_all(&buf[..n]).await.map_err(io_fatal)?;
+            buf.advance(n);
+        }
+        if deadline.is_some()
+            && status.load(Ordering::SeqCst) == b'I'
+            && !busy.load(Ordering::SeqCst)
+            && buf.is_empty()
+        {
+            return Err(shutdown_error());
+        }
+        if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+            buf.reserve(READ_CHUNK);
+        }
+        tokio::select! {
+            r = ur.read_buf(&mut buf) => {
+                if r.map_err(io_fatal)? == 0 {
+                    return Ok(()); // the server closed (it sent its own FATAL, if any)
+                }
+            }
+            _ = drain.cancelled(), if deadline.is_none() => {
+                deadline = Some(tokio::time::Instant::now() + config.shutdown_timeout);
+            }
+            _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => {
+                return Err(shutdown_error());
+            }
+        }
+    }
+}
+
+/// An empty stand-in stream while the real one is moved (never read or written).
+mod empty {
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+    use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+    pub struct EmptyDuplex;
+
+    impl AsyncRead for EmptyDuplex {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl AsyncWrite for EmptyDuplex {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            b: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            Poll::Ready(Ok(b.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut v = vec![tag];
+        v.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+        v.extend_from_slice(body);
+        v
+    }
+
+    #[test]
+    fn scanner_forwards_pass_through_bytes_early_and_holds_inspected_frames() {
+        let mut s = Scanner::default();
+        let mut stream = frame(b'd', &[7u8; 100]);
+        stream.extend(frame(b'Q', b"SELECT 1\0"));
+        let ok = |_| Ok(());
+        let q = |t| t == b'Q';
+        let mut seen = Vec::new();
+        // Half a CopyData frame is forwardable at once.
+        assert_eq!(s.scan(&stream[..50], ok, q, |_| Ok(())).unwrap(), 50);
+        // Its rest plus a partial Query: only the CopyData rest.
+        assert_eq!(s.scan(&stream[50..110], ok, q, |_| Ok(())).unwrap(), 55);
+        // The whole Query.
+        assert_eq!(
+            s.scan(&stream[105..], ok, q, |f| {
+                seen.push(f.to_vec());
+                Ok(())
+            })
+            .unwrap(),
+            stream.len() - 105
+        );
+        assert_eq!(seen, vec![frame(b'Q', b"SELECT 1\0")]);
+    }
+
+    #[test]
+    fn scanner_rejects_bad_frames() {
+        let mut s = Scanner::default();
+        let check = |t| {
+            if wire::is_frontend_tag(t) {
+                Ok(())
+            } else {
+                Err(WireError::UnknownTag(t))
+            }
+        };
+        assert!(matches!(
+            s.scan(&frame(b'z', b""), check, |_| false, |_| Ok(())),
+            Err(WireError::UnknownTag(b'z'))
+        ));
+        let mut s = Scanner::default();
+        assert!(s
+            .scan(&[b'Q', 0, 0, 0, 1], check, |_| true, |_| Ok(()))
+            .is_err());
+        let mut s = Scanner::default();
+        assert!(s
+            .scan(
+                &frame(b'Q', b"no terminator"),
+                check,
+                |_| true,
+                |f| wire::decode_frontend(f).map(|_| ())
+            )
+            .is_err());
+    }
+}
