@@ -7,4 +7,5 @@ mod dev;
 mod embedded;
 mod events;
 mod install;
+mod proxy;
 mod resilience;
