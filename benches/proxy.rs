@@ -1,0 +1,156 @@
+//! Proxy throughput: pgbench directly against PostgreSQL, through pgfire's proxy, and through
+//! PgBouncer (session pooling), interleaved round by round in one run.
+//!
+//! `cargo bench --bench proxy` (env: PGFIRE_BENCH_SECONDS per pgbench run, default 5;
+//! PGFIRE_BENCH_ROUNDS, default 2). Needs pgbench and PgBouncer (`apt-get install pgbouncer`).
+
+use std::collections::BTreeMap;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use pgfire::embedded::{free_port, running_as_root, Cluster, ClusterOptions};
+use pgfire::proxy::{ProxyConfig, Upstream};
+
+const TARGETS: [&str; 3] = ["direct", "pgfire", "pgbouncer"];
+
+fn main() -> anyhow::Result<()> {
+    let secs: u64 = std::env::var("PGFIRE_BENCH_SECONDS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
+    let rounds: usize = std::env::var("PGFIRE_BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(2);
+    let pgbouncer_bin = ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .ok_or_else(|| anyhow::anyhow!("PgBouncer not found: apt-get install pgbouncer"))?;
+
+    let dir = tempfile::Builder::new().prefix("pgfire-proxy-bench-").tempdir()?;
+    let mut opts = ClusterOptions::new(dir.path().join("data"))
+        .setting("fsync", "off")
+        .setting("synchronous_commit", "off")
+        .setting("shared_buffers", "256MB")
+        .setting("max_connections", "300");
+    opts.ephemeral = true;
+    let cluster = Cluster::start(&opts)?;
+    cluster.psql("postgres", "CREATE DATABASE bench")?;
+    let pgbench = cluster.bin_dir.join("pgbench");
+    let init = Command::new(&pgbench)
+        .args(["-i", "-s", "10", "-q", &cluster.url("bench")])
+        .output()?;
+    anyhow::ensure!(init.status.success(), "pgbench -i: {}", String::from_utf8_lossy(&init.stderr));
+
+    // pgfire's proxy, in this process on its own runtime.
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let proxy_port = free_port()?;
+    let listener = rt.block_on(tokio::net::TcpListener::bind(("127.0.0.1", proxy_port)))?;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let config = ProxyConfig::new(Upstream::Tcp("127.0.0.1".into(), cluster.port));
+    rt.spawn(pgfire::proxy::serve(config, listener, shutdown.clone()));
+
+    let bouncer_port = free_port()?;
+    let mut bouncer = start_pgbouncer(pgbouncer_bin, dir.path(), cluster.port, bouncer_port)?;
+
+    let ports = [cluster.port, proxy_port, bouncer_port];
+    println!("pgfire proxy benchmark: pgbench -T {secs} -j 2, {rounds} rounds, scale 10, PostgreSQL {}", cluster.bin_dir.display());
+    let mut tps: BTreeMap<(String, String, u32, usize), Vec<f64>> = BTreeMap::new();
+    for round in 0..rounds {
+        for workload in ["select-only", "tpcb-like"] {
+            for mode in ["simple", "extended"] {
+                for clients in [8u32, 50] {
+                    // Rotate who goes first each round.
+                    for k in 0..3 {
+                        let t = (k + round) % 3;
+                        let v = run_pgbench(&pgbench, ports[t], workload, mode, clients, secs)?;
+                        println!("  round {round}: {workload:<11} {mode:<8} -c {clients:<2} {:<9} {v:>9.0} tps", TARGETS[t]);
+                        tps.entry((workload.to_string(), mode.to_string(), clients, t)).or_default().push(v);
+                    }
+                }
+            }
+        }
+    }
+
+    println!("\n| workload | protocol | clients | direct tps | pgfire tps | PgBouncer tps | pgfire / direct | pgfire / PgBouncer |");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|");
+    for workload in ["select-only", "tpcb-like"] {
+        for mode in ["simple", "extended"] {
+            for clients in [8u32, 50] {
+                let m = |t: usize| median(tps.get(&(workload.to_string(), mode.to_string(), clients, t)).cloned().unwrap_or_default());
+                let (d, p, b) = (m(0), m(1), m(2));
+                println!("| {workload} | {mode} | {clients} | {d:.0} | {p:.0} | {b:.0} | {:.2}x | {:.2}x |", p / d, p / b);
+            }
+        }
+    }
+    println!("(medians of {rounds} rounds of {secs} s; PgBouncer {} in session mode)", pgbouncer_version(pgbouncer_bin));
+
+    shutdown.cancel();
+    let _ = bouncer.kill();
+    let _ = bouncer.wait();
+    cluster.stop();
+    Ok(())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+fn run_pgbench(pgbench: &std::path::Path, port: u16, workload: &str, mode: &str, clients: u32, secs: u64) -> anyhow::Result<f64> {
+    let mut cmd = Command::new(pgbench);
+    cmd.args(["-n", "-j", "2", "-M", mode, "-c", &clients.to_string(), "-T", &secs.to_string()]);
+    if workload == "select-only" {
+        cmd.arg("-S");
+    }
+    cmd.arg(format!("postgres://postgres@127.0.0.1:{port}/bench"));
+    let out = cmd.output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    anyhow::ensure!(out.status.success(), "pgbench on port {port}: {}", String::from_utf8_lossy(&out.stderr));
+    text.lines()
+        .find_map(|l| l.strip_prefix("tps = "))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no tps in pgbench output: {text}"))
+}
+
+fn start_pgbouncer(bin: &str, dir: &std::path::Path, pg_port: u16, port: u16) -> anyhow::Result<Child> {
+    let dir = dir.join("pgbouncer");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("userlist.txt"), "\"postgres\" \"\"\n")?;
+    let ini = dir.join("pgbouncer.ini");
+    std::fs::write(
+        &ini,
+        format!(
+            "[databases]\n* = host=127.0.0.1 port={pg_port}\n\n[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\n\
+             unix_socket_dir =\nauth_type = trust\nauth_file = {users}\npool_mode = session\nmax_client_conn = 500\n\
+             default_pool_size = 100\nlogfile = {log}\nignore_startup_parameters = extra_float_digits\n",
+            users = dir.join("userlist.txt").display(),
+            log = dir.join("pgbouncer.log").display(),
+        ),
+    )?;
+    let mut cmd = if running_as_root() {
+        Command::new("chown").arg("-R").arg("postgres:").arg(&dir).status()?;
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--", bin]);
+        c
+    } else {
+        Command::new(bin)
+    };
+    let child = cmd.arg(&ini).stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(child);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    anyhow::bail!("PgBouncer did not start; see {}", dir.join("pgbouncer.log").display())
+}
+
+fn pgbouncer_version(bin: &str) -> String {
+    Command::new(bin)
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.lines().next().map(|l| l.trim_start_matches("PgBouncer ").to_string()))
+        .unwrap_or_default()
+}
