@@ -23,8 +23,66 @@ pub trait Hook: Send + Sync {
 pub struct NoHook;
 impl Hook for NoHook {}
 
-trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+/// A connection end: the client's (plain or TLS) or the database's (TCP or Unix socket).
+enum Conn {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
+    Tls(Box<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>),
+    /// A placeholder while the real stream is moved.
+    Gone,
+}
+
+macro_rules! delegate {
+    ($self:ident, $s:ident => $e:expr, $gone:expr) => {
+        match $self.get_mut() {
+            Conn::Tcp($s) => {
+                let $s = std::pin::Pin::new($s);
+                $e
+            }
+            Conn::Unix($s) => {
+                let $s = std::pin::Pin::new($s);
+                $e
+            }
+            Conn::Tls($s) => {
+                let $s = std::pin::Pin::new($s.as_mut());
+                $e
+            }
+            Conn::Gone => $gone,
+        }
+    };
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        delegate!(self, s => s.poll_read(cx, buf), std::task::Poll::Ready(Ok(())))
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        delegate!(self, s => s.poll_write(cx, buf), std::task::Poll::Ready(Ok(buf.len())))
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        delegate!(self, s => s.poll_flush(cx), std::task::Poll::Ready(Ok(())))
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        delegate!(self, s => s.poll_shutdown(cx), std::task::Poll::Ready(Ok(())))
+    }
+}
 
 const READ_CHUNK: usize = 64 * 1024;
 
@@ -51,7 +109,7 @@ pub(super) async fn run(
     permit: Option<OwnedSemaphorePermit>,
     drain: CancellationToken,
 ) {
-    let mut client: Box<dyn Stream> = Box::new(socket);
+    let mut client = Conn::Tcp(socket);
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     let startup = tokio::time::timeout(
         config.startup_timeout,
@@ -105,10 +163,10 @@ pub(super) async fn run(
 /// The startup phase: returns the (possibly TLS) client stream and the startup packet to send
 /// upstream, or `None` when the connection is done (a cancel request, a client that left).
 async fn startup(
-    client: &mut Box<dyn Stream>,
+    client: &mut Conn,
     buf: &mut BytesMut,
     config: &ProxyConfig,
-) -> Result<Option<(Box<dyn Stream>, BytesMut)>, Fatal> {
+) -> Result<Option<(Conn, BytesMut)>, Fatal> {
     let mut tls_done = false;
     loop {
         let (packet, len) = loop {
@@ -133,12 +191,17 @@ async fn startup(
                     Some(tls) => {
                         client.write_all(b"S").await.map_err(io_fatal)?;
                         let acceptor = tokio_rustls::TlsAcceptor::from(tls.clone());
-                        let plain = std::mem::replace(client, Box::new(empty::EmptyDuplex));
+                        let Conn::Tcp(plain) = std::mem::replace(client, Conn::Gone) else {
+                            return Err(Fatal {
+                                code: wire::PROTOCOL_VIOLATION,
+                                message: "encryption requested twice".into(),
+                            });
+                        };
                         let stream = acceptor.accept(plain).await.map_err(|e| Fatal {
                             code: wire::PROTOCOL_VIOLATION,
                             message: format!("TLS handshake failed: {e}"),
                         })?;
-                        *client = Box::new(stream);
+                        *client = Conn::Tls(Box::new(stream));
                         tls_done = true;
                     }
                     None => client.write_all(b"N").await.map_err(io_fatal)?,
@@ -168,7 +231,7 @@ async fn startup(
             }
             Startup::Startup { .. } => {
                 let packet = buf.split_to(len);
-                let stream = std::mem::replace(client, Box::new(empty::EmptyDuplex));
+                let stream = std::mem::replace(client, Conn::Gone);
                 return Ok(Some((stream, packet)));
             }
         }
@@ -182,19 +245,19 @@ fn io_fatal(e: std::io::Error) -> Fatal {
     }
 }
 
-async fn connect(upstream: &Upstream) -> std::io::Result<Box<dyn Stream>> {
+async fn connect(upstream: &Upstream) -> std::io::Result<Conn> {
     Ok(match upstream {
         Upstream::Tcp(host, port) => {
             let s = tokio::net::TcpStream::connect((host.as_str(), *port)).await?;
             s.set_nodelay(true)?;
-            Box::new(s)
+            Conn::Tcp(s)
         }
-        Upstream::Unix(path) => Box::new(tokio::net::UnixStream::connect(path).await?),
+        Upstream::Unix(path) => Conn::Unix(tokio::net::UnixStream::connect(path).await?),
     })
 }
 
 /// Send a FATAL ErrorResponse and close.
-async fn fatal(client: &mut Box<dyn Stream>, code: &str, message: &str) {
+async fn fatal(client: &mut Conn, code: &str, message: &str) {
     let mut b = BytesMut::new();
     wire::error_response(&mut b, "FATAL", code, message);
     let _ = client.write_all(&b).await;
@@ -248,15 +311,39 @@ impl Scanner {
 }
 
 async fn relay(
-    client: Box<dyn Stream>,
-    upstream: Box<dyn Stream>,
+    client: Conn,
+    upstream: Conn,
     pending: BytesMut,
     config: &ProxyConfig,
     hook: &dyn Hook,
     drain: &CancellationToken,
 ) {
-    let (mut cr, mut cw) = tokio::io::split(client);
-    let (mut ur, mut uw) = tokio::io::split(upstream);
+    match (client, upstream) {
+        // The common case: borrowed halves of two TCP sockets, no locking.
+        (Conn::Tcp(mut c), Conn::Tcp(mut u)) => {
+            let (cr, cw) = c.split();
+            let (ur, uw) = u.split();
+            relay_halves(cr, cw, ur, uw, pending, config, hook, drain).await
+        }
+        (c, u) => {
+            let (cr, cw) = tokio::io::split(c);
+            let (ur, uw) = tokio::io::split(u);
+            relay_halves(cr, cw, ur, uw, pending, config, hook, drain).await
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn relay_halves(
+    mut cr: impl AsyncRead + Unpin,
+    mut cw: impl AsyncWrite + Unpin,
+    mut ur: impl AsyncRead + Unpin,
+    mut uw: impl AsyncWrite + Unpin,
+    pending: BytesMut,
+    config: &ProxyConfig,
+    hook: &dyn Hook,
+    drain: &CancellationToken,
+) {
     // 'I' idle, 'T' in a transaction, 'E' failed transaction; 0 before the first ReadyForQuery.
     let status = AtomicU8::new(0);
     // The client sent something the server has not answered with ReadyForQuery yet.
@@ -367,41 +454,6 @@ async fn server_to_client(
             _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => {
                 return Err(shutdown_error());
             }
-        }
-    }
-}
-
-/// An empty stand-in stream while the real one is moved (never read or written).
-mod empty {
-    use std::pin::Pin;
-    use std::task::{Context, Poll};
-    use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-
-    pub struct EmptyDuplex;
-
-    impl AsyncRead for EmptyDuplex {
-        fn poll_read(
-            self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-            _: &mut ReadBuf<'_>,
-        ) -> Poll<std::io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-    }
-
-    impl AsyncWrite for EmptyDuplex {
-        fn poll_write(
-            self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-            b: &[u8],
-        ) -> Poll<std::io::Result<usize>> {
-            Poll::Ready(Ok(b.len()))
-        }
-        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-            Poll::Ready(Ok(()))
         }
     }
 }
