@@ -204,6 +204,12 @@ END $$;
 CREATE TRIGGER register_event_type BEFORE INSERT OR UPDATE OF event_type ON pgfire.subscriptions
     FOR EACH ROW EXECUTE FUNCTION pgfire.register_event_type();
 
+-- Whether a table is in publication pgfire.
+CREATE FUNCTION pgfire.published(t regclass) RETURNS boolean LANGUAGE sql STABLE AS $$
+    SELECT EXISTS (SELECT 1 FROM pg_publication_rel r JOIN pg_publication p ON p.oid = r.prpubid
+                    WHERE p.pubname = 'pgfire' AND r.prrelid = t)
+$$;
+
 -- A source table joins the publication, with the replica identity that gives old values.
 CREATE FUNCTION pgfire.register_source() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
@@ -211,9 +217,7 @@ DECLARE
 BEGIN
     IF TG_OP IN ('DELETE', 'UPDATE') THEN
         IF TG_OP = 'DELETE' OR OLD.table_name <> NEW.table_name THEN
-            IF EXISTS (SELECT 1 FROM pg_publication_tables p JOIN pg_class c ON c.relname = p.tablename
-                        JOIN pg_namespace n ON n.oid = c.relnamespace AND n.nspname = p.schemaname
-                       WHERE p.pubname = 'pgfire' AND c.oid = OLD.table_name) THEN
+            IF pgfire.published(OLD.table_name) THEN
                 EXECUTE format('ALTER PUBLICATION pgfire DROP TABLE %s', OLD.table_name);
             END IF;
         END IF;
@@ -249,9 +253,7 @@ BEGIN
     IF rel.relreplident <> 'f' THEN
         EXECUTE format('ALTER TABLE %s REPLICA IDENTITY FULL', NEW.table_name);
     END IF;
-    IF NOT EXISTS (SELECT 1 FROM pg_publication_tables p JOIN pg_class c ON c.relname = p.tablename
-                    JOIN pg_namespace n ON n.oid = c.relnamespace AND n.nspname = p.schemaname
-                   WHERE p.pubname = 'pgfire' AND c.oid = NEW.table_name) THEN
+    IF NOT pgfire.published(NEW.table_name) THEN
         EXECUTE format('ALTER PUBLICATION pgfire ADD TABLE %s', NEW.table_name);
     END IF;
     RETURN NEW;

@@ -82,56 +82,29 @@ async fn healthz(State(s): State<AdminState>) -> impl IntoResponse {
 }
 
 async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {
-    let mut out = String::new();
-    let mut put = |name: &str, kind: &str, v: u64| {
-        out.push_str(&format!("# TYPE {name} {kind}\n{name} {v}\n"));
-    };
-    put(
-        metric::EVENTS,
-        "counter",
-        s.dispatch.events.load(Ordering::Relaxed),
-    );
-    put(
-        metric::RUNS,
-        "counter",
-        s.dispatch.runs.load(Ordering::Relaxed),
-    );
-    put(
-        metric::FAILURES,
-        "counter",
-        s.dispatch.failures.load(Ordering::Relaxed),
-    );
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    let mut values = vec![
+        (metric::EVENTS, "counter", load(&s.dispatch.events)),
+        (metric::RUNS, "counter", load(&s.dispatch.runs)),
+        (metric::FAILURES, "counter", load(&s.dispatch.failures)),
+    ];
     if let Some(c) = &s.consumer {
-        put(
-            metric::CONNECTED,
-            "gauge",
-            c.connected.load(Ordering::Relaxed) as u64,
-        );
-        put(
-            metric::RECEIVED_LSN,
-            "gauge",
-            c.received_lsn.load(Ordering::Relaxed),
-        );
-        put(
-            metric::CONFIRMED_LSN,
-            "gauge",
-            c.confirmed_lsn.load(Ordering::Relaxed),
-        );
-        put(
-            metric::SETTLED_LSN,
-            "gauge",
-            c.settled_lsn.load(Ordering::Relaxed),
-        );
-        put(
-            metric::RECONNECTS,
-            "counter",
-            c.reconnects.load(Ordering::Relaxed),
-        );
-        put(
-            metric::STREAMED_BYTES,
-            "gauge",
-            c.streamed_bytes.load(Ordering::Relaxed),
-        );
+        values.extend([
+            (
+                metric::CONNECTED,
+                "gauge",
+                c.connected.load(Ordering::Relaxed) as u64,
+            ),
+            (metric::RECEIVED_LSN, "gauge", load(&c.received_lsn)),
+            (metric::CONFIRMED_LSN, "gauge", load(&c.confirmed_lsn)),
+            (metric::SETTLED_LSN, "gauge", load(&c.settled_lsn)),
+            (metric::RECONNECTS, "counter", load(&c.reconnects)),
+            (metric::STREAMED_BYTES, "gauge", load(&c.streamed_bytes)),
+        ]);
     }
+    let out: String = values
+        .into_iter()
+        .map(|(name, kind, v)| format!("# TYPE {name} {kind}\n{name} {v}\n"))
+        .collect();
     ([("content-type", "text/plain; version=0.0.4")], out)
 }

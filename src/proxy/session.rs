@@ -16,12 +16,21 @@ use crate::wire::{self, Backend, Startup, WireError};
 
 /// The PRE hooks' seam: sees every Query, Parse and Bind a client sends, before it is forwarded.
 pub trait Hook: Send + Sync {
+    /// Whether this hook looks at Query/Parse/Bind at all; when not, they stream through
+    /// undecoded like every other message.
+    fn wants_frontend(&self) -> bool {
+        true
+    }
     fn frontend(&self, _msg: &wire::Frontend<'_>) {}
 }
 
 /// The hook of a proxy without PRE functions.
 pub struct NoHook;
-impl Hook for NoHook {}
+impl Hook for NoHook {
+    fn wants_frontend(&self) -> bool {
+        false
+    }
+}
 
 /// A connection end: the client's (plain or TLS) or the database's (TCP or Unix socket).
 enum Conn {
@@ -371,6 +380,7 @@ async fn client_to_server(
     busy: &AtomicBool,
 ) -> Result<(), Fatal> {
     let mut scanner = Scanner::default();
+    let inspect_frontend = hook.wants_frontend();
     let check = |tag| {
         if wire::is_frontend_tag(tag) {
             Ok(())
@@ -385,7 +395,12 @@ async fn client_to_server(
         Ok(())
     };
     loop {
-        let n = scanner.scan(&buf, check, |t| matches!(t, b'Q' | b'P' | b'B'), inspect)?;
+        let n = scanner.scan(
+            &buf,
+            check,
+            |t| inspect_frontend && matches!(t, b'Q' | b'P' | b'B'),
+            inspect,
+        )?;
         if n > 0 {
             busy.store(true, Ordering::SeqCst);
             uw.write_all(&buf[..n]).await.map_err(io_fatal)?;

@@ -85,7 +85,11 @@ async fn dev_runs_the_demo_stops_on_ctrl_c_and_reuses_its_data() {
     wait_line(&rx, "pgfire dev is running", &mut seen);
     let url = format!("postgres://postgres@127.0.0.1:{pg}/app");
     let c = pgfire::db::connect(&url).await.unwrap();
-    c.batch_execute("INSERT INTO users (email, name) VALUES ('ada@example.com', 'Ada')")
+    // The row goes in through pgfire's proxy, as an application would write it.
+    let app = pgfire::db::connect(&format!("postgres://postgres@127.0.0.1:{proxy}/app"))
+        .await
+        .unwrap();
+    app.batch_execute("INSERT INTO users (email, name) VALUES ('ada@example.com', 'Ada')")
         .await
         .unwrap();
     wait_line(&rx, "POST_USER_CREATE", &mut seen);

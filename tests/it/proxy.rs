@@ -697,3 +697,52 @@ async fn node_postgres_works_through_the_proxy() {
     let out = client_script("node", "node_suite.js", &proxy.url(&db));
     assert!(out.contains("node-postgres suite ok"), "{out}");
 }
+
+/// Records what the proxy hands to its hook.
+struct Recorder(std::sync::Mutex<Vec<String>>);
+
+impl pgfire::proxy::Hook for Recorder {
+    fn frontend(&self, msg: &pgfire::wire::Frontend<'_>) {
+        use pgfire::wire::Frontend;
+        let line = match msg {
+            Frontend::Query(q) => format!("Q {}", q.sql),
+            Frontend::Parse(p) => format!("P {}", p.sql),
+            Frontend::Bind(b) => format!(
+                "B {:?}",
+                b.params
+                    .iter()
+                    .map(|p| p.map(|v| v.to_vec()))
+                    .collect::<Vec<_>>()
+            ),
+        };
+        self.0.lock().unwrap().push(line);
+    }
+}
+
+#[tokio::test]
+async fn the_hook_sees_every_query_parse_and_bind() {
+    let db = TestDb::new();
+    let hook = std::sync::Arc::new(Recorder(Default::default()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let config = ProxyConfig::new(Upstream::Tcp("127.0.0.1".into(), cluster().port));
+    let shutdown = CancellationToken::new();
+    tokio::spawn(pgfire::proxy::serve_with_hook(
+        config,
+        listener,
+        shutdown.clone(),
+        hook.clone(),
+    ));
+    let c = connect(&format!("postgres://postgres@{addr}/{}", db.name)).await;
+    c.simple_query("SELECT 42").await.unwrap();
+    c.query("SELECT $1::text", &[&"param"]).await.unwrap();
+    let seen = hook.0.lock().unwrap().clone();
+    assert!(seen.contains(&"Q SELECT 42".to_string()), "{seen:?}");
+    assert!(seen.contains(&"P SELECT $1::text".to_string()), "{seen:?}");
+    assert!(
+        seen.iter()
+            .any(|l| l.starts_with("B") && l.contains(&format!("{:?}", b"param".to_vec()))),
+        "{seen:?}"
+    );
+    shutdown.cancel();
+}
