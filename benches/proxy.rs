@@ -14,14 +14,22 @@ use pgfire::proxy::{ProxyConfig, Upstream};
 const TARGETS: [&str; 3] = ["direct", "pgfire", "pgbouncer"];
 
 fn main() -> anyhow::Result<()> {
-    let secs: u64 = std::env::var("PGFIRE_BENCH_SECONDS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
-    let rounds: usize = std::env::var("PGFIRE_BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(2);
+    let secs: u64 = std::env::var("PGFIRE_BENCH_SECONDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let rounds: usize = std::env::var("PGFIRE_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2);
     let pgbouncer_bin = ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"]
         .into_iter()
         .find(|p| std::path::Path::new(p).exists())
         .ok_or_else(|| anyhow::anyhow!("PgBouncer not found: apt-get install pgbouncer"))?;
 
-    let dir = tempfile::Builder::new().prefix("pgfire-proxy-bench-").tempdir()?;
+    let dir = tempfile::Builder::new()
+        .prefix("pgfire-proxy-bench-")
+        .tempdir()?;
     let mut opts = ClusterOptions::new(dir.path().join("data"))
         .setting("fsync", "off")
         .setting("synchronous_commit", "off")
@@ -34,10 +42,16 @@ fn main() -> anyhow::Result<()> {
     let init = Command::new(&pgbench)
         .args(["-i", "-s", "10", "-q", &cluster.url("bench")])
         .output()?;
-    anyhow::ensure!(init.status.success(), "pgbench -i: {}", String::from_utf8_lossy(&init.stderr));
+    anyhow::ensure!(
+        init.status.success(),
+        "pgbench -i: {}",
+        String::from_utf8_lossy(&init.stderr)
+    );
 
     // pgfire's proxy, in this process on its own runtime.
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     let proxy_port = free_port()?;
     let listener = rt.block_on(tokio::net::TcpListener::bind(("127.0.0.1", proxy_port)))?;
     let shutdown = tokio_util::sync::CancellationToken::new();
@@ -48,7 +62,10 @@ fn main() -> anyhow::Result<()> {
     let mut bouncer = start_pgbouncer(pgbouncer_bin, dir.path(), cluster.port, bouncer_port)?;
 
     let ports = [cluster.port, proxy_port, bouncer_port];
-    println!("pgfire proxy benchmark: pgbench -T {secs} -j 2, {rounds} rounds, scale 10, PostgreSQL {}", cluster.bin_dir.display());
+    println!(
+        "pgfire proxy benchmark: pgbench -T {secs} -j 2, {rounds} rounds, scale 10, PostgreSQL {}",
+        cluster.bin_dir.display()
+    );
     let mut tps: BTreeMap<(String, String, u32, usize), Vec<f64>> = BTreeMap::new();
     for round in 0..rounds {
         for workload in ["select-only", "tpcb-like"] {
@@ -59,7 +76,9 @@ fn main() -> anyhow::Result<()> {
                         let t = (k + round) % 3;
                         let v = run_pgbench(&pgbench, ports[t], workload, mode, clients, secs)?;
                         println!("  round {round}: {workload:<11} {mode:<8} -c {clients:<2} {:<9} {v:>9.0} tps", TARGETS[t]);
-                        tps.entry((workload.to_string(), mode.to_string(), clients, t)).or_default().push(v);
+                        tps.entry((workload.to_string(), mode.to_string(), clients, t))
+                            .or_default()
+                            .push(v);
                     }
                 }
             }
@@ -71,13 +90,22 @@ fn main() -> anyhow::Result<()> {
     for workload in ["select-only", "tpcb-like"] {
         for mode in ["simple", "extended"] {
             for clients in [8u32, 50] {
-                let m = |t: usize| median(tps.get(&(workload.to_string(), mode.to_string(), clients, t)).cloned().unwrap_or_default());
+                let m = |t: usize| {
+                    median(
+                        tps.get(&(workload.to_string(), mode.to_string(), clients, t))
+                            .cloned()
+                            .unwrap_or_default(),
+                    )
+                };
                 let (d, p, b) = (m(0), m(1), m(2));
                 println!("| {workload} | {mode} | {clients} | {d:.0} | {p:.0} | {b:.0} | {:.2}x | {:.2}x |", p / d, p / b);
             }
         }
     }
-    println!("(medians of {rounds} rounds of {secs} s; PgBouncer {} in session mode)", pgbouncer_version(pgbouncer_bin));
+    println!(
+        "(medians of {rounds} rounds of {secs} s; PgBouncer {} in session mode)",
+        pgbouncer_version(pgbouncer_bin)
+    );
 
     shutdown.cancel();
     let _ = bouncer.kill();
@@ -95,16 +123,37 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-fn run_pgbench(pgbench: &std::path::Path, port: u16, workload: &str, mode: &str, clients: u32, secs: u64) -> anyhow::Result<f64> {
+fn run_pgbench(
+    pgbench: &std::path::Path,
+    port: u16,
+    workload: &str,
+    mode: &str,
+    clients: u32,
+    secs: u64,
+) -> anyhow::Result<f64> {
     let mut cmd = Command::new(pgbench);
-    cmd.args(["-n", "-j", "2", "-M", mode, "-c", &clients.to_string(), "-T", &secs.to_string()]);
+    cmd.args([
+        "-n",
+        "-j",
+        "2",
+        "-M",
+        mode,
+        "-c",
+        &clients.to_string(),
+        "-T",
+        &secs.to_string(),
+    ]);
     if workload == "select-only" {
         cmd.arg("-S");
     }
     cmd.arg(format!("postgres://postgres@127.0.0.1:{port}/bench"));
     let out = cmd.output()?;
     let text = String::from_utf8_lossy(&out.stdout);
-    anyhow::ensure!(out.status.success(), "pgbench on port {port}: {}", String::from_utf8_lossy(&out.stderr));
+    anyhow::ensure!(
+        out.status.success(),
+        "pgbench on port {port}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     text.lines()
         .find_map(|l| l.strip_prefix("tps = "))
         .and_then(|l| l.split_whitespace().next())
@@ -112,7 +161,12 @@ fn run_pgbench(pgbench: &std::path::Path, port: u16, workload: &str, mode: &str,
         .ok_or_else(|| anyhow::anyhow!("no tps in pgbench output: {text}"))
 }
 
-fn start_pgbouncer(bin: &str, dir: &std::path::Path, pg_port: u16, port: u16) -> anyhow::Result<Child> {
+fn start_pgbouncer(
+    bin: &str,
+    dir: &std::path::Path,
+    pg_port: u16,
+    port: u16,
+) -> anyhow::Result<Child> {
     let dir = dir.join("pgbouncer");
     std::fs::create_dir_all(&dir)?;
     std::fs::write(dir.join("userlist.txt"), "\"postgres\" \"\"\n")?;
@@ -128,21 +182,32 @@ fn start_pgbouncer(bin: &str, dir: &std::path::Path, pg_port: u16, port: u16) ->
         ),
     )?;
     let mut cmd = if running_as_root() {
-        Command::new("chown").arg("-R").arg("postgres:").arg(&dir).status()?;
+        Command::new("chown")
+            .arg("-R")
+            .arg("postgres:")
+            .arg(&dir)
+            .status()?;
         let mut c = Command::new("runuser");
         c.args(["-u", "postgres", "--", bin]);
         c
     } else {
         Command::new(bin)
     };
-    let child = cmd.arg(&ini).stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
+    let child = cmd
+        .arg(&ini)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
     for _ in 0..100 {
         if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
             return Ok(child);
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    anyhow::bail!("PgBouncer did not start; see {}", dir.join("pgbouncer.log").display())
+    anyhow::bail!(
+        "PgBouncer did not start; see {}",
+        dir.join("pgbouncer.log").display()
+    )
 }
 
 fn pgbouncer_version(bin: &str) -> String {
@@ -151,6 +216,10 @@ fn pgbouncer_version(bin: &str) -> String {
         .output()
         .ok()
         .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.lines().next().map(|l| l.trim_start_matches("PgBouncer ").to_string()))
+        .and_then(|s| {
+            s.lines()
+                .next()
+                .map(|l| l.trim_start_matches("PgBouncer ").to_string())
+        })
         .unwrap_or_default()
 }
