@@ -61,7 +61,7 @@ pub struct Service {
     shutdown: CancellationToken,
     history_shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
-    history: JoinHandle<()>,
+    history: Option<JoinHandle<()>>,
     pub admin_addr: Option<SocketAddr>,
     pub proxy_addr: Option<SocketAddr>,
     pub health: Arc<ConsumerHealth>,
@@ -75,50 +75,11 @@ impl Service {
         let client = db::connect(&cfg.database_url)
             .await
             .map_err(|e| anyhow::anyhow!("cannot connect to the database: {}", db::describe(&e)))?;
-        let known = install::MIGRATIONS
-            .iter()
-            .map(|m| m.version)
-            .max()
-            .unwrap_or(0);
-        let installed: bool = client
-            .query_one("SELECT to_regclass('pgfire.migrations') IS NOT NULL", &[])
-            .await
-            .map_err(|e| anyhow::anyhow!(db::describe(&e)))?
-            .get(0);
-        let version: Option<i32> = if installed {
-            client
-                .query_one("SELECT max(version) FROM pgfire.migrations", &[])
-                .await
-                .map_err(|e| anyhow::anyhow!(db::describe(&e)))?
-                .get(0)
-        } else {
-            None
+        // The proxy alone needs nothing installed; the consumer needs the schema and slot.
+        let installation = match cfg.consumer {
+            true => Some(installation(&client, cfg.slot.clone()).await?),
+            false => None,
         };
-        match version {
-            None => anyhow::bail!(
-                "pgfire is not installed in this database: run `pgfire install` first"
-            ),
-            Some(v) if v < known => {
-                anyhow::bail!("the database has pgfire schema version {v}, older than this pgfire ({known}): run `pgfire install` to upgrade")
-            }
-            _ => {}
-        }
-        let stored: Option<String> = client
-            .query_opt(
-                "SELECT value FROM pgfire.settings WHERE key = 'slot_name'",
-                &[],
-            )
-            .await
-            .map_err(|e| anyhow::anyhow!(db::describe(&e)))?
-            .map(|r| r.get(0));
-        let slot = cfg
-            .slot
-            .clone()
-            .or(stored)
-            .unwrap_or_else(|| install::DEFAULT_SLOT.to_string());
-        let catalog = Catalog::load(&client)
-            .await
-            .map_err(|e| anyhow::anyhow!(db::describe(&e)))?;
         drop(client);
 
         let shutdown = CancellationToken::new();
@@ -126,10 +87,11 @@ impl Service {
         let health = Arc::new(ConsumerHealth::default());
         let stats = Arc::new(DispatchStats::default());
         let mut tasks = Vec::new();
-        let (recorder, history) =
-            executions::start(cfg.database_url.clone(), history_shutdown.clone());
-
-        if cfg.consumer {
+        let mut history = None;
+        if let Some((slot, catalog)) = installation {
+            let (recorder, writer) =
+                executions::start(cfg.database_url.clone(), history_shutdown.clone());
+            history = Some(writer);
             let settled = health.settled_lsn.clone();
             let (tx, rx) = tokio::sync::mpsc::channel(16);
             let dispatcher = Dispatcher {
@@ -217,8 +179,60 @@ impl Service {
             }
         }
         self.history_shutdown.cancel();
-        let _ = tokio::time::timeout(Duration::from_secs(10), self.history).await;
+        if let Some(history) = self.history {
+            let _ = tokio::time::timeout(Duration::from_secs(10), history).await;
+        }
     }
+}
+
+/// Check that pgfire is installed and current; the slot to read and the configuration.
+async fn installation(
+    client: &tokio_postgres::Client,
+    slot: Option<String>,
+) -> anyhow::Result<(String, Catalog)> {
+    let known = install::MIGRATIONS
+        .iter()
+        .map(|m| m.version)
+        .max()
+        .unwrap_or(0);
+    let installed: bool = client
+        .query_one("SELECT to_regclass('pgfire.migrations') IS NOT NULL", &[])
+        .await
+        .map_err(|e| anyhow::anyhow!(db::describe(&e)))?
+        .get(0);
+    let version: Option<i32> = if installed {
+        client
+            .query_one("SELECT max(version) FROM pgfire.migrations", &[])
+            .await
+            .map_err(|e| anyhow::anyhow!(db::describe(&e)))?
+            .get(0)
+    } else {
+        None
+    };
+    match version {
+        None => {
+            anyhow::bail!("pgfire is not installed in this database: run `pgfire install` first")
+        }
+        Some(v) if v < known => {
+            anyhow::bail!("the database has pgfire schema version {v}, older than this pgfire ({known}): run `pgfire install` to upgrade")
+        }
+        _ => {}
+    }
+    let stored: Option<String> = client
+        .query_opt(
+            "SELECT value FROM pgfire.settings WHERE key = 'slot_name'",
+            &[],
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!(db::describe(&e)))?
+        .map(|r| r.get(0));
+    let slot = slot
+        .or(stored)
+        .unwrap_or_else(|| install::DEFAULT_SLOT.to_string());
+    let catalog = Catalog::load(&client)
+        .await
+        .map_err(|e| anyhow::anyhow!(db::describe(&e)))?;
+    Ok((slot, catalog))
 }
 
 /// Wait for Ctrl-C or SIGTERM.

@@ -223,6 +223,33 @@ async fn running_before_install_says_what_to_do() {
         Err(e) => e.to_string(),
     };
     assert!(err.contains("run `pgfire install` first"), "{err}");
+    // The proxy alone needs nothing installed.
+    let mut cfg = pgfire::service::ServiceConfig::new(db.url());
+    cfg.consumer = false;
+    cfg.proxy = Some(pgfire::proxy::ProxyArgs {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        no_proxy: false,
+        tls_cert: None,
+        tls_key: None,
+        max_client_connections: 10,
+        startup_timeout: 5,
+        shutdown_timeout: 5,
+    });
+    let service = pgfire::service::Service::start(cfg)
+        .await
+        .expect("proxy-only pgfire");
+    let url = format!(
+        "postgres://postgres@{}/{}",
+        service.proxy_addr.unwrap(),
+        db.name
+    );
+    let c = pgfire::db::connect(&url).await.unwrap();
+    assert_eq!(
+        c.query_one("SELECT 7", &[]).await.unwrap().get::<_, i32>(0),
+        7
+    );
+    drop(c);
+    service.stop().await;
     let out = Command::new(env!("CARGO_BIN_EXE_pgfire"))
         .args(["uninstall"])
         .env("DATABASE_URL", db.url())
