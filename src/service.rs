@@ -229,7 +229,7 @@ async fn installation(
     let slot = slot
         .or(stored)
         .unwrap_or_else(|| install::DEFAULT_SLOT.to_string());
-    let catalog = Catalog::load(&client)
+    let catalog = Catalog::load(client)
         .await
         .map_err(|e| anyhow::anyhow!(db::describe(&e)))?;
     Ok((slot, catalog))
