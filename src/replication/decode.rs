@@ -196,7 +196,7 @@ impl Decoder {
                 .parser
                 .parse_wal_message_bytes(raw)
                 .map_err(|e| DecodeError::Malformed(e.to_string()))?;
-            self.apply(msg.message, out)?;
+            self.apply(&msg.message, out)?;
         }
         self.replay = Some(replay);
         Ok(())
@@ -218,14 +218,14 @@ impl Decoder {
             match msg.message {
                 Msg::StreamStop => self.streaming = None,
                 Msg::Relation { .. } => {
-                    self.apply(msg.message, out)?;
+                    self.apply(&msg.message, out)?;
                     self.buffer(top, msg.xid.unwrap_or(top), raw);
                 }
                 _ => self.buffer(top, msg.xid.unwrap_or(top), raw),
             }
             return Ok(());
         }
-        self.apply(msg.message, out)
+        self.apply(&msg.message, out)
     }
 
     fn buffer(&mut self, top: u32, xid: u32, raw: Bytes) {
@@ -235,8 +235,9 @@ impl Decoder {
         t.messages.push((xid, raw));
     }
 
-    fn apply(&mut self, msg: Msg, out: &mut Vec<Item>) -> Result<(), DecodeError> {
-        match msg {
+    /// Apply one message (by reference: pgoutput messages are large, moving them costs).
+    fn apply(&mut self, msg: &Msg, out: &mut Vec<Item>) -> Result<(), DecodeError> {
+        match *msg {
             Msg::Begin {
                 final_lsn,
                 timestamp,
@@ -258,48 +259,59 @@ impl Decoder {
             }
             Msg::Relation {
                 relation_id,
-                namespace,
-                relation_name,
-                columns,
+                ref namespace,
+                ref relation_name,
+                ref columns,
                 ..
             } => {
                 let columns = columns
-                    .into_iter()
+                    .iter()
                     .map(|c| Column {
                         class: classify(c.type_id),
                         type_oid: c.type_id,
-                        name: c.name,
+                        name: c.name.clone(),
                     })
                     .collect();
                 self.relations.insert(
                     relation_id,
                     Arc::new(Relation {
                         oid: relation_id,
-                        schema: namespace,
-                        name: relation_name,
+                        schema: namespace.clone(),
+                        name: relation_name.clone(),
                         columns,
                     }),
                 );
             }
-            Msg::Insert { relation_id, tuple } => {
+            Msg::Insert {
+                relation_id,
+                ref tuple,
+            } => {
                 self.row(Op::Insert, relation_id, None, Some(tuple), out)?;
             }
             Msg::Update {
                 relation_id,
-                old_tuple,
-                new_tuple,
+                ref old_tuple,
+                ref new_tuple,
                 ..
             } => {
-                self.row(Op::Update, relation_id, old_tuple, Some(new_tuple), out)?;
+                self.row(
+                    Op::Update,
+                    relation_id,
+                    old_tuple.as_ref(),
+                    Some(new_tuple),
+                    out,
+                )?;
             }
             Msg::Delete {
                 relation_id,
-                old_tuple,
+                ref old_tuple,
                 ..
             } => {
                 self.row(Op::Delete, relation_id, Some(old_tuple), None, out)?;
             }
-            Msg::Truncate { relation_ids, .. } => {
+            Msg::Truncate {
+                ref relation_ids, ..
+            } => {
                 let relations = relation_ids
                     .iter()
                     .map(|oid| self.relation(*oid))
@@ -314,8 +326,8 @@ impl Decoder {
             Msg::Message {
                 flags,
                 lsn,
-                prefix,
-                content,
+                ref prefix,
+                ref content,
             } => {
                 let transactional = flags & 1 == 1;
                 let (commit, position) = match (transactional, self.txn.is_some()) {
@@ -326,8 +338,8 @@ impl Decoder {
                     _ => (None, 0),
                 };
                 out.push(Item::Message {
-                    prefix,
-                    content,
+                    prefix: prefix.clone(),
+                    content: content.clone(),
                     lsn: Lsn(lsn),
                     commit,
                     position,
@@ -430,19 +442,19 @@ impl Decoder {
         &mut self,
         op: Op,
         oid: u32,
-        old: Option<TupleData>,
-        new: Option<TupleData>,
+        old: Option<&TupleData>,
+        new: Option<&TupleData>,
         out: &mut Vec<Item>,
     ) -> Result<(), DecodeError> {
         let relation = self.relation(oid)?;
         let (commit, position) = self.next_position()?;
-        let raw_size = [&old, &new]
+        let raw_size = [old, new]
             .iter()
-            .filter_map(|t| t.as_ref())
+            .flatten()
             .map(|t| t.columns.iter().map(|c| c.as_bytes().len()).sum::<usize>())
             .sum();
-        let old = old.map(|t| cells(&relation, &t));
-        let new = new.map(|t| cells(&relation, &t));
+        let old = old.map(|t| cells(&relation, t));
+        let new = new.map(|t| cells(&relation, t));
         out.push(Item::Row(RowChange {
             op,
             relation,
