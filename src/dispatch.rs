@@ -36,6 +36,8 @@ pub struct Dispatcher {
     pub database_url: String,
     pub kinds: Kinds,
     pub recorder: Recorder,
+    /// Runs not yet handed to the history writer (sent once per batch of items).
+    pub pending: Vec<Execution>,
     /// The last settled checkpoint: the slot may confirm up to here.
     pub settled: Arc<AtomicU64>,
     pub stats: Arc<DispatchStats>,
@@ -45,18 +47,26 @@ impl Dispatcher {
     /// Run until the channel closes or `shutdown` is cancelled (then the current event is left
     /// unsettled, to be delivered again after a restart).
     pub async fn run(mut self, mut rx: mpsc::Receiver<Vec<Item>>, shutdown: CancellationToken) {
-        loop {
+        'batches: loop {
             let batch = tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => return,
-                b = rx.recv() => match b { Some(b) => b, None => return },
+                _ = shutdown.cancelled() => break,
+                b = rx.recv() => match b { Some(b) => b, None => break },
             };
             for item in batch {
                 if !self.handle(item, &shutdown).await {
-                    return;
+                    break 'batches;
                 }
             }
+            self.flush_history().await;
         }
+        self.flush_history().await;
+    }
+
+    /// Hand the runs recorded so far to the history writer.
+    async fn flush_history(&mut self) {
+        let batch = std::mem::take(&mut self.pending);
+        self.recorder.record(batch).await;
     }
 
     /// Handle one item; false when shutdown interrupted it.
@@ -116,7 +126,7 @@ impl Dispatcher {
     /// Run every subscription for `event`; `approx_size` (the row's raw size) spares building the
     /// envelope just to check the payload limit when the event is clearly small.
     async fn deliver(
-        &self,
+        &mut self,
         event: &Event,
         approx_size: usize,
         subs: &[Subscription],
@@ -124,7 +134,8 @@ impl Dispatcher {
     ) -> bool {
         self.stats.events.fetch_add(1, Ordering::Relaxed);
         let delivery = Delivery::new(event);
-        let settings = &self.catalog.settings;
+        let catalog = self.catalog.clone();
+        let settings = &catalog.settings;
         // JSON escaping at most sextuples a value; names and punctuation are in approx_size.
         let too_big = if approx_size * 6 + 4096 < settings.payload_limit {
             None
@@ -159,21 +170,21 @@ impl Dispatcher {
                         (if last { "dead" } else { e.status() }, Some(e.to_string()))
                     }
                 };
-                self.recorder
-                    .record(Execution {
-                        event_id: event.id,
-                        event_type: event.event_type.clone(),
-                        function_name: def.name.clone(),
-                        attempt,
-                        status,
-                        started_at,
-                        duration,
-                        error,
-                    })
-                    .await;
+                self.pending.push(Execution {
+                    event_id: event.id,
+                    event_type: event.event_type.clone(),
+                    function_name: def.name.clone(),
+                    attempt,
+                    status,
+                    started_at,
+                    duration,
+                    error,
+                });
                 if result.is_ok() || last {
                     break;
                 }
+                // A failing function's attempts show in the history while it waits.
+                self.flush_history().await;
                 let delay = backoff(settings.retry_base, settings.retry_max, attempt);
                 tokio::select! {
                     _ = shutdown.cancelled() => return false,

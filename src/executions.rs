@@ -26,18 +26,22 @@ pub struct Execution {
     pub error: Option<String>,
 }
 
-/// Where dispatch sends executions; cloning is cheap.
+/// Where dispatch sends executions, a batch at a time (one wake-up of the writer per batch,
+/// not per run); cloning is cheap.
 #[derive(Clone)]
 pub struct Recorder {
-    tx: mpsc::Sender<Execution>,
+    tx: mpsc::Sender<Vec<Execution>>,
 }
 
 impl Recorder {
-    /// Queue a record. Waits only when the writer is far behind (the queue holds 256k records,
-    /// about 40 MB).
-    pub async fn record(&self, e: Execution) {
-        if self.tx.send(e).await.is_err() {
-            tracing::warn!("execution history writer stopped; a record was not kept");
+    /// Queue a batch of records. Waits only when the writer is far behind (the queue holds 256
+    /// batches, about 25 MB at dispatch's batch size).
+    pub async fn record(&self, batch: Vec<Execution>) {
+        if batch.is_empty() {
+            return;
+        }
+        if self.tx.send(batch).await.is_err() {
+            tracing::warn!("execution history writer stopped; records were not kept");
         }
     }
 }
@@ -47,30 +51,36 @@ pub fn start(
     database_url: String,
     shutdown: CancellationToken,
 ) -> (Recorder, tokio::task::JoinHandle<()>) {
-    let (tx, rx) = mpsc::channel(262_144);
+    let (tx, rx) = mpsc::channel(256);
     let task = tokio::spawn(writer(database_url, rx, shutdown));
     (Recorder { tx }, task)
 }
 
-async fn writer(url: String, mut rx: mpsc::Receiver<Execution>, shutdown: CancellationToken) {
-    let mut batch: Vec<Execution> = Vec::with_capacity(4096);
+/// Rows per COPY at most.
+const COPY_ROWS: usize = 8192;
+
+async fn writer(url: String, mut rx: mpsc::Receiver<Vec<Execution>>, shutdown: CancellationToken) {
+    let mut batch: Vec<Execution> = Vec::with_capacity(COPY_ROWS);
     let mut client: Option<tokio_postgres::Client> = None;
     loop {
         let open = tokio::select! {
             biased;
-            n = rx.recv_many(&mut batch, 8192) => n > 0,
+            b = rx.recv() => match b {
+                Some(b) => { batch.extend(b); true }
+                None => false,
+            },
             _ = shutdown.cancelled() => {
-                while let Ok(e) = rx.try_recv() { batch.push(e); }
+                while let Ok(b) = rx.try_recv() { batch.extend(b); }
                 false
             }
         };
         // Gather a little more so a busy stream makes few, large COPYs.
         if open && batch.len() < 512 {
             let _ = tokio::time::timeout(Duration::from_millis(50), async {
-                while batch.len() < 8192 {
-                    let room = 8192 - batch.len();
-                    if rx.recv_many(&mut batch, room).await == 0 {
-                        break;
+                while batch.len() < COPY_ROWS {
+                    match rx.recv().await {
+                        Some(b) => batch.extend(b),
+                        None => break,
                     }
                 }
             })

@@ -99,6 +99,7 @@ impl Service {
                 database_url: cfg.database_url.clone(),
                 kinds: Kinds::new(&cfg.database_url)?,
                 recorder,
+                pending: Vec::new(),
                 settled: settled.clone(),
                 stats: stats.clone(),
             };
