@@ -74,7 +74,14 @@ async fn writer(url: String, mut rx: mpsc::Receiver<Vec<Execution>>, shutdown: C
                 false
             }
         };
-        // Gather a little more so a busy stream makes few, large COPYs.
+        // Take what is already queued, and gather a little more when there was little, so a busy
+        // stream makes few, large COPYs.
+        while batch.len() < COPY_ROWS {
+            match rx.try_recv() {
+                Ok(b) => batch.extend(b),
+                Err(_) => break,
+            }
+        }
         if open && batch.len() < 512 {
             let _ = tokio::time::timeout(Duration::from_millis(50), async {
                 while batch.len() < COPY_ROWS {
