@@ -2,14 +2,18 @@
 //! PgBouncer (session pooling), interleaved round by round in one run.
 //!
 //! `cargo bench --bench proxy` (env: PGFIRE_BENCH_SECONDS per pgbench run, default 5;
-//! PGFIRE_BENCH_ROUNDS, default 2). Needs pgbench and PgBouncer (`apt-get install pgbouncer`).
+//! PGFIRE_BENCH_ROUNDS, default 2; PGFIRE_BENCH_WORKLOADS, PGFIRE_BENCH_MODES and
+//! PGFIRE_BENCH_CLIENTS, comma-separated subsets of `select-only,tpcb-like`, `simple,extended`
+//! and `8,50`; PGFIRE_BENCH_UPSTREAM=unix to have both proxies reach PostgreSQL over its Unix
+//! socket instead of TCP). pgfire is the real `pgfire run --no-consumer` binary. Needs pgbench and
+//! PgBouncer (`apt-get install pgbouncer`).
 
 use std::collections::BTreeMap;
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use pgfire::embedded::{free_port, running_as_root, Cluster, ClusterOptions};
-use pgfire::proxy::{ProxyConfig, Upstream};
 
 const TARGETS: [&str; 3] = ["direct", "pgfire", "pgbouncer"];
 
@@ -48,29 +52,81 @@ fn main() -> anyhow::Result<()> {
         String::from_utf8_lossy(&init.stderr)
     );
 
-    // pgfire's proxy, in this process on its own runtime.
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let list = |var: &str, all: &[&'static str]| -> Vec<&'static str> {
+        match std::env::var(var) {
+            Ok(v) if !v.trim().is_empty() => all
+                .iter()
+                .copied()
+                .filter(|a| v.split(',').any(|w| w.trim() == *a))
+                .collect(),
+            _ => all.to_vec(),
+        }
+    };
+    let workloads = list("PGFIRE_BENCH_WORKLOADS", &["select-only", "tpcb-like"]);
+    let modes = list("PGFIRE_BENCH_MODES", &["simple", "extended"]);
+    let clients_list: Vec<u32> = list("PGFIRE_BENCH_CLIENTS", &["8", "50"])
+        .iter()
+        .map(|c| c.parse().unwrap_or(8))
+        .collect();
+    let unix = std::env::var("PGFIRE_BENCH_UPSTREAM").is_ok_and(|v| v == "unix");
+    // Where both proxies find PostgreSQL.
+    let upstream_host = if unix {
+        cluster.socket_dir.display().to_string()
+    } else {
+        "127.0.0.1".to_string()
+    };
+
+    // pgfire's proxy: the real binary, as users run it.
     let proxy_port = free_port()?;
-    let listener = rt.block_on(tokio::net::TcpListener::bind(("127.0.0.1", proxy_port)))?;
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let config = ProxyConfig::new(Upstream::Tcp("127.0.0.1".into(), cluster.port));
-    rt.spawn(pgfire::proxy::serve(config, listener, shutdown.clone()));
+    let admin_port = free_port()?;
+    let upstream_url = format!(
+        "postgres://postgres@{}:{}/bench",
+        if unix {
+            format!(
+                "%2F{}",
+                upstream_host.trim_start_matches('/').replace('/', "%2F")
+            )
+        } else {
+            upstream_host.clone()
+        },
+        cluster.port
+    );
+    let pgfire = Command::new(env!("CARGO_BIN_EXE_pgfire"))
+        .args([
+            "run",
+            "--no-consumer",
+            "--listen",
+            &format!("127.0.0.1:{proxy_port}"),
+            "--admin-listen",
+            &format!("127.0.0.1:{admin_port}"),
+        ])
+        .env("DATABASE_URL", &upstream_url)
+        .env("PGFIRE_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .map(Killed)?;
+    wait_listening(proxy_port, "pgfire")?;
 
     let bouncer_port = free_port()?;
-    let mut bouncer = start_pgbouncer(pgbouncer_bin, dir.path(), cluster.port, bouncer_port)?;
+    let bouncer = start_pgbouncer(
+        pgbouncer_bin,
+        dir.path(),
+        &upstream_host,
+        cluster.port,
+        bouncer_port,
+    )?;
 
     let ports = [cluster.port, proxy_port, bouncer_port];
     println!(
-        "pgfire proxy benchmark: pgbench -T {secs} -j 2, {rounds} rounds, scale 10, PostgreSQL {}",
-        cluster.bin_dir.display()
+        "pgfire proxy benchmark: pgbench -T {secs} -j 2, {rounds} rounds, scale 10, PostgreSQL {}, proxies reach it over {}",
+        cluster.bin_dir.display(),
+        if unix { "its Unix socket" } else { "TCP" }
     );
     let mut tps: BTreeMap<(String, String, u32, usize), Vec<f64>> = BTreeMap::new();
     for round in 0..rounds {
-        for workload in ["select-only", "tpcb-like"] {
-            for mode in ["simple", "extended"] {
-                for clients in [8u32, 50] {
+        for &workload in &workloads {
+            for &mode in &modes {
+                for &clients in &clients_list {
                     // Rotate who goes first each round.
                     for k in 0..3 {
                         let t = (k + round) % 3;
@@ -87,9 +143,9 @@ fn main() -> anyhow::Result<()> {
 
     println!("\n| workload | protocol | clients | direct tps | pgfire tps | PgBouncer tps | pgfire / direct | pgfire / PgBouncer |");
     println!("|---|---|---:|---:|---:|---:|---:|---:|");
-    for workload in ["select-only", "tpcb-like"] {
-        for mode in ["simple", "extended"] {
-            for clients in [8u32, 50] {
+    for &workload in &workloads {
+        for &mode in &modes {
+            for &clients in &clients_list {
                 let m = |t: usize| {
                     median(
                         tps.get(&(workload.to_string(), mode.to_string(), clients, t))
@@ -107,9 +163,8 @@ fn main() -> anyhow::Result<()> {
         pgbouncer_version(pgbouncer_bin)
     );
 
-    shutdown.cancel();
-    let _ = bouncer.kill();
-    let _ = bouncer.wait();
+    drop(pgfire);
+    drop(bouncer);
     cluster.stop();
     Ok(())
 }
@@ -164,9 +219,10 @@ fn run_pgbench(
 fn start_pgbouncer(
     bin: &str,
     dir: &std::path::Path,
+    pg_host: &str,
     pg_port: u16,
     port: u16,
-) -> anyhow::Result<Child> {
+) -> anyhow::Result<Killed> {
     let dir = dir.join("pgbouncer");
     std::fs::create_dir_all(&dir)?;
     std::fs::write(dir.join("userlist.txt"), "\"postgres\" \"\"\n")?;
@@ -174,40 +230,57 @@ fn start_pgbouncer(
     std::fs::write(
         &ini,
         format!(
-            "[databases]\n* = host=127.0.0.1 port={pg_port}\n\n[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\n\
+            "[databases]\n* = host={pg_host} port={pg_port}\n\n[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\n\
              unix_socket_dir =\nauth_type = trust\nauth_file = {users}\npool_mode = session\nmax_client_conn = 500\n\
              default_pool_size = 100\nlogfile = {log}\nignore_startup_parameters = extra_float_digits\n",
             users = dir.join("userlist.txt").display(),
             log = dir.join("pgbouncer.log").display(),
         ),
     )?;
-    let mut cmd = if running_as_root() {
+    let mut cmd = Command::new(bin);
+    if running_as_root() {
+        // PgBouncer refuses root; run it as `postgres` directly (not under runuser, so that
+        // killing the child kills PgBouncer itself).
+        let id = |flag: &str| -> anyhow::Result<u32> {
+            let out = Command::new("id").args([flag, "postgres"]).output()?;
+            Ok(String::from_utf8_lossy(&out.stdout).trim().parse()?)
+        };
         Command::new("chown")
             .arg("-R")
             .arg("postgres:")
             .arg(&dir)
             .status()?;
-        let mut c = Command::new("runuser");
-        c.args(["-u", "postgres", "--", bin]);
-        c
-    } else {
-        Command::new(bin)
-    };
-    let child = cmd
-        .arg(&ini)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
-    for _ in 0..100 {
+        cmd.uid(id("-u")?).gid(id("-g")?);
+    }
+    let child = Killed(
+        cmd.arg(&ini)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?,
+    );
+    wait_listening(port, "PgBouncer")
+        .map_err(|e| anyhow::anyhow!("{e}; see {}", dir.join("pgbouncer.log").display()))?;
+    Ok(child)
+}
+
+/// A child process killed when dropped, on every path out of the benchmark.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_listening(port: u16, what: &str) -> anyhow::Result<()> {
+    for _ in 0..200 {
         if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return Ok(child);
+            return Ok(());
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    anyhow::bail!(
-        "PgBouncer did not start; see {}",
-        dir.join("pgbouncer.log").display()
-    )
+    anyhow::bail!("{what} did not start listening on port {port}")
 }
 
 fn pgbouncer_version(bin: &str) -> String {
