@@ -357,19 +357,77 @@ async fn relay_halves(
     let status = AtomicU8::new(0);
     // The client sent something the server has not answered with ReadyForQuery yet.
     let busy = AtomicBool::new(true);
+    let mut down = Downstream::default();
     let outcome = tokio::select! {
         r = client_to_server(&mut cr, &mut uw, pending, hook, &busy) => r,
-        r = server_to_client(&mut ur, &mut cw, &status, &busy, drain, config) => r,
+        r = server_to_client(&mut ur, &mut cw, &mut down, &status, &busy, drain, config) => r,
     };
     if let Err(f) = outcome {
-        let mut b = BytesMut::new();
-        wire::error_response(&mut b, "FATAL", f.code, &f.message);
-        let _ = cw.write_all(&b).await;
+        // The client may be in the middle of a server frame: finish it first, so that the FATAL
+        // arrives as a frame of its own; a client that cannot be given a whole frame in time is
+        // just disconnected.
+        let whole = tokio::time::timeout(FINISH_FRAME_TIMEOUT, down.finish_frame(&mut ur, &mut cw))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        if whole {
+            let mut b = BytesMut::new();
+            wire::error_response(&mut b, "FATAL", f.code, &f.message);
+            let _ = cw.write_all(&b).await;
+        }
         // Tell the server we are gone, politely.
         let _ = uw.write_all(&[b'X', 0, 0, 0, 4]).await;
     }
     let _ = cw.shutdown().await;
     let _ = uw.shutdown().await;
+}
+
+/// How long a session that ends with an error waits for the rest of a server frame the client
+/// has begun to receive.
+const FINISH_FRAME_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The server-to-client direction's state, kept outside its future so that, when the session
+/// ends, the proxy knows whether the client stands at a frame boundary.
+#[derive(Default)]
+struct Downstream {
+    buf: BytesMut,
+    scanner: Scanner,
+    /// Bytes at the start of `buf` already scanned and still to be written to the client.
+    ready: usize,
+}
+
+impl Downstream {
+    /// Write the scanned bytes; cancel-safe (progress is recorded after every write).
+    async fn write_ready(&mut self, cw: &mut (impl AsyncWrite + Unpin)) -> std::io::Result<()> {
+        while self.ready > 0 {
+            let n = cw.write(&self.buf[..self.ready]).await?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            self.buf.advance(n);
+            self.ready -= n;
+        }
+        Ok(())
+    }
+
+    /// Forward the rest of the frame the client is in the middle of, and nothing after it.
+    async fn finish_frame(
+        &mut self,
+        ur: &mut (impl AsyncRead + Unpin),
+        cw: &mut (impl AsyncWrite + Unpin),
+    ) -> std::io::Result<()> {
+        loop {
+            self.write_ready(cw).await?;
+            if self.scanner.remaining == 0 {
+                return Ok(());
+            }
+            if self.buf.is_empty() && ur.read_buf(&mut self.buf).await? == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            let n = self.scanner.remaining.min(self.buf.len());
+            self.scanner.remaining -= n;
+            self.ready = n;
+        }
+    }
 }
 
 async fn client_to_server(
@@ -418,21 +476,21 @@ async fn client_to_server(
 async fn server_to_client(
     ur: &mut (impl AsyncRead + Unpin),
     cw: &mut (impl AsyncWrite + Unpin),
+    down: &mut Downstream,
     status: &AtomicU8,
     busy: &AtomicBool,
     drain: &CancellationToken,
     config: &ProxyConfig,
 ) -> Result<(), Fatal> {
-    let mut buf = BytesMut::with_capacity(READ_CHUNK);
-    let mut scanner = Scanner::default();
+    down.buf.reserve(READ_CHUNK);
     let mut deadline: Option<tokio::time::Instant> = None;
     let shutdown_error = || Fatal {
         code: wire::ADMIN_SHUTDOWN,
         message: "terminating connection due to administrator command".into(),
     };
     loop {
-        let n = scanner.scan(
-            &buf,
+        let n = down.scanner.scan(
+            &down.buf[down.ready..],
             |_| Ok(()),
             |t| matches!(t, b'Z' | b'E'),
             |frame| {
@@ -443,22 +501,20 @@ async fn server_to_client(
                 Ok(())
             },
         )?;
-        if n > 0 {
-            cw.write_all(&buf[..n]).await.map_err(io_fatal)?;
-            buf.advance(n);
-        }
+        down.ready += n;
+        down.write_ready(cw).await.map_err(io_fatal)?;
         if deadline.is_some()
             && status.load(Ordering::SeqCst) == b'I'
             && !busy.load(Ordering::SeqCst)
-            && buf.is_empty()
+            && down.buf.is_empty()
         {
             return Err(shutdown_error());
         }
-        if buf.capacity() - buf.len() < READ_CHUNK / 4 {
-            buf.reserve(READ_CHUNK);
+        if down.buf.capacity() - down.buf.len() < READ_CHUNK / 4 {
+            down.buf.reserve(READ_CHUNK);
         }
         tokio::select! {
-            r = ur.read_buf(&mut buf) => {
+            r = ur.read_buf(&mut down.buf) => {
                 if r.map_err(io_fatal)? == 0 {
                     return Ok(()); // the server closed (it sent its own FATAL, if any)
                 }

@@ -375,6 +375,76 @@ async fn hostile_bytes_get_a_protocol_violation_and_a_closed_connection() {
     );
 }
 
+/// Reads one whole backend frame (tag, body), or `None` at the end of the stream.
+async fn read_frame(s: &mut tokio::net::TcpStream) -> Option<(u8, Vec<u8>)> {
+    use tokio::io::AsyncReadExt;
+    let mut head = [0u8; 5];
+    s.read_exact(&mut head).await.ok()?;
+    let len = i32::from_be_bytes([head[1], head[2], head[3], head[4]]);
+    assert!(
+        len >= 4,
+        "malformed frame length {len} (tag {:?})",
+        head[0] as char
+    );
+    let mut body = vec![0u8; len as usize - 4];
+    s.read_exact(&mut body)
+        .await
+        .unwrap_or_else(|e| panic!("truncated {:?} frame: {e}", head[0] as char));
+    Some((head[0], body))
+}
+
+#[tokio::test]
+async fn a_protocol_violation_mid_result_arrives_after_the_frame_in_flight() {
+    use tokio::io::AsyncWriteExt;
+    let db = TestDb::new();
+    let proxy = Proxy::start().await;
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let mut out = bytes::BytesMut::new();
+    postgres_protocol::message::frontend::startup_message(
+        [("user", "postgres"), ("database", db.name.as_str())],
+        &mut out,
+    )
+    .unwrap();
+    s.write_all(&out).await.unwrap();
+    while let Some((tag, _)) = read_frame(&mut s).await {
+        if tag == b'Z' {
+            break;
+        }
+    }
+    // A 16 MB value: the client is inside its DataRow when the garbage arrives.
+    let mut q = bytes::BytesMut::new();
+    postgres_protocol::message::frontend::query("SELECT repeat('x', 16000000)", &mut q).unwrap();
+    s.write_all(&q).await.unwrap();
+    let (tag, _) = read_frame(&mut s).await.unwrap();
+    assert_eq!(tag, b'T');
+    let mut head = [0u8; 5];
+    tokio::io::AsyncReadExt::read_exact(&mut s, &mut head)
+        .await
+        .unwrap();
+    assert_eq!(head[0], b'D');
+    let row_len = i32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize - 4;
+    s.write_all(&[b'z', 0, 0, 0, 4]).await.unwrap();
+    // The rest of the row arrives whole, then the FATAL as a frame of its own.
+    let mut rest = vec![0u8; row_len];
+    tokio::io::AsyncReadExt::read_exact(&mut s, &mut rest)
+        .await
+        .expect("the row in flight is finished");
+    assert!(rest.ends_with(b"xxxx"));
+    let mut frames = Vec::new();
+    while let Some(f) = read_frame(&mut s).await {
+        frames.push(f);
+    }
+    let (tag, body) = frames.last().expect("an error after the row");
+    assert_eq!(*tag, b'E', "{frames:?}");
+    let text = String::from_utf8_lossy(body);
+    assert!(text.contains("C08P01"), "{text}");
+    assert!(
+        frames.iter().all(|(t, _)| *t == b'E'),
+        "nothing of the server's follows the FATAL's frame boundary but errors: {:?}",
+        frames.iter().map(|(t, _)| *t as char).collect::<Vec<_>>()
+    );
+}
+
 #[tokio::test]
 async fn limits_startup_timeout_and_graceful_shutdown() {
     use tokio::io::AsyncReadExt;
