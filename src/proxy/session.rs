@@ -328,8 +328,13 @@ async fn relay(
     drain: &CancellationToken,
 ) {
     match (client, upstream) {
-        // The common case: borrowed halves of two TCP sockets, no locking.
+        // The common cases: borrowed halves of plain sockets, no locking.
         (Conn::Tcp(mut c), Conn::Tcp(mut u)) => {
+            let (cr, cw) = c.split();
+            let (ur, uw) = u.split();
+            relay_halves(cr, cw, ur, uw, pending, config, hook, drain).await
+        }
+        (Conn::Tcp(mut c), Conn::Unix(mut u)) => {
             let (cr, cw) = c.split();
             let (ur, uw) = u.split();
             relay_halves(cr, cw, ur, uw, pending, config, hook, drain).await

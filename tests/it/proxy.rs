@@ -816,3 +816,109 @@ async fn the_hook_sees_every_query_parse_and_bind() {
     );
     shutdown.cancel();
 }
+
+#[tokio::test]
+async fn the_database_can_be_reached_over_its_unix_socket() {
+    let db = TestDb::new();
+    db.psql("CREATE TABLE t (id int PRIMARY KEY, v text)");
+    // The upstream as `pgfire run` derives it from a socket-directory DATABASE_URL.
+    let dir = cluster()
+        .socket_dir
+        .display()
+        .to_string()
+        .replace('/', "%2F");
+    let database_url = format!("postgres://postgres@{dir}:{}/{}", cluster().port, db.name);
+    let args = pgfire::proxy::ProxyArgs {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        no_proxy: false,
+        tls_cert: None,
+        tls_key: None,
+        max_client_connections: 10,
+        startup_timeout: 10,
+        shutdown_timeout: 5,
+    };
+    let upstream = ProxyConfig::from_args(&args, &database_url)
+        .unwrap()
+        .upstream;
+    let Upstream::Unix(path) = &upstream else {
+        panic!("expected a Unix socket upstream, got {upstream:?}");
+    };
+    assert_eq!(
+        path,
+        &cluster()
+            .socket_dir
+            .join(format!(".s.PGSQL.{}", cluster().port))
+    );
+    let proxy = Proxy::with(|c| c.upstream = upstream.clone()).await;
+    let client = connect(&proxy.url(&db)).await;
+    // Pipelined statements, COPY both ways, a large result and an error.
+    let stmt = client
+        .prepare("INSERT INTO t VALUES ($1, $2)")
+        .await
+        .unwrap();
+    let values: Vec<(i32, String)> = (0..100).map(|i| (i, format!("v{i}"))).collect();
+    let inserts: Vec<_> = values
+        .iter()
+        .map(|(i, v)| {
+            let (client, stmt) = (&client, &stmt);
+            async move { client.execute(stmt, &[i, v]).await }
+        })
+        .collect();
+    for r in futures_util::future::join_all(inserts).await {
+        assert_eq!(r.unwrap(), 1);
+    }
+    let sink = client.copy_in("COPY t FROM STDIN").await.unwrap();
+    futures_util::pin_mut!(sink);
+    sink.send(bytes::Bytes::from_static(b"1000\tcopied\n"))
+        .await
+        .unwrap();
+    assert_eq!(sink.finish().await.unwrap(), 1);
+    let out = client
+        .copy_out("COPY (SELECT count(*) FROM t) TO STDOUT")
+        .await
+        .unwrap();
+    let chunks: Vec<_> = out.collect().await;
+    assert_eq!(chunks.concat_bytes(), b"101\n");
+    let n: i64 = client
+        .query_one(
+            "SELECT count(*) FROM (SELECT repeat('x', 100) FROM generate_series(1, 200000)) s",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 200_000);
+    let rows = client
+        .query(
+            "SELECT repeat('y', 100) FROM generate_series(1, 100000)",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 100_000);
+    let err = client
+        .execute("INSERT INTO t VALUES (1, 'dup')", &[])
+        .await
+        .unwrap_err();
+    assert_eq!(err.code().unwrap().code(), "23505");
+    assert_eq!(
+        client
+            .query_one("SELECT 1", &[])
+            .await
+            .unwrap()
+            .get::<_, i32>(0),
+        1
+    );
+}
+
+trait ConcatBytes {
+    fn concat_bytes(&self) -> Vec<u8>;
+}
+
+impl ConcatBytes for Vec<Result<bytes::Bytes, tokio_postgres::Error>> {
+    fn concat_bytes(&self) -> Vec<u8> {
+        self.iter()
+            .flat_map(|c| c.as_ref().unwrap().to_vec())
+            .collect()
+    }
+}
