@@ -709,6 +709,25 @@ async fn tls_is_terminated_with_a_certificate_and_declined_without() {
         &[("PGSSLMODE", "verify-ca"), ("PGSSLROOTCERT", &ca)],
     );
     assert!(ok, "{err}");
+    // SCRAM over the terminated TLS: the server (reached in plain) offers no channel binding,
+    // so a client that prefers it authenticates without, and one that requires it is refused
+    // before sending its password proof, never bound to the wrong certificate.
+    let scram_url = format!(
+        "postgres://{}:{}@{}/{}",
+        SCRAM_USER.0, SCRAM_USER.1, proxy.addr, db.name
+    );
+    let (ok, out, err) = psql(
+        &scram_url,
+        &["-c", "SELECT current_user"],
+        &[("PGSSLMODE", "require"), ("PGCHANNELBINDING", "prefer")],
+    );
+    assert!(ok && out.contains(SCRAM_USER.0), "{err}");
+    let (ok, _, err) = psql(
+        &scram_url,
+        &["-c", "SELECT 1"],
+        &[("PGSSLMODE", "require"), ("PGCHANNELBINDING", "require")],
+    );
+    assert!(!ok && err.contains("channel binding"), "{err}");
 
     let plain = Proxy::start().await;
     let (ok, _, err) = psql(
