@@ -122,7 +122,12 @@ fn main() -> anyhow::Result<()> {
         cluster.bin_dir.display(),
         if unix { "its Unix socket" } else { "TCP" }
     );
+    // Each proxy's own CPU time per transaction, from /proc: a steadier measure of its cost than
+    // throughput on a shared machine.
+    let pids = [None, Some(pgfire.0.id()), Some(bouncer.0.id())];
+    let tick_us = 1e6 / clock_ticks_per_second();
     let mut tps: BTreeMap<(String, String, u32, usize), Vec<f64>> = BTreeMap::new();
+    let mut cpu: BTreeMap<(String, String, u32, usize), Vec<f64>> = BTreeMap::new();
     for round in 0..rounds {
         for &workload in &workloads {
             for &mode in &modes {
@@ -130,19 +135,29 @@ fn main() -> anyhow::Result<()> {
                     // Rotate who goes first each round.
                     for k in 0..3 {
                         let t = (k + round) % 3;
-                        let v = run_pgbench(&pgbench, ports[t], workload, mode, clients, secs)?;
-                        println!("  round {round}: {workload:<11} {mode:<8} -c {clients:<2} {:<9} {v:>9.0} tps", TARGETS[t]);
-                        tps.entry((workload.to_string(), mode.to_string(), clients, t))
-                            .or_default()
-                            .push(v);
+                        let before = pids[t].and_then(cpu_ticks);
+                        let (v, txns) =
+                            run_pgbench(&pgbench, ports[t], workload, mode, clients, secs)?;
+                        let used = before
+                            .zip(pids[t].and_then(cpu_ticks))
+                            .map(|(a, b)| (b - a) as f64 * tick_us / txns.max(1) as f64);
+                        let key = (workload.to_string(), mode.to_string(), clients, t);
+                        match used {
+                            Some(us) => {
+                                println!("  round {round}: {workload:<11} {mode:<8} -c {clients:<2} {:<9} {v:>9.0} tps {us:>6.1} µs CPU/txn", TARGETS[t]);
+                                cpu.entry(key.clone()).or_default().push(us);
+                            }
+                            None => println!("  round {round}: {workload:<11} {mode:<8} -c {clients:<2} {:<9} {v:>9.0} tps", TARGETS[t]),
+                        }
+                        tps.entry(key).or_default().push(v);
                     }
                 }
             }
         }
     }
 
-    println!("\n| workload | protocol | clients | direct tps | pgfire tps | PgBouncer tps | pgfire / direct | pgfire / PgBouncer |");
-    println!("|---|---|---:|---:|---:|---:|---:|---:|");
+    println!("\n| workload | protocol | clients | direct tps | pgfire tps | PgBouncer tps | pgfire / direct | pgfire / PgBouncer | CPU µs/txn pgfire | CPU µs/txn PgBouncer |");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for &workload in &workloads {
         for &mode in &modes {
             for &clients in &clients_list {
@@ -154,7 +169,20 @@ fn main() -> anyhow::Result<()> {
                     )
                 };
                 let (d, p, b) = (m(0), m(1), m(2));
-                println!("| {workload} | {mode} | {clients} | {d:.0} | {p:.0} | {b:.0} | {:.2}x | {:.2}x |", p / d, p / b);
+                let c = |t: usize| {
+                    median(
+                        cpu.get(&(workload.to_string(), mode.to_string(), clients, t))
+                            .cloned()
+                            .unwrap_or_default(),
+                    )
+                };
+                println!(
+                    "| {workload} | {mode} | {clients} | {d:.0} | {p:.0} | {b:.0} | {:.2}x | {:.2}x | {:.1} | {:.1} |",
+                    p / d,
+                    p / b,
+                    c(1),
+                    c(2)
+                );
             }
         }
     }
@@ -185,7 +213,7 @@ fn run_pgbench(
     mode: &str,
     clients: u32,
     secs: u64,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<(f64, u64)> {
     let mut cmd = Command::new(pgbench);
     cmd.args([
         "-n",
@@ -209,11 +237,39 @@ fn run_pgbench(
         "pgbench on port {port}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    text.lines()
+    let tps = text
+        .lines()
         .find_map(|l| l.strip_prefix("tps = "))
         .and_then(|l| l.split_whitespace().next())
         .and_then(|v| v.parse().ok())
-        .ok_or_else(|| anyhow::anyhow!("no tps in pgbench output: {text}"))
+        .ok_or_else(|| anyhow::anyhow!("no tps in pgbench output: {text}"))?;
+    let txns = text
+        .lines()
+        .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
+        .and_then(|l| l.split(['/', ' ']).next())
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no transaction count in pgbench output: {text}"))?;
+    Ok((tps, txns))
+}
+
+/// User plus system CPU time of a process so far, in clock ticks (/proc/PID/stat).
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses: utime and stime are the 12th and
+    // 13th of them.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let mut f = rest.split_whitespace().skip(11);
+    Some(f.next()?.parse::<u64>().ok()? + f.next()?.parse::<u64>().ok()?)
+}
+
+fn clock_ticks_per_second() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
 }
 
 fn start_pgbouncer(
