@@ -85,9 +85,8 @@ impl Dispatcher {
                 if subs.is_empty() {
                     return true;
                 }
-                let approx_size = change.approx_size();
                 let event = row_events::row_event(change, source, event_type, &catalog.database);
-                self.deliver(&event, approx_size, subs, shutdown).await
+                self.deliver(&event, subs, shutdown).await
             }
             Item::Message { prefix, .. } if prefix == CONFIG_MESSAGE_PREFIX => {
                 self.reload(shutdown).await;
@@ -123,12 +122,10 @@ impl Dispatcher {
         }
     }
 
-    /// Run every subscription for `event`; `approx_size` (the row's raw size) spares building the
-    /// envelope just to check the payload limit when the event is clearly small.
+    /// Run every subscription for `event`.
     async fn deliver(
         &mut self,
         event: &Event,
-        approx_size: usize,
         subs: &[Subscription],
         shutdown: &CancellationToken,
     ) -> bool {
@@ -136,8 +133,9 @@ impl Dispatcher {
         let delivery = Delivery::new(event);
         let catalog = self.catalog.clone();
         let settings = &catalog.settings;
-        // JSON escaping at most sextuples a value; names and punctuation are in approx_size.
-        let too_big = if approx_size * 6 + 4096 < settings.payload_limit {
+        // The envelope is event_data and less than 4 kB around it (names are at most 63 bytes):
+        // build it to check the limit only when it may be too big.
+        let too_big = if event.data.json().len() + 4096 < settings.payload_limit {
             None
         } else {
             let size = delivery.envelope().len();

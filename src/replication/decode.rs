@@ -2,16 +2,14 @@
 //! of streamed in-progress transactions until they commit (dropped if they abort), and logical
 //! messages. Pure and synchronous: bytes in, [`Item`]s out.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use super::values::{classify, json_string, render_json, TypeClass};
+use crate::event::{Commit, Lsn};
+use bytes::{Bytes, BytesMut};
 use chrono::{DateTime, Utc};
 use pg_walstream::{LogicalReplicationMessage as Msg, LogicalReplicationParser, TupleData};
-use serde_json::Value;
-
-use super::values::{classify, render, TypeClass};
-use crate::event::{Commit, Lsn};
 
 const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
 
@@ -32,12 +30,13 @@ pub struct Column {
 }
 
 /// One column of a decoded row.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Cell {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cell<'a> {
     Null,
     /// An unchanged TOASTed value that the server did not send.
     Unchanged,
-    Value(Value),
+    /// The value rendered to JSON text (see [`super::values::render_json`]).
+    Value(&'a [u8]),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,32 +46,123 @@ pub enum Op {
     Delete,
 }
 
+const TAG_NULL: u8 = b'n';
+const TAG_UNCHANGED: u8 = b'u';
+const TAG_VALUE: u8 = b'v';
+
+/// A row's columns as stored: for each column a tag (`n` null, `u` unchanged TOAST, `v` value)
+/// and, for a value, its length (u32, little endian) and its JSON text.
+#[derive(Debug, Clone, Copy)]
+pub struct Tuple<'a>(&'a [u8]);
+
+impl<'a> Tuple<'a> {
+    pub fn cells(self) -> Cells<'a> {
+        Cells(self.0)
+    }
+
+    pub fn get(self, i: usize) -> Option<Cell<'a>> {
+        self.cells().nth(i)
+    }
+}
+
+/// The cells of a [`Tuple`], in column order.
+pub struct Cells<'a>(&'a [u8]);
+
+impl<'a> Iterator for Cells<'a> {
+    type Item = Cell<'a>;
+
+    fn next(&mut self) -> Option<Cell<'a>> {
+        let (&tag, rest) = self.0.split_first()?;
+        match tag {
+            TAG_NULL => {
+                self.0 = rest;
+                Some(Cell::Null)
+            }
+            TAG_UNCHANGED => {
+                self.0 = rest;
+                Some(Cell::Unchanged)
+            }
+            _ => {
+                let (len, rest) = rest.split_first_chunk::<4>()?;
+                let len = u32::from_le_bytes(*len) as usize;
+                let value = rest.get(..len)?;
+                self.0 = &rest[len..];
+                Some(Cell::Value(value))
+            }
+        }
+    }
+}
+
+/// Append a tuple's encoding to `out`.
+fn put_cells<'a>(cells: impl IntoIterator<Item = Cell<'a>>, out: &mut Vec<u8>) {
+    for c in cells {
+        match c {
+            Cell::Null => out.push(TAG_NULL),
+            Cell::Unchanged => out.push(TAG_UNCHANGED),
+            Cell::Value(v) => {
+                out.push(TAG_VALUE);
+                out.extend_from_slice(&(v.len() as u32).to_le_bytes());
+                out.extend_from_slice(v);
+            }
+        }
+    }
+}
+
+/// The old and new tuples of a row change, rendered, in one buffer.
+#[derive(Debug, Clone)]
+pub struct EncodedRow {
+    bytes: Bytes,
+    /// Length of the old tuple, which comes first; `None` when there is no old tuple.
+    old_len: Option<u32>,
+    has_new: bool,
+}
+
+impl EncodedRow {
+    /// Encode rows given as cells (for tests and tools; the decoder renders pgoutput directly).
+    pub fn from_cells(old: Option<&[Cell<'_>]>, new: Option<&[Cell<'_>]>) -> EncodedRow {
+        let mut out = Vec::new();
+        if let Some(old) = old {
+            put_cells(old.iter().copied(), &mut out);
+        }
+        let old_len = old.map(|_| out.len() as u32);
+        if let Some(new) = new {
+            put_cells(new.iter().copied(), &mut out);
+        }
+        EncodedRow {
+            bytes: Bytes::from(out),
+            old_len,
+            has_new: new.is_some(),
+        }
+    }
+
+    pub fn old(&self) -> Option<Tuple<'_>> {
+        let len = self.old_len? as usize;
+        self.bytes.get(..len).map(Tuple)
+    }
+
+    pub fn new_row(&self) -> Option<Tuple<'_>> {
+        if !self.has_new {
+            return None;
+        }
+        let start = self.old_len.unwrap_or(0) as usize;
+        self.bytes.get(start..).map(Tuple)
+    }
+
+    /// Bytes held.
+    pub fn size(&self) -> usize {
+        self.bytes.len()
+    }
+}
+
 /// A committed row change.
 #[derive(Debug)]
 pub struct RowChange {
     pub op: Op,
     pub relation: Arc<Relation>,
-    pub old: Option<Vec<Cell>>,
-    pub new: Option<Vec<Cell>>,
+    pub row: EncodedRow,
     pub commit: Arc<Commit>,
     /// Position of the change in its transaction (with the commit LSN: the event id).
     pub position: u32,
-    /// Bytes of column data the server sent for the change.
-    pub raw_size: usize,
-}
-
-impl RowChange {
-    /// A rough size of the change: its column data and names (for cheap payload-limit checks).
-    pub fn approx_size(&self) -> usize {
-        self.raw_size
-            + self
-                .relation
-                .columns
-                .iter()
-                .map(|c| c.name.len() + 8)
-                .sum::<usize>()
-                * 3
-    }
 }
 
 /// What the decoder hands to dispatch, in commit order.
@@ -110,22 +200,72 @@ struct OpenTxn {
     position: u32,
 }
 
-/// Changes of a streamed transaction, kept as received until it commits.
+impl OpenTxn {
+    fn next_position(&mut self) -> (Arc<Commit>, u32) {
+        let p = self.position;
+        self.position += 1;
+        (self.commit.clone(), p)
+    }
+}
+
+/// A change of a streamed transaction, decoded (values rendered) when it arrived and kept until
+/// the transaction commits or aborts.
+struct Pending {
+    /// The (sub)transaction that made the change: its changes are dropped if it aborts.
+    sub: u32,
+    change: PendingChange,
+}
+
+enum PendingChange {
+    Row {
+        op: Op,
+        relation: Arc<Relation>,
+        row: EncodedRow,
+    },
+    Truncate(Vec<Arc<Relation>>),
+    Message(Box<PendingMessage>),
+}
+
+struct PendingMessage {
+    transactional: bool,
+    prefix: String,
+    content: Bytes,
+    lsn: Lsn,
+}
+
+impl Pending {
+    /// Bytes held for the change.
+    fn size(&self) -> usize {
+        std::mem::size_of::<Pending>()
+            + match &self.change {
+                PendingChange::Row { row, .. } => row.size(),
+                PendingChange::Truncate(r) => r.len() * 8,
+                PendingChange::Message(m) => m.prefix.len() + m.content.len() + 64,
+            }
+    }
+}
+
+/// A streamed transaction not yet committed: its changes, decoded as they arrived.
 #[derive(Default)]
 struct StreamedTxn {
-    /// (subtransaction xid, raw pgoutput message including its xid prefix)
-    messages: Vec<(u32, Bytes)>,
+    changes: Vec<Pending>,
+    /// Subtransactions that aborted; their changes are not delivered.
+    aborted: HashSet<u32>,
     bytes: usize,
 }
 
-/// A committed streamed transaction being decoded, a slice at a time, so its events need never
-/// all be in memory at once.
+/// A committed streamed transaction being handed over, a slice at a time, so its events need
+/// never all be in flight at once.
 struct Replay {
-    parser: LogicalReplicationParser,
-    messages: std::vec::IntoIter<(u32, Bytes)>,
+    changes: std::vec::IntoIter<Pending>,
+    aborted: HashSet<u32>,
+    txn: OpenTxn,
     end_lsn: Lsn,
     started: std::time::Instant,
 }
+
+/// Rendered rows are packed into shared chunks of this size (one allocation for many rows).
+const ARENA_CHUNK: usize = 256 * 1024;
 
 pub struct Decoder {
     parser: LogicalReplicationParser,
@@ -134,7 +274,11 @@ pub struct Decoder {
     txn: Option<OpenTxn>,
     streaming: Option<u32>,
     streamed: HashMap<u32, StreamedTxn>,
-    /// Bytes held for streamed transactions not yet committed.
+    /// Where a row is rendered before it is stored.
+    scratch: Vec<u8>,
+    /// The chunk rendered rows are stored in.
+    arena: BytesMut,
+    /// Bytes held for streamed transactions not yet handed over.
     pub streamed_bytes: usize,
 }
 
@@ -153,6 +297,8 @@ impl Decoder {
             txn: None,
             streaming: None,
             streamed: HashMap::new(),
+            scratch: Vec::new(),
+            arena: BytesMut::new(),
             streamed_bytes: 0,
         }
     }
@@ -168,9 +314,13 @@ impl Decoder {
         self.streamed_bytes = 0;
     }
 
-    /// Whether a transaction is being received or a streamed one awaits its commit.
+    /// Whether a transaction is being received or handed over, or a streamed one awaits its
+    /// commit.
     pub fn in_transaction(&self) -> bool {
-        self.txn.is_some() || !self.streamed.is_empty() || self.streaming.is_some()
+        self.txn.is_some()
+            || self.replay.is_some()
+            || !self.streamed.is_empty()
+            || self.streaming.is_some()
     }
 
     /// Whether a committed streamed transaction awaits [`Decoder::drain`].
@@ -178,61 +328,146 @@ impl Decoder {
         self.replay.is_some()
     }
 
-    /// Decode up to `limit` changes of the committed streamed transaction being replayed; its
-    /// checkpoint follows its last change.
+    /// Hand over up to `limit` changes of the committed streamed transaction being replayed
+    /// (already decoded); its checkpoint follows its last change.
     pub fn drain(&mut self, out: &mut Vec<Item>, limit: usize) -> Result<(), DecodeError> {
         let Some(mut replay) = self.replay.take() else {
             return Ok(());
         };
-        for _ in 0..limit.max(1) {
-            let Some((_, raw)) = replay.messages.next() else {
-                tracing::debug!(elapsed = ?replay.started.elapsed(), "streamed transaction decoded");
-                self.txn = None;
+        let mut handed = 0;
+        while handed < limit.max(1) {
+            let Some(p) = replay.changes.next() else {
+                tracing::debug!(elapsed = ?replay.started.elapsed(), "streamed transaction handed over");
                 out.push(Item::Checkpoint(replay.end_lsn));
                 return Ok(());
             };
-            self.streamed_bytes -= raw.len();
-            let msg = replay
-                .parser
-                .parse_wal_message_bytes(raw)
-                .map_err(|e| DecodeError::Malformed(e.to_string()))?;
-            self.apply(&msg.message, out)?;
+            self.streamed_bytes = self.streamed_bytes.saturating_sub(p.size());
+            if replay.aborted.contains(&p.sub) {
+                continue;
+            }
+            out.push(match p.change {
+                PendingChange::Row { op, relation, row } => {
+                    let (commit, position) = replay.txn.next_position();
+                    Item::Row(RowChange {
+                        op,
+                        relation,
+                        row,
+                        commit,
+                        position,
+                    })
+                }
+                PendingChange::Truncate(relations) => {
+                    let (commit, position) = replay.txn.next_position();
+                    Item::Truncate {
+                        relations,
+                        commit,
+                        position,
+                    }
+                }
+                PendingChange::Message(m) => {
+                    let (commit, position) = match m.transactional {
+                        true => {
+                            let (c, p) = replay.txn.next_position();
+                            (Some(c), p)
+                        }
+                        false => (None, 0),
+                    };
+                    Item::Message {
+                        prefix: m.prefix,
+                        content: m.content,
+                        lsn: m.lsn,
+                        commit,
+                        position,
+                    }
+                }
+            });
+            handed += 1;
         }
         self.replay = Some(replay);
         Ok(())
     }
 
-    /// Decode one XLogData payload, appending what it completes to `out`. A committed streamed
-    /// transaction is not decoded here but by [`Decoder::drain`], which must run to completion
-    /// before the next call.
+    /// Decode one XLogData payload, appending what it completes to `out`. The changes of a
+    /// streamed transaction are decoded as they arrive and kept; once it commits they are handed
+    /// over by [`Decoder::drain`], which must run to completion before the next call.
     pub fn decode(&mut self, data: Bytes, out: &mut Vec<Item>) -> Result<(), DecodeError> {
         while self.replaying() {
             self.drain(out, usize::MAX)?;
         }
-        let raw = data.clone();
         let msg = self
             .parser
             .parse_wal_message_bytes(data)
             .map_err(|e| DecodeError::Malformed(e.to_string()))?;
-        if let Some(top) = self.streaming {
-            match msg.message {
-                Msg::StreamStop => self.streaming = None,
-                Msg::Relation { .. } => {
-                    self.apply(&msg.message, out)?;
-                    self.buffer(top, msg.xid.unwrap_or(top), raw);
-                }
-                _ => self.buffer(top, msg.xid.unwrap_or(top), raw),
-            }
-            return Ok(());
+        match self.streaming {
+            Some(top) => self.stream_change(top, msg.xid.unwrap_or(top), &msg.message),
+            None => self.apply(&msg.message, out),
         }
-        self.apply(&msg.message, out)
     }
 
-    fn buffer(&mut self, top: u32, xid: u32, raw: Bytes) {
+    /// Keep one change of a streamed transaction, decoded.
+    fn stream_change(&mut self, top: u32, sub: u32, msg: &Msg) -> Result<(), DecodeError> {
+        let change = match *msg {
+            Msg::StreamStop => {
+                self.streaming = None;
+                return Ok(());
+            }
+            Msg::Relation { .. } => return self.apply(msg, &mut Vec::new()),
+            Msg::Insert {
+                relation_id,
+                ref tuple,
+            } => self.pending_row(Op::Insert, relation_id, None, Some(tuple))?,
+            Msg::Update {
+                relation_id,
+                ref old_tuple,
+                ref new_tuple,
+                ..
+            } => self.pending_row(Op::Update, relation_id, old_tuple.as_ref(), Some(new_tuple))?,
+            Msg::Delete {
+                relation_id,
+                ref old_tuple,
+                ..
+            } => self.pending_row(Op::Delete, relation_id, Some(old_tuple), None)?,
+            Msg::Truncate {
+                ref relation_ids, ..
+            } => PendingChange::Truncate(
+                relation_ids
+                    .iter()
+                    .map(|oid| self.relation(*oid))
+                    .collect::<Result<_, _>>()?,
+            ),
+            Msg::Message {
+                flags,
+                lsn,
+                ref prefix,
+                ref content,
+            } => PendingChange::Message(Box::new(PendingMessage {
+                transactional: flags & 1 == 1,
+                prefix: prefix.clone(),
+                content: content.clone(),
+                lsn: Lsn(lsn),
+            })),
+            // Types and origins carry nothing pgfire delivers.
+            _ => return Ok(()),
+        };
+        let p = Pending { sub, change };
+        let size = p.size();
         let t = self.streamed.entry(top).or_default();
-        t.bytes += raw.len();
-        self.streamed_bytes += raw.len();
-        t.messages.push((xid, raw));
+        t.bytes += size;
+        self.streamed_bytes += size;
+        t.changes.push(p);
+        Ok(())
+    }
+
+    fn pending_row(
+        &mut self,
+        op: Op,
+        oid: u32,
+        old: Option<&TupleData>,
+        new: Option<&TupleData>,
+    ) -> Result<PendingChange, DecodeError> {
+        let relation = self.relation(oid)?;
+        let row = self.encode_row(&relation, old, new);
+        Ok(PendingChange::Row { op, relation, row })
     }
 
     /// Apply one message (by reference: pgoutput messages are large, moving them costs).
@@ -354,13 +589,18 @@ impl Decoder {
             } => {
                 if xid == subtransaction_xid {
                     if let Some(t) = self.streamed.remove(&xid) {
-                        self.streamed_bytes -= t.bytes;
+                        self.streamed_bytes = self.streamed_bytes.saturating_sub(t.bytes);
                     }
                 } else if let Some(t) = self.streamed.get_mut(&xid) {
-                    let before = t.bytes;
-                    t.messages.retain(|(sub, _)| *sub != subtransaction_xid);
-                    t.bytes = t.messages.iter().map(|(_, b)| b.len()).sum();
-                    self.streamed_bytes -= before - t.bytes;
+                    t.aborted.insert(subtransaction_xid);
+                    // A subtransaction's changes are usually the last ones received when it
+                    // aborts: free them now. Any others are skipped at the commit.
+                    while t.changes.last().is_some_and(|p| t.aborted.contains(&p.sub)) {
+                        if let Some(p) = t.changes.pop() {
+                            t.bytes -= p.size();
+                            self.streamed_bytes = self.streamed_bytes.saturating_sub(p.size());
+                        }
+                    }
                 }
             }
             Msg::StreamCommit {
@@ -371,7 +611,27 @@ impl Decoder {
                 ..
             } => {
                 let t = self.streamed.remove(&xid).unwrap_or_default();
-                self.start_replay(xid, t, Lsn(commit_lsn), Lsn(end_lsn), pg_time(timestamp))?;
+                tracing::debug!(
+                    xid,
+                    changes = t.changes.len(),
+                    bytes = t.bytes,
+                    "streamed transaction committed"
+                );
+                self.replay = Some(Replay {
+                    changes: t.changes.into_iter(),
+                    aborted: t.aborted,
+                    txn: OpenTxn {
+                        commit: Arc::new(Commit {
+                            lsn: Lsn(commit_lsn),
+                            end_lsn: Lsn(end_lsn),
+                            time: pg_time(timestamp),
+                            xid,
+                        }),
+                        position: 0,
+                    },
+                    end_lsn: Lsn(end_lsn),
+                    started: std::time::Instant::now(),
+                });
             }
             // Types, origins and two-phase messages carry nothing pgfire delivers.
             _ => {}
@@ -379,56 +639,11 @@ impl Decoder {
         Ok(())
     }
 
-    /// Set up the decoding of a committed streamed transaction's buffered messages.
-    fn start_replay(
-        &mut self,
-        xid: u32,
-        t: StreamedTxn,
-        lsn: Lsn,
-        end_lsn: Lsn,
-        time: DateTime<Utc>,
-    ) -> Result<(), DecodeError> {
-        // The buffered messages carry the xid prefix of a streamed chunk: put the parser in one.
-        let mut parser = LogicalReplicationParser::with_protocol_version(2);
-        let mut start = BytesMut::with_capacity(6);
-        start.put_u8(b'S');
-        start.put_u32(xid);
-        start.put_u8(1);
-        parser
-            .parse_wal_message(&start)
-            .map_err(|e| DecodeError::Malformed(e.to_string()))?;
-        self.txn = Some(OpenTxn {
-            commit: Arc::new(Commit {
-                lsn,
-                end_lsn,
-                time,
-                xid,
-            }),
-            position: 0,
-        });
-        tracing::debug!(
-            xid,
-            changes = t.messages.len(),
-            bytes = t.bytes,
-            "streamed transaction committed"
-        );
-        self.replay = Some(Replay {
-            parser,
-            messages: t.messages.into_iter(),
-            end_lsn,
-            started: std::time::Instant::now(),
-        });
-        Ok(())
-    }
-
     fn next_position(&mut self) -> Result<(Arc<Commit>, u32), DecodeError> {
-        let txn = self
-            .txn
+        self.txn
             .as_mut()
-            .ok_or_else(|| DecodeError::Malformed("change outside a transaction".into()))?;
-        let p = txn.position;
-        txn.position += 1;
-        Ok((txn.commit.clone(), p))
+            .map(OpenTxn::next_position)
+            .ok_or_else(|| DecodeError::Malformed("change outside a transaction".into()))
     }
 
     fn relation(&self, oid: u32) -> Result<Arc<Relation>, DecodeError> {
@@ -448,50 +663,68 @@ impl Decoder {
     ) -> Result<(), DecodeError> {
         let relation = self.relation(oid)?;
         let (commit, position) = self.next_position()?;
-        let raw_size = [old, new]
-            .iter()
-            .flatten()
-            .map(|t| t.columns.iter().map(|c| c.as_bytes().len()).sum::<usize>())
-            .sum();
-        let old = old.map(|t| cells(&relation, t));
-        let new = new.map(|t| cells(&relation, t));
+        let row = self.encode_row(&relation, old, new);
         out.push(Item::Row(RowChange {
             op,
             relation,
-            old,
-            new,
+            row,
             commit,
             position,
-            raw_size,
         }));
         Ok(())
     }
+
+    /// Render a change's tuples by the relation's column types and store them compactly.
+    fn encode_row(
+        &mut self,
+        rel: &Relation,
+        old: Option<&TupleData>,
+        new: Option<&TupleData>,
+    ) -> EncodedRow {
+        self.scratch.clear();
+        if let Some(t) = old {
+            render_tuple(rel, t, &mut self.scratch);
+        }
+        let old_len = old.map(|_| self.scratch.len() as u32);
+        if let Some(t) = new {
+            render_tuple(rel, t, &mut self.scratch);
+        }
+        if self.arena.capacity() - self.arena.len() < self.scratch.len() {
+            self.arena = BytesMut::with_capacity(ARENA_CHUNK.max(self.scratch.len()));
+        }
+        self.arena.extend_from_slice(&self.scratch);
+        EncodedRow {
+            bytes: self.arena.split().freeze(),
+            old_len,
+            has_new: new.is_some(),
+        }
+    }
 }
 
-/// Render a tuple's columns by the relation's column types.
-fn cells(rel: &Relation, tuple: &TupleData) -> Vec<Cell> {
-    tuple
-        .columns
-        .iter()
-        .enumerate()
-        .map(|(i, c)| match c.data_type {
-            b'n' => Cell::Null,
-            b'u' => Cell::Unchanged,
+/// Render a tuple's columns by the relation's column types, encoded as a [`Tuple`].
+fn render_tuple(rel: &Relation, tuple: &TupleData, out: &mut Vec<u8>) {
+    for (i, c) in tuple.columns.iter().enumerate() {
+        match c.data_type {
+            b'n' => out.push(TAG_NULL),
+            b'u' => out.push(TAG_UNCHANGED),
             _ => {
+                out.push(TAG_VALUE);
+                let at = out.len();
+                out.extend_from_slice(&[0; 4]);
                 let class = rel
                     .columns
                     .get(i)
                     .map(|c| c.class)
                     .unwrap_or(TypeClass::Text);
                 match std::str::from_utf8(c.as_bytes()) {
-                    Ok(text) => Cell::Value(render(class, text)),
-                    Err(_) => Cell::Value(Value::String(
-                        String::from_utf8_lossy(c.as_bytes()).into_owned(),
-                    )),
+                    Ok(text) => render_json(class, text, out),
+                    Err(_) => json_string(&String::from_utf8_lossy(c.as_bytes()), out),
                 }
+                let len = (out.len() - at - 4) as u32;
+                out[at..at + 4].copy_from_slice(&len.to_le_bytes());
             }
-        })
-        .collect()
+        }
+    }
 }
 
 fn pg_time(micros: i64) -> DateTime<Utc> {
@@ -502,6 +735,7 @@ fn pg_time(micros: i64) -> DateTime<Utc> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::BufMut;
 
     fn relation_msg(oid: u32, ns: &str, name: &str, cols: &[(&str, u32)]) -> Bytes {
         let mut b = BytesMut::new();
@@ -594,14 +828,27 @@ mod tests {
         b.freeze()
     }
 
-    fn rows(items: &[Item]) -> Vec<(u64, u32, Vec<Cell>)> {
+    /// (commit LSN, position, new row's cells as text: JSON, `null` or `unchanged`)
+    fn rows(items: &[Item]) -> Vec<(u64, u32, Vec<String>)> {
         items
             .iter()
             .filter_map(|i| match i {
-                Item::Row(r) => Some((r.commit.lsn.0, r.position, r.new.clone().unwrap())),
+                Item::Row(r) => Some((
+                    r.commit.lsn.0,
+                    r.position,
+                    r.row.new_row().unwrap().cells().map(cell_text).collect(),
+                )),
                 _ => None,
             })
             .collect()
+    }
+
+    fn cell_text(c: Cell<'_>) -> String {
+        match c {
+            Cell::Null => "null".into(),
+            Cell::Unchanged => "unchanged".into(),
+            Cell::Value(v) => String::from_utf8(v.to_vec()).unwrap(),
+        }
     }
 
     #[test]
@@ -625,11 +872,7 @@ mod tests {
         let r = rows(&out);
         assert_eq!(r.len(), 1);
         assert_eq!(r[0].0, 100);
-        assert_eq!(
-            r[0].2[0],
-            Cell::Value(serde_json::from_str("9007199254740993").unwrap())
-        );
-        assert_eq!(r[0].2[1], Cell::Null);
+        assert_eq!(r[0].2, ["9007199254740993", "null"]);
         assert!(matches!(out.last(), Some(Item::Checkpoint(Lsn(120)))));
     }
 
@@ -656,14 +899,14 @@ mod tests {
         d.decode(stream_abort(50, 51), &mut out).unwrap();
         d.decode(stream_commit(50, 300, 320), &mut out).unwrap();
         assert!(d.replaying() && d.in_transaction());
-        d.drain(&mut out, 2).unwrap(); // the Relation message and one insert
+        d.drain(&mut out, 1).unwrap();
         assert_eq!(rows(&out).len(), 1, "a slice at a time");
         d.drain(&mut out, 100).unwrap();
         assert!(!d.replaying() && !d.in_transaction());
         let r = rows(&out);
         assert_eq!(
             r.iter().map(|x| x.2[0].clone()).collect::<Vec<_>>(),
-            vec![Cell::Value(1.into()), Cell::Value(3.into())]
+            ["1", "3"]
         );
         assert_eq!(
             r.iter().map(|x| (x.0, x.1)).collect::<Vec<_>>(),
