@@ -65,7 +65,8 @@ impl Dispatcher {
 
     /// Hand the runs recorded so far to the history writer.
     async fn flush_history(&mut self) {
-        let batch = std::mem::take(&mut self.pending);
+        let next = Vec::with_capacity(self.pending.len());
+        let batch = std::mem::replace(&mut self.pending, next);
         self.recorder.record(batch).await;
     }
 

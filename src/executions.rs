@@ -33,8 +33,9 @@ pub struct Recorder {
 }
 
 impl Recorder {
-    /// Queue a batch of records. Waits only when the writer is far behind (the queue holds 256
-    /// batches, about 25 MB at dispatch's batch size).
+    /// Queue a batch of records. Waits only when the writer is far behind: the queue holds
+    /// [`QUEUE_BATCHES`] batches (about 60 MB at dispatch's batch size of 1024), enough to take
+    /// the burst of runs of a 500 000-row transaction while the writer catches up.
     pub async fn record(&self, batch: Vec<Execution>) {
         if batch.is_empty() {
             return;
@@ -45,12 +46,15 @@ impl Recorder {
     }
 }
 
+/// Batches of runs the history queue holds.
+const QUEUE_BATCHES: usize = 512;
+
 /// Start the writer; it runs until `shutdown` and then flushes what it holds.
 pub fn start(
     database_url: String,
     shutdown: CancellationToken,
 ) -> (Recorder, tokio::task::JoinHandle<()>) {
-    let (tx, rx) = mpsc::channel(256);
+    let (tx, rx) = mpsc::channel(QUEUE_BATCHES);
     let task = tokio::spawn(writer(database_url, rx, shutdown));
     (Recorder { tx }, task)
 }
