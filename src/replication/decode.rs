@@ -2,9 +2,10 @@
 //! of streamed in-progress transactions until they commit (dropped if they abort), and logical
 //! messages. Pure and synchronous: bytes in, [`Item`]s out.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 
+use super::streamed::{PendingChange, PendingMessage, Replay, StreamedTxn};
 use super::values::{classify, json_string, render_json, TypeClass};
 use crate::event::{Commit, Lsn};
 use bytes::{Bytes, BytesMut};
@@ -135,6 +136,14 @@ impl EncodedRow {
         }
     }
 
+    pub(super) fn from_parts(bytes: Bytes, old_len: Option<u32>, has_new: bool) -> EncodedRow {
+        EncodedRow {
+            bytes,
+            old_len,
+            has_new,
+        }
+    }
+
     pub fn old(&self) -> Option<Tuple<'_>> {
         let len = self.old_len? as usize;
         self.bytes.get(..len).map(Tuple)
@@ -208,68 +217,21 @@ impl OpenTxn {
     }
 }
 
-/// A change of a streamed transaction, decoded (values rendered) when it arrived and kept until
-/// the transaction commits or aborts.
-struct Pending {
-    /// The (sub)transaction that made the change: its changes are dropped if it aborts.
-    sub: u32,
-    change: PendingChange,
-}
-
-enum PendingChange {
-    Row {
-        op: Op,
-        relation: Arc<Relation>,
-        row: EncodedRow,
-    },
-    Truncate(Vec<Arc<Relation>>),
-    Message(Box<PendingMessage>),
-}
-
-struct PendingMessage {
-    transactional: bool,
-    prefix: String,
-    content: Bytes,
-    lsn: Lsn,
-}
-
-impl Pending {
-    /// Bytes held for the change.
-    fn size(&self) -> usize {
-        std::mem::size_of::<Pending>()
-            + match &self.change {
-                PendingChange::Row { row, .. } => row.size(),
-                PendingChange::Truncate(r) => r.len() * 8,
-                PendingChange::Message(m) => m.prefix.len() + m.content.len() + 64,
-            }
-    }
-}
-
-/// A streamed transaction not yet committed: its changes, decoded as they arrived.
-#[derive(Default)]
-struct StreamedTxn {
-    changes: Vec<Pending>,
-    /// Subtransactions that aborted; their changes are not delivered.
-    aborted: HashSet<u32>,
-    bytes: usize,
-}
-
 /// A committed streamed transaction being handed over, a slice at a time, so its events need
 /// never all be in flight at once.
-struct Replay {
-    changes: std::vec::IntoIter<Pending>,
-    aborted: HashSet<u32>,
-    txn: OpenTxn,
+struct Replaying {
+    replay: Replay,
     end_lsn: Lsn,
     started: std::time::Instant,
 }
 
-/// Rendered rows are packed into shared chunks of this size (one allocation for many rows).
+/// Rendered rows of plain transactions are packed into shared chunks of this size (one
+/// allocation for many rows).
 const ARENA_CHUNK: usize = 256 * 1024;
 
 pub struct Decoder {
     parser: LogicalReplicationParser,
-    replay: Option<Replay>,
+    replay: Option<Replaying>,
     relations: HashMap<u32, Arc<Relation>>,
     txn: Option<OpenTxn>,
     streaming: Option<u32>,
@@ -331,59 +293,23 @@ impl Decoder {
     /// Hand over up to `limit` changes of the committed streamed transaction being replayed
     /// (already decoded); its checkpoint follows its last change.
     pub fn drain(&mut self, out: &mut Vec<Item>, limit: usize) -> Result<(), DecodeError> {
-        let Some(mut replay) = self.replay.take() else {
+        let Some(mut r) = self.replay.take() else {
             return Ok(());
         };
         let mut handed = 0;
         while handed < limit.max(1) {
-            let Some(p) = replay.changes.next() else {
-                tracing::debug!(elapsed = ?replay.started.elapsed(), "streamed transaction handed over");
-                out.push(Item::Checkpoint(replay.end_lsn));
+            let Some((size, item)) = r.replay.next_change() else {
+                tracing::debug!(elapsed = ?r.started.elapsed(), "streamed transaction handed over");
+                out.push(Item::Checkpoint(r.end_lsn));
                 return Ok(());
             };
-            self.streamed_bytes = self.streamed_bytes.saturating_sub(p.size());
-            if replay.aborted.contains(&p.sub) {
-                continue;
+            self.streamed_bytes = self.streamed_bytes.saturating_sub(size);
+            if let Some(item) = item {
+                out.push(item);
+                handed += 1;
             }
-            out.push(match p.change {
-                PendingChange::Row { op, relation, row } => {
-                    let (commit, position) = replay.txn.next_position();
-                    Item::Row(RowChange {
-                        op,
-                        relation,
-                        row,
-                        commit,
-                        position,
-                    })
-                }
-                PendingChange::Truncate(relations) => {
-                    let (commit, position) = replay.txn.next_position();
-                    Item::Truncate {
-                        relations,
-                        commit,
-                        position,
-                    }
-                }
-                PendingChange::Message(m) => {
-                    let (commit, position) = match m.transactional {
-                        true => {
-                            let (c, p) = replay.txn.next_position();
-                            (Some(c), p)
-                        }
-                        false => (None, 0),
-                    };
-                    Item::Message {
-                        prefix: m.prefix,
-                        content: m.content,
-                        lsn: m.lsn,
-                        commit,
-                        position,
-                    }
-                }
-            });
-            handed += 1;
         }
-        self.replay = Some(replay);
+        self.replay = Some(r);
         Ok(())
     }
 
@@ -406,7 +332,7 @@ impl Decoder {
 
     /// Keep one change of a streamed transaction, decoded.
     fn stream_change(&mut self, top: u32, sub: u32, msg: &Msg) -> Result<(), DecodeError> {
-        let change = match *msg {
+        let (op, oid, old, new) = match *msg {
             Msg::StreamStop => {
                 self.streaming = None;
                 return Ok(());
@@ -415,59 +341,53 @@ impl Decoder {
             Msg::Insert {
                 relation_id,
                 ref tuple,
-            } => self.pending_row(Op::Insert, relation_id, None, Some(tuple))?,
+            } => (Op::Insert, relation_id, None, Some(tuple)),
             Msg::Update {
                 relation_id,
                 ref old_tuple,
                 ref new_tuple,
                 ..
-            } => self.pending_row(Op::Update, relation_id, old_tuple.as_ref(), Some(new_tuple))?,
+            } => (Op::Update, relation_id, old_tuple.as_ref(), Some(new_tuple)),
             Msg::Delete {
                 relation_id,
                 ref old_tuple,
                 ..
-            } => self.pending_row(Op::Delete, relation_id, Some(old_tuple), None)?,
+            } => (Op::Delete, relation_id, Some(old_tuple), None),
             Msg::Truncate {
                 ref relation_ids, ..
-            } => PendingChange::Truncate(
-                relation_ids
+            } => {
+                let relations = relation_ids
                     .iter()
                     .map(|oid| self.relation(*oid))
-                    .collect::<Result<_, _>>()?,
-            ),
+                    .collect::<Result<_, _>>()?;
+                let p = StreamedTxn::new_pending(sub, PendingChange::Truncate(relations));
+                self.streamed_bytes += self.streamed.entry(top).or_default().push(p);
+                return Ok(());
+            }
             Msg::Message {
                 flags,
                 lsn,
                 ref prefix,
                 ref content,
-            } => PendingChange::Message(Box::new(PendingMessage {
-                transactional: flags & 1 == 1,
-                prefix: prefix.clone(),
-                content: content.clone(),
-                lsn: Lsn(lsn),
-            })),
+            } => {
+                let m = PendingMessage {
+                    transactional: flags & 1 == 1,
+                    prefix: prefix.clone(),
+                    content: content.clone(),
+                    lsn: Lsn(lsn),
+                };
+                let p = StreamedTxn::new_pending(sub, PendingChange::Message(Box::new(m)));
+                self.streamed_bytes += self.streamed.entry(top).or_default().push(p);
+                return Ok(());
+            }
             // Types and origins carry nothing pgfire delivers.
             _ => return Ok(()),
         };
-        let p = Pending { sub, change };
-        let size = p.size();
-        let t = self.streamed.entry(top).or_default();
-        t.bytes += size;
-        self.streamed_bytes += size;
-        t.changes.push(p);
-        Ok(())
-    }
-
-    fn pending_row(
-        &mut self,
-        op: Op,
-        oid: u32,
-        old: Option<&TupleData>,
-        new: Option<&TupleData>,
-    ) -> Result<PendingChange, DecodeError> {
         let relation = self.relation(oid)?;
-        let row = self.encode_row(&relation, old, new);
-        Ok(PendingChange::Row { op, relation, row })
+        let old_len = self.render_row(&relation, old, new);
+        let t = self.streamed.entry(top).or_default();
+        self.streamed_bytes += t.push_row(sub, op, relation, &self.scratch, old_len, new.is_some());
+        Ok(())
     }
 
     /// Apply one message (by reference: pgoutput messages are large, moving them costs).
@@ -592,15 +512,8 @@ impl Decoder {
                         self.streamed_bytes = self.streamed_bytes.saturating_sub(t.bytes);
                     }
                 } else if let Some(t) = self.streamed.get_mut(&xid) {
-                    t.aborted.insert(subtransaction_xid);
-                    // A subtransaction's changes are usually the last ones received when it
-                    // aborts: free them now. Any others are skipped at the commit.
-                    while t.changes.last().is_some_and(|p| t.aborted.contains(&p.sub)) {
-                        if let Some(p) = t.changes.pop() {
-                            t.bytes -= p.size();
-                            self.streamed_bytes = self.streamed_bytes.saturating_sub(p.size());
-                        }
-                    }
+                    let freed = t.abort_subtransaction(subtransaction_xid);
+                    self.streamed_bytes = self.streamed_bytes.saturating_sub(freed);
                 }
             }
             Msg::StreamCommit {
@@ -613,22 +526,18 @@ impl Decoder {
                 let t = self.streamed.remove(&xid).unwrap_or_default();
                 tracing::debug!(
                     xid,
-                    changes = t.changes.len(),
+                    changes = t.changes(),
                     bytes = t.bytes,
                     "streamed transaction committed"
                 );
-                self.replay = Some(Replay {
-                    changes: t.changes.into_iter(),
-                    aborted: t.aborted,
-                    txn: OpenTxn {
-                        commit: Arc::new(Commit {
-                            lsn: Lsn(commit_lsn),
-                            end_lsn: Lsn(end_lsn),
-                            time: pg_time(timestamp),
-                            xid,
-                        }),
-                        position: 0,
-                    },
+                let commit = Arc::new(Commit {
+                    lsn: Lsn(commit_lsn),
+                    end_lsn: Lsn(end_lsn),
+                    time: pg_time(timestamp),
+                    xid,
+                });
+                self.replay = Some(Replaying {
+                    replay: t.commit(commit),
                     end_lsn: Lsn(end_lsn),
                     started: std::time::Instant::now(),
                 });
@@ -674,13 +583,14 @@ impl Decoder {
         Ok(())
     }
 
-    /// Render a change's tuples by the relation's column types and store them compactly.
-    fn encode_row(
+    /// Render a change's tuples by the relation's column types into `self.scratch`: the old
+    /// tuple first; returns its length.
+    fn render_row(
         &mut self,
         rel: &Relation,
         old: Option<&TupleData>,
         new: Option<&TupleData>,
-    ) -> EncodedRow {
+    ) -> Option<u32> {
         self.scratch.clear();
         if let Some(t) = old {
             render_tuple(rel, t, &mut self.scratch);
@@ -689,15 +599,22 @@ impl Decoder {
         if let Some(t) = new {
             render_tuple(rel, t, &mut self.scratch);
         }
+        old_len
+    }
+
+    /// Render a change's tuples and store them compactly.
+    fn encode_row(
+        &mut self,
+        rel: &Relation,
+        old: Option<&TupleData>,
+        new: Option<&TupleData>,
+    ) -> EncodedRow {
+        let old_len = self.render_row(rel, old, new);
         if self.arena.capacity() - self.arena.len() < self.scratch.len() {
             self.arena = BytesMut::with_capacity(ARENA_CHUNK.max(self.scratch.len()));
         }
         self.arena.extend_from_slice(&self.scratch);
-        EncodedRow {
-            bytes: self.arena.split().freeze(),
-            old_len,
-            has_new: new.is_some(),
-        }
+        EncodedRow::from_parts(self.arena.split().freeze(), old_len, new.is_some())
     }
 }
 
@@ -914,6 +831,110 @@ mod tests {
         );
         assert_eq!(d.streamed_bytes, 0);
         assert!(matches!(out.last(), Some(Item::Checkpoint(Lsn(320)))));
+    }
+
+    #[test]
+    fn long_streamed_transaction_with_an_earlier_subtransaction_aborted() {
+        let mut rel = BytesMut::new();
+        rel.put_u8(b'R');
+        rel.put_u32(50);
+        rel.put_slice(&relation_msg(1, "public", "t", &[("id", 23), ("t", 25)])[1..]);
+        let mut d = Decoder::new();
+        let mut out = Vec::new();
+        d.decode(stream_start(50), &mut out).unwrap();
+        d.decode(rel.freeze(), &mut out).unwrap();
+        let big = "x".repeat(300 * 1024); // larger than a chunk of rendered rows
+        for i in 0..10_000u32 {
+            // Rows 100..200 belong to subtransaction 51, which aborts after more rows arrived.
+            let sub = if (100..200).contains(&i) { 51 } else { 50 };
+            let id = i.to_string();
+            let text = if i % 3000 == 7 { big.as_str() } else { "a\tb" };
+            d.decode(insert_msg(Some(sub), 1, &[Some(&id), Some(text)]), &mut out)
+                .unwrap();
+        }
+        d.decode(Bytes::from_static(b"E"), &mut out).unwrap();
+        d.decode(stream_abort(50, 51), &mut out).unwrap();
+        d.decode(stream_commit(50, 300, 320), &mut out).unwrap();
+        while d.replaying() {
+            let before = out.len();
+            d.drain(&mut out, 1000).unwrap();
+            assert!(out.len() - before <= 1001);
+        }
+        let r = rows(&out);
+        assert_eq!(r.len(), 9_900);
+        let ids: Vec<u32> = (0..10_000).filter(|i| !(100..200).contains(i)).collect();
+        for (n, (row, id)) in r.iter().zip(&ids).enumerate() {
+            assert_eq!(row.1, n as u32, "positions count delivered changes only");
+            assert_eq!(row.2[0], id.to_string());
+            let text = if id % 3000 == 7 {
+                format!("\"{big}\"")
+            } else {
+                r#""a\tb""#.to_string()
+            };
+            assert_eq!(row.2[1], text);
+        }
+        assert_eq!(d.streamed_bytes, 0);
+        assert!(matches!(out.last(), Some(Item::Checkpoint(Lsn(320)))));
+    }
+
+    #[test]
+    fn streamed_messages_and_truncates_keep_their_places() {
+        let mut d = Decoder::new();
+        let mut out = Vec::new();
+        d.decode(relation_msg(1, "public", "t", &[("id", 23)]), &mut out)
+            .unwrap();
+        let mut msg = BytesMut::new();
+        msg.put_u8(b'M');
+        msg.put_u32(9);
+        msg.put_u8(1); // transactional
+        msg.put_u64(77);
+        msg.put_slice(b"pgfire.config\0");
+        msg.put_u32(2);
+        msg.put_slice(b"{}");
+        let mut truncate = BytesMut::new();
+        truncate.put_u8(b'T');
+        truncate.put_u32(9);
+        truncate.put_u32(1);
+        truncate.put_u8(0);
+        truncate.put_u32(1);
+        d.decode(stream_start(9), &mut out).unwrap();
+        d.decode(insert_msg(Some(9), 1, &[Some("1")]), &mut out)
+            .unwrap();
+        d.decode(msg.freeze(), &mut out).unwrap();
+        d.decode(truncate.freeze(), &mut out).unwrap();
+        d.decode(insert_msg(Some(9), 1, &[Some("2")]), &mut out)
+            .unwrap();
+        d.decode(Bytes::from_static(b"E"), &mut out).unwrap();
+        assert!(out.is_empty());
+        d.decode(stream_commit(9, 500, 520), &mut out).unwrap();
+        d.drain(&mut out, 100).unwrap();
+        let kinds: Vec<(String, u32)> = out
+            .iter()
+            .map(|i| match i {
+                Item::Row(r) => ("row".into(), r.position),
+                Item::Message {
+                    prefix,
+                    position,
+                    commit,
+                    ..
+                } => {
+                    assert_eq!(commit.as_ref().unwrap().lsn, Lsn(500));
+                    (prefix.clone(), *position)
+                }
+                Item::Truncate { position, .. } => ("truncate".into(), *position),
+                Item::Checkpoint(l) => ("checkpoint".into(), l.0 as u32),
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                ("row".into(), 0),
+                ("pgfire.config".into(), 1),
+                ("truncate".into(), 2),
+                ("row".into(), 3),
+                ("checkpoint".into(), 520)
+            ]
+        );
     }
 
     #[test]

@@ -5,6 +5,7 @@
 
 pub mod conn;
 pub mod decode;
+mod streamed;
 pub mod values;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
