@@ -112,7 +112,7 @@ pub fn event_data(change: &RowChange, source: &Source) -> EventData {
         match value(i) {
             Some(v) => {
                 out.push(b',');
-                json_string(&col.name, &mut out);
+                out.extend_from_slice(&col.json_name);
                 out.push(b':');
                 out.extend_from_slice(v);
             }
@@ -125,7 +125,7 @@ pub fn event_data(change: &RowChange, source: &Source) -> EventData {
             if n > 0 {
                 out.push(b',');
             }
-            json_string(&rel.columns[*i].name, &mut out);
+            out.extend_from_slice(&rel.columns[*i].json_name);
         }
         out.push(b']');
     }
@@ -145,7 +145,7 @@ pub fn event_data(change: &RowChange, source: &Source) -> EventData {
                 out.push(b',');
             }
             first = false;
-            json_string(&col.name, &mut out);
+            out.extend_from_slice(&col.json_name);
             out.extend_from_slice(b":{\"old\":");
             out.extend_from_slice(old_v);
             out.extend_from_slice(b",\"new\":");
@@ -167,7 +167,7 @@ pub fn event_data(change: &RowChange, source: &Source) -> EventData {
                 out.push(b',');
             }
             first = false;
-            json_string(&col.name, &mut out);
+            out.extend_from_slice(&col.json_name);
             out.push(b':');
             out.extend_from_slice(v);
         }
@@ -291,7 +291,6 @@ mod tests {
     use super::*;
     use crate::event::{Commit, Lsn};
     use crate::replication::decode::{Column, EncodedRow, Relation};
-    use crate::replication::values::classify;
     use serde_json::json;
 
     fn rel_with(cols: &[(&str, u32)]) -> Arc<Relation> {
@@ -301,11 +300,7 @@ mod tests {
             name: Arc::from("users"),
             columns: cols
                 .iter()
-                .map(|&(n, t)| Column {
-                    name: Arc::from(n),
-                    type_oid: t,
-                    class: classify(t),
-                })
+                .map(|&(n, t)| Column::new(Arc::from(n), t))
                 .collect(),
         })
     }

@@ -28,6 +28,21 @@ pub struct Column {
     pub name: Arc<str>,
     pub type_oid: u32,
     pub class: TypeClass,
+    /// The name as a JSON string, written once for every event of the table.
+    pub json_name: Box<[u8]>,
+}
+
+impl Column {
+    pub fn new(name: Arc<str>, type_oid: u32) -> Column {
+        let mut json_name = Vec::with_capacity(name.len() + 2);
+        json_string(&name, &mut json_name);
+        Column {
+            class: classify(type_oid),
+            type_oid,
+            json_name: json_name.into_boxed_slice(),
+            name,
+        }
+    }
 }
 
 /// One column of a decoded row.
@@ -421,11 +436,7 @@ impl Decoder {
             } => {
                 let columns = columns
                     .iter()
-                    .map(|c| Column {
-                        class: classify(c.type_id),
-                        type_oid: c.type_id,
-                        name: c.name.clone(),
-                    })
+                    .map(|c| Column::new(c.name.clone(), c.type_id))
                     .collect();
                 self.relations.insert(
                     relation_id,

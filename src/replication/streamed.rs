@@ -148,7 +148,7 @@ impl StreamedTxn {
                 }
             }
         }
-        self.bytes -= freed;
+        self.bytes = self.bytes.saturating_sub(freed);
         freed
     }
 
@@ -204,7 +204,7 @@ impl Replay {
                     }
                     self.released += 1;
                 }
-                let (start, end) = (at.offset as usize, (at.offset + at.len) as usize);
+                let (start, end) = (at.offset as usize, at.offset as usize + at.len as usize);
                 let bytes = match self.chunks.get(chunk) {
                     Some(c) if end <= c.len() => c.slice(start..end),
                     _ => Bytes::new(),
