@@ -34,7 +34,7 @@ pub struct Recorder {
 
 impl Recorder {
     /// Queue a batch of records. Waits only when the writer is far behind: the queue holds
-    /// [`QUEUE_BATCHES`] batches (about 60 MB at dispatch's batch size of 1024), enough to take
+    /// [`QUEUE_BATCHES`] batches (about 45 MB at dispatch's batch size of 1024), enough to take
     /// the burst of runs of a 500 000-row transaction while the writer catches up.
     pub async fn record(&self, batch: Vec<Execution>) {
         if batch.is_empty() {
@@ -47,7 +47,7 @@ impl Recorder {
 }
 
 /// Batches of runs the history queue holds.
-const QUEUE_BATCHES: usize = 512;
+const QUEUE_BATCHES: usize = 384;
 
 /// Start the writer; it runs until `shutdown` and then flushes what it holds.
 pub fn start(
