@@ -95,7 +95,7 @@ impl Dispatcher {
                     return true;
                 }
                 let event = row_events::row_event(change, source, event_type, &catalog.database);
-                self.deliver(&event, subs, clock, shutdown).await
+                self.deliver(&event, subs, &catalog, clock, shutdown).await
             }
             Item::Message { prefix, .. } if prefix == CONFIG_MESSAGE_PREFIX => {
                 self.reload(shutdown).await;
@@ -136,12 +136,12 @@ impl Dispatcher {
         &mut self,
         event: &Event,
         subs: &[Subscription],
+        catalog: &Catalog,
         clock: &WallClock,
         shutdown: &CancellationToken,
     ) -> bool {
         self.stats.events.fetch_add(1, Ordering::Relaxed);
         let delivery = Delivery::new(event);
-        let catalog = self.catalog.clone();
         let settings = &catalog.settings;
         // The envelope is event_data and less than 4 kB around it (names are at most 63 bytes):
         // build it to check the limit only when it may be too big.
