@@ -5,6 +5,7 @@
 
 pub mod conn;
 pub mod decode;
+mod row;
 mod streamed;
 pub mod values;
 
