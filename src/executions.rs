@@ -40,9 +40,19 @@ impl Recorder {
         if batch.is_empty() {
             return;
         }
+        let batch = match self.tx.try_send(batch) {
+            Ok(()) => return,
+            Err(mpsc::error::TrySendError::Full(batch)) => batch,
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                tracing::warn!("execution history writer stopped; records were not kept");
+                return;
+            }
+        };
+        let waiting = std::time::Instant::now();
         if self.tx.send(batch).await.is_err() {
             tracing::warn!("execution history writer stopped; records were not kept");
         }
+        tracing::debug!(waited = ?waiting.elapsed(), "history queue full: dispatch waited for the writer");
     }
 }
 
