@@ -9,7 +9,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chrono::Utc;
+use std::task::Poll;
+
+use chrono::{DateTime, TimeDelta, Utc};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -53,8 +55,9 @@ impl Dispatcher {
                 _ = shutdown.cancelled() => break,
                 b = rx.recv() => match b { Some(b) => b, None => break },
             };
+            let clock = WallClock::now();
             for item in batch {
-                if !self.handle(item, &shutdown).await {
+                if !self.handle(item, &clock, &shutdown).await {
                     break 'batches;
                 }
             }
@@ -65,12 +68,18 @@ impl Dispatcher {
 
     /// Hand the runs recorded so far to the history writer.
     async fn flush_history(&mut self) {
-        let batch = std::mem::take(&mut self.pending);
+        let next = Vec::with_capacity(self.pending.len());
+        let batch = std::mem::replace(&mut self.pending, next);
         self.recorder.record(batch).await;
     }
 
     /// Handle one item; false when shutdown interrupted it.
-    async fn handle(&mut self, item: Item, shutdown: &CancellationToken) -> bool {
+    async fn handle(
+        &mut self,
+        item: Item,
+        clock: &WallClock,
+        shutdown: &CancellationToken,
+    ) -> bool {
         match item {
             Item::Row(change) => {
                 let Some(source) = self.catalog.sources.get(&change.relation.oid) else {
@@ -85,9 +94,8 @@ impl Dispatcher {
                 if subs.is_empty() {
                     return true;
                 }
-                let approx_size = change.approx_size();
                 let event = row_events::row_event(change, source, event_type, &catalog.database);
-                self.deliver(&event, approx_size, subs, shutdown).await
+                self.deliver(&event, subs, &catalog, clock, shutdown).await
             }
             Item::Message { prefix, .. } if prefix == CONFIG_MESSAGE_PREFIX => {
                 self.reload(shutdown).await;
@@ -123,21 +131,21 @@ impl Dispatcher {
         }
     }
 
-    /// Run every subscription for `event`; `approx_size` (the row's raw size) spares building the
-    /// envelope just to check the payload limit when the event is clearly small.
+    /// Run every subscription for `event`.
     async fn deliver(
         &mut self,
         event: &Event,
-        approx_size: usize,
         subs: &[Subscription],
+        catalog: &Catalog,
+        clock: &WallClock,
         shutdown: &CancellationToken,
     ) -> bool {
         self.stats.events.fetch_add(1, Ordering::Relaxed);
         let delivery = Delivery::new(event);
-        let catalog = self.catalog.clone();
         let settings = &catalog.settings;
-        // JSON escaping at most sextuples a value; names and punctuation are in approx_size.
-        let too_big = if approx_size * 6 + 4096 < settings.payload_limit {
+        // The envelope is event_data and less than 4 kB around it (names are at most 63 bytes):
+        // build it to check the limit only when it may be too big.
+        let too_big = if event.data.json().len() + 4096 < settings.payload_limit {
             None
         } else {
             let size = delivery.envelope().len();
@@ -149,15 +157,24 @@ impl Dispatcher {
             let def = &sub.function;
             let mut attempt = 1;
             loop {
-                let started_at = Utc::now();
                 let t0 = Instant::now();
+                let started_at = clock.at(t0);
                 let result = match &too_big {
                     Some(msg) => Err(FunctionError::Failed(msg.clone())),
-                    None => tokio::select! {
-                        biased;
-                        _ = shutdown.cancelled() => return false,
-                        r = self.kinds.post(def, &delivery) => r,
-                    },
+                    None if shutdown.is_cancelled() => return false,
+                    None => {
+                        // A run that finishes at once (a log line) needs no cancellation point.
+                        let run = self.kinds.post(def, &delivery);
+                        tokio::pin!(run);
+                        match futures_util::poll!(&mut run) {
+                            Poll::Ready(r) => r,
+                            Poll::Pending => tokio::select! {
+                                biased;
+                                _ = shutdown.cancelled() => return false,
+                                r = &mut run => r,
+                            },
+                        }
+                    }
                 };
                 self.stats.runs.fetch_add(1, Ordering::Relaxed);
                 let duration = t0.elapsed();
@@ -194,6 +211,25 @@ impl Dispatcher {
             }
         }
         true
+    }
+}
+
+/// Wall-clock times from the monotonic clock: one wall-clock reading per batch, not per run.
+struct WallClock {
+    wall: DateTime<Utc>,
+    at: Instant,
+}
+
+impl WallClock {
+    fn now() -> WallClock {
+        WallClock {
+            wall: Utc::now(),
+            at: Instant::now(),
+        }
+    }
+
+    fn at(&self, t: Instant) -> DateTime<Utc> {
+        self.wall + TimeDelta::from_std(t.saturating_duration_since(self.at)).unwrap_or_default()
     }
 }
 

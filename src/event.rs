@@ -63,13 +63,38 @@ pub struct EventSource {
     pub xid: u32,
 }
 
+/// `event_data`: a JSON object, kept as its JSON text (written once, when the event is built, and
+/// embedded as is in every envelope).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventData(String);
+
+impl EventData {
+    pub fn from_object(object: &Map<String, Value>) -> EventData {
+        EventData(serde_json::to_string(object).unwrap_or_else(|_| "{}".into()))
+    }
+
+    /// JSON text its writer guarantees to be one valid JSON object.
+    pub(crate) fn from_json_unchecked(text: String) -> EventData {
+        EventData(text)
+    }
+
+    pub fn json(&self) -> &str {
+        &self.0
+    }
+
+    /// The object as a JSON value.
+    pub fn to_value(&self) -> Value {
+        serde_json::from_str(&self.0).unwrap_or_default()
+    }
+}
+
 /// A POST event ready for dispatch.
 #[derive(Debug, Clone)]
 pub struct Event {
     /// Stable across redeliveries: commit LSN and position in the transaction.
     pub id: EventId,
     pub event_type: Arc<str>,
-    pub data: Map<String, Value>,
+    pub data: EventData,
     pub occurred_at: DateTime<Utc>,
     pub source: EventSource,
 }
@@ -94,28 +119,25 @@ impl Serialize for EventId {
     }
 }
 
-#[derive(Serialize)]
-struct Envelope<'a> {
-    id: EventId,
-    event_type: &'a str,
-    event_data: &'a Map<String, Value>,
-    occurred_at: String,
-    source: &'a EventSource,
-}
-
 impl Event {
     /// The JSON envelope every function kind receives (DESIGN section 2).
     pub fn envelope(&self) -> Vec<u8> {
-        let env = Envelope {
-            id: self.id,
-            event_type: &self.event_type,
-            event_data: &self.data,
-            occurred_at: self
-                .occurred_at
-                .to_rfc3339_opts(SecondsFormat::Micros, true),
-            source: &self.source,
-        };
-        serde_json::to_vec(&env).unwrap_or_default()
+        use std::io::Write as _;
+        let mut out = Vec::with_capacity(self.data.0.len() + 320);
+        // Writing to a Vec cannot fail.
+        let _ = write!(out, "{{\"id\":\"{}\",\"event_type\":", self.id);
+        let _ = serde_json::to_writer(&mut out, &*self.event_type);
+        out.extend_from_slice(b",\"event_data\":");
+        out.extend_from_slice(self.data.0.as_bytes());
+        let _ = write!(
+            out,
+            ",\"occurred_at\":\"{}\",\"source\":",
+            self.occurred_at
+                .to_rfc3339_opts(SecondsFormat::Micros, true)
+        );
+        let _ = serde_json::to_writer(&mut out, &self.source);
+        out.push(b'}');
+        out
     }
 }
 
@@ -143,5 +165,33 @@ mod tests {
         assert_eq!(id(0x16B3748, 3).to_string(), "00000000016B3748-000003");
         assert!(id(0x10, 2).to_string() < id(0x10, 10).to_string());
         assert!(id(0xF, 99).to_string() < id(0x10, 0).to_string());
+    }
+
+    #[test]
+    fn envelope_is_the_documented_json() {
+        let mut data = Map::new();
+        data.insert("user_id".into(), Value::from(42));
+        data.insert("email".into(), Value::from("a\"b"));
+        let e = Event {
+            id: EventId {
+                commit_lsn: Lsn(0x16B3748),
+                position: 2,
+            },
+            event_type: Arc::from("POST_USER_UPDATE"),
+            data: EventData::from_object(&data),
+            occurred_at: DateTime::from_timestamp_micros(1_735_787_045_678_901).unwrap(),
+            source: EventSource {
+                database: Arc::from("app"),
+                schema: Some(Arc::from("public")),
+                table: Some(Arc::from("users")),
+                lsn: Lsn(0x16B3748),
+                xid: 751,
+            },
+        };
+        let text = String::from_utf8(e.envelope()).unwrap();
+        assert_eq!(
+            text,
+            r#"{"id":"00000000016B3748-000002","event_type":"POST_USER_UPDATE","event_data":{"user_id":42,"email":"a\"b"},"occurred_at":"2025-01-02T03:04:05.678901Z","source":{"database":"app","schema":"public","table":"users","lsn":"0/16B3748","xid":751}}"#
+        );
     }
 }

@@ -1,107 +1,57 @@
 //! Committed row changes of source tables to POST events (DESIGN section 2): the row's columns,
 //! `user_id` or `record_id` and `table`, `changes` on updates, and the old row.
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use serde_json::{Map, Value};
 
 use crate::catalog::{Source, SourceKind};
-use crate::event::{Event, EventId, EventSource};
+use crate::event::{Event, EventData, EventId, EventSource};
 use crate::replication::decode::{Cell, Op, RowChange};
+use crate::replication::values::{json_string, may_hold_objects, TypeClass};
 
-/// The POST event type of a change to a source, if that kind of source has row events.
-pub fn event_type(kind: SourceKind, op: Op) -> Option<&'static str> {
-    Some(match (kind, op) {
-        (SourceKind::User, Op::Insert) => "POST_USER_CREATE",
-        (SourceKind::User, Op::Update) => "POST_USER_UPDATE",
-        (SourceKind::User, Op::Delete) => "POST_USER_DELETE",
-        (SourceKind::Record, Op::Insert) => "POST_RECORD_CREATE",
-        (SourceKind::Record, Op::Update) => "POST_RECORD_UPDATE",
-        (SourceKind::Record, Op::Delete) => "POST_RECORD_DELETE",
-        (SourceKind::Session, _) => return None,
-    })
+/// The POST event type of a change to a source, if that kind of source has row events (shared:
+/// events of a type hold the same name).
+pub fn event_type(kind: SourceKind, op: Op) -> Option<&'static Arc<str>> {
+    static NAMES: LazyLock<[Arc<str>; 6]> = LazyLock::new(|| {
+        [
+            "POST_USER_CREATE",
+            "POST_USER_UPDATE",
+            "POST_USER_DELETE",
+            "POST_RECORD_CREATE",
+            "POST_RECORD_UPDATE",
+            "POST_RECORD_DELETE",
+        ]
+        .map(Arc::from)
+    });
+    let base = match kind {
+        SourceKind::User => 0,
+        SourceKind::Record => 3,
+        SourceKind::Session => return None,
+    };
+    let offset = match op {
+        Op::Insert => 0,
+        Op::Update => 1,
+        Op::Delete => 2,
+    };
+    NAMES.get(base + offset)
 }
 
-/// Build the event for `change` of `source`, moving the row's values into it.
+/// Build the event for `change` of `source`.
 pub fn row_event(
     change: RowChange,
     source: &Source,
-    event_type: &str,
+    event_type: &Arc<str>,
     database: &Arc<str>,
 ) -> Event {
-    let rel = change.relation.clone();
-    let id_key = match source.kind {
-        SourceKind::User => "user_id",
-        _ => "record_id",
-    };
-    let id_index = source
-        .id_column
-        .as_deref()
-        .and_then(|c| rel.columns.iter().position(|col| &*col.name == c));
-    let old_map: Option<Map<String, Value>> = change.old.as_ref().map(|cells| {
-        rel.columns
-            .iter()
-            .zip(cells)
-            .filter_map(|(c, cell)| cell_value(cell, None).map(|v| (c.name.to_string(), v)))
-            .collect()
-    });
-    let (cells, fallback) = match change.new {
-        Some(new) => (new, change.old.as_deref()),
-        None => (change.old.clone().unwrap_or_default(), None),
-    };
-    let mut data = Map::with_capacity(cells.len() + 4);
-    let id = id_index
-        .and_then(|i| cells.get(i))
-        .and_then(|cell| cell_value(cell, fallback.and_then(|o| o.get(id_index?))))
-        .unwrap_or(Value::Null);
-    data.insert(id_key.to_string(), id);
-    if source.kind != SourceKind::User {
-        data.insert("table".to_string(), Value::String(rel.name.to_string()));
-    }
-    let mut changes = (change.op == Op::Update && old_map.is_some()).then(Map::new);
-    let mut missing = Vec::new();
-    for (i, (col, cell)) in rel.columns.iter().zip(cells).enumerate() {
-        let old_cell = fallback.and_then(|o| o.get(i));
-        let value = match cell {
-            Cell::Value(v) => Some(v), // moved, not copied
-            other => cell_value(&other, old_cell),
-        };
-        let Some(v) = value else {
-            missing.push(Value::String(col.name.to_string()));
-            continue;
-        };
-        if let Some(changes) = changes.as_mut() {
-            let old_v = old_cell
-                .and_then(|o| cell_value(o, None))
-                .unwrap_or(Value::Null);
-            if old_v != v {
-                let mut c = Map::with_capacity(2);
-                c.insert("old".into(), old_v);
-                c.insert("new".into(), v.clone());
-                changes.insert(col.name.to_string(), Value::Object(c));
-            }
-        }
-        data.insert(col.name.to_string(), v);
-    }
-    // Columns the server did not resend (unchanged TOAST, no old row to take them from).
-    if !missing.is_empty() {
-        data.insert("unchanged_toast".to_string(), Value::Array(missing));
-    }
-    if let Some(changes) = changes {
-        data.insert("changes".to_string(), Value::Object(changes));
-    }
-    if change.op != Op::Insert {
-        if let Some(old) = old_map {
-            data.insert("old".to_string(), Value::Object(old));
-        }
-    }
-
+    let data = event_data(&change, source);
+    let rel = &change.relation;
     Event {
         id: EventId {
             commit_lsn: change.commit.lsn,
             position: change.position,
         },
-        event_type: Arc::from(event_type),
+        event_type: event_type.clone(),
         data,
         occurred_at: change.commit.time,
         source: EventSource {
@@ -114,13 +64,222 @@ pub fn row_event(
     }
 }
 
+fn id_key(kind: SourceKind) -> &'static str {
+    match kind {
+        SourceKind::User => "user_id",
+        _ => "record_id",
+    }
+}
+
+/// `event_data` of a row change, written as JSON straight from the rendered cells: the row's
+/// columns after `user_id` or `record_id` and `table`, then `unchanged_toast`, `changes` and
+/// `old` where they apply. A table with a column of one of those names gets the same object
+/// built as a map (the later value under the earlier key), so it never has duplicate keys.
+pub fn event_data(change: &RowChange, source: &Source) -> EventData {
+    let rel = &change.relation;
+    let id_key = id_key(source.kind);
+    let reserved = |name: &str| {
+        name == id_key
+            || matches!(name, "unchanged_toast" | "changes" | "old")
+            || (source.kind != SourceKind::User && name == "table")
+    };
+    if rel.columns.iter().any(|c| reserved(&c.name)) {
+        return EventData::from_object(&object(change, source));
+    }
+    let old: Option<Vec<Cell>> = change.row.old().map(|t| t.cells().collect());
+    let (cells, fallback): (Vec<Cell>, Option<&[Cell]>) = match change.row.new_row() {
+        Some(new) => (new.cells().collect(), old.as_deref()),
+        None => (old.clone().unwrap_or_default(), None),
+    };
+    let value = |i: usize| cell_json(&cells, fallback, i);
+    let id_index = source
+        .id_column
+        .as_deref()
+        .and_then(|c| rel.columns.iter().position(|col| &*col.name == c));
+
+    let mut out = Vec::with_capacity(256);
+    out.push(b'{');
+    json_string(id_key, &mut out);
+    out.push(b':');
+    out.extend_from_slice(id_index.and_then(value).unwrap_or(b"null"));
+    if source.kind != SourceKind::User {
+        out.extend_from_slice(b",\"table\":");
+        json_string(&rel.name, &mut out);
+    }
+    let columns = rel.columns.len().min(cells.len());
+    let mut missing = Vec::new();
+    for (i, col) in rel.columns[..columns].iter().enumerate() {
+        match value(i) {
+            Some(v) => {
+                out.push(b',');
+                out.extend_from_slice(&col.json_name);
+                out.push(b':');
+                out.extend_from_slice(v);
+            }
+            None => missing.push(i),
+        }
+    }
+    if !missing.is_empty() {
+        out.extend_from_slice(b",\"unchanged_toast\":[");
+        for (n, i) in missing.iter().enumerate() {
+            if n > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(&rel.columns[*i].json_name);
+        }
+        out.push(b']');
+    }
+    if let (Op::Update, Some(old)) = (change.op, old.as_deref()) {
+        out.extend_from_slice(b",\"changes\":{");
+        let mut first = true;
+        for (i, col) in rel.columns[..columns].iter().enumerate() {
+            let Some(new_v) = value(i) else { continue };
+            let old_v: &[u8] = match old.get(i) {
+                Some(&Cell::Value(v)) => v,
+                _ => b"null",
+            };
+            if same_value(col.class, old_v, new_v) {
+                continue;
+            }
+            if !first {
+                out.push(b',');
+            }
+            first = false;
+            out.extend_from_slice(&col.json_name);
+            out.extend_from_slice(b":{\"old\":");
+            out.extend_from_slice(old_v);
+            out.extend_from_slice(b",\"new\":");
+            out.extend_from_slice(new_v);
+            out.push(b'}');
+        }
+        out.push(b'}');
+    }
+    if let (Op::Update | Op::Delete, Some(old)) = (change.op, old.as_deref()) {
+        out.extend_from_slice(b",\"old\":{");
+        let mut first = true;
+        for (col, cell) in rel.columns.iter().zip(old) {
+            let v: &[u8] = match *cell {
+                Cell::Value(v) => v,
+                Cell::Null => b"null",
+                Cell::Unchanged => continue,
+            };
+            if !first {
+                out.push(b',');
+            }
+            first = false;
+            out.extend_from_slice(&col.json_name);
+            out.push(b':');
+            out.extend_from_slice(v);
+        }
+        out.push(b'}');
+    }
+    out.push(b'}');
+    match String::from_utf8(out) {
+        Ok(text) => EventData::from_json_unchecked(text),
+        // Cells hold JSON text, which is UTF-8; should that ever fail, build the map instead.
+        Err(_) => EventData::from_object(&object(change, source)),
+    }
+}
+
+/// Column `i`'s JSON; an unchanged TOAST cell takes the old row's value, or has none.
+fn cell_json<'a>(cells: &[Cell<'a>], fallback: Option<&[Cell<'a>]>, i: usize) -> Option<&'a [u8]> {
+    match *cells.get(i)? {
+        Cell::Value(v) => Some(v),
+        Cell::Null => Some(b"null"),
+        Cell::Unchanged => match fallback.and_then(|o| o.get(i)) {
+            Some(&Cell::Value(v)) => Some(v),
+            Some(Cell::Null) => Some(b"null"),
+            _ => None,
+        },
+    }
+}
+
+/// Whether two rendered values are the same JSON value.
+fn same_value(class: TypeClass, a: &[u8], b: &[u8]) -> bool {
+    if a == b {
+        return true;
+    }
+    // Equal objects may differ in key order; other values are equal only if written the same.
+    may_hold_objects(class)
+        && matches!(
+            (serde_json::from_slice::<Value>(a), serde_json::from_slice::<Value>(b)),
+            (Ok(x), Ok(y)) if x == y
+        )
+}
+
+/// `event_data` built as a map: the reference for [`event_data`], and what it falls back to.
+fn object(change: &RowChange, source: &Source) -> Map<String, Value> {
+    let rel = &change.relation;
+    let id_index = source
+        .id_column
+        .as_deref()
+        .and_then(|c| rel.columns.iter().position(|col| &*col.name == c));
+    let old: Option<Vec<Cell>> = change.row.old().map(|t| t.cells().collect());
+    let old_map: Option<Map<String, Value>> = old.as_ref().map(|cells| {
+        rel.columns
+            .iter()
+            .zip(cells)
+            .filter_map(|(c, cell)| cell_value(*cell, None).map(|v| (c.name.to_string(), v)))
+            .collect()
+    });
+    let (cells, fallback): (Vec<Cell>, Option<&[Cell]>) = match change.row.new_row() {
+        Some(new) => (new.cells().collect(), old.as_deref()),
+        None => (old.clone().unwrap_or_default(), None),
+    };
+    let mut data = Map::with_capacity(cells.len() + 4);
+    let id = id_index
+        .and_then(|i| cells.get(i))
+        .and_then(|cell| cell_value(*cell, fallback.and_then(|o| o.get(id_index?)).copied()))
+        .unwrap_or(Value::Null);
+    data.insert(id_key(source.kind).to_string(), id);
+    if source.kind != SourceKind::User {
+        data.insert("table".to_string(), Value::String(rel.name.to_string()));
+    }
+    let mut changes = (change.op == Op::Update && old_map.is_some()).then(Map::new);
+    let mut missing = Vec::new();
+    for (i, (col, cell)) in rel.columns.iter().zip(&cells).enumerate() {
+        let old_cell = fallback.and_then(|o| o.get(i)).copied();
+        let Some(v) = cell_value(*cell, old_cell) else {
+            missing.push(Value::String(col.name.to_string()));
+            continue;
+        };
+        if let Some(changes) = changes.as_mut() {
+            let old_v = old
+                .as_deref()
+                .and_then(|o| o.get(i))
+                .and_then(|o| cell_value(*o, None))
+                .unwrap_or(Value::Null);
+            if old_v != v {
+                let mut c = Map::with_capacity(2);
+                c.insert("old".into(), old_v);
+                c.insert("new".into(), v.clone());
+                changes.insert(col.name.to_string(), Value::Object(c));
+            }
+        }
+        data.insert(col.name.to_string(), v);
+    }
+    if !missing.is_empty() {
+        data.insert("unchanged_toast".to_string(), Value::Array(missing));
+    }
+    if let Some(changes) = changes {
+        data.insert("changes".to_string(), Value::Object(changes));
+    }
+    if change.op != Op::Insert {
+        if let Some(old) = old_map {
+            data.insert("old".to_string(), Value::Object(old));
+        }
+    }
+    data
+}
+
 /// A cell's value; an unchanged TOAST cell takes the old row's value, or has none.
-fn cell_value(cell: &Cell, old: Option<&Cell>) -> Option<Value> {
+fn cell_value(cell: Cell<'_>, old: Option<Cell<'_>>) -> Option<Value> {
+    let parse = |v: &[u8]| serde_json::from_slice(v).unwrap_or(Value::Null);
     match cell {
         Cell::Null => Some(Value::Null),
-        Cell::Value(v) => Some(v.clone()),
+        Cell::Value(v) => Some(parse(v)),
         Cell::Unchanged => match old {
-            Some(Cell::Value(v)) => Some(v.clone()),
+            Some(Cell::Value(v)) => Some(parse(v)),
             Some(Cell::Null) => Some(Value::Null),
             _ => None,
         },
@@ -131,30 +290,35 @@ fn cell_value(cell: &Cell, old: Option<&Cell>) -> Option<Value> {
 mod tests {
     use super::*;
     use crate::event::{Commit, Lsn};
-    use crate::replication::decode::{Column, Relation};
-    use crate::replication::values::classify;
+    use crate::replication::decode::{Column, EncodedRow, Relation};
     use serde_json::json;
 
-    fn rel() -> Arc<Relation> {
-        let col = |n: &str, t: u32| Column {
-            name: Arc::from(n),
-            type_oid: t,
-            class: classify(t),
-        };
+    fn rel_with(cols: &[(&str, u32)]) -> Arc<Relation> {
         Arc::new(Relation {
             oid: 42,
             schema: Arc::from("public"),
             name: Arc::from("users"),
-            columns: vec![col("id", 20), col("email", 25), col("bio", 25)],
+            columns: cols
+                .iter()
+                .map(|&(n, t)| Column::new(Arc::from(n), t))
+                .collect(),
         })
     }
 
-    fn change(op: Op, old: Option<Vec<Cell>>, new: Option<Vec<Cell>>) -> RowChange {
+    fn rel() -> Arc<Relation> {
+        rel_with(&[("id", 20), ("email", 25), ("bio", 25)])
+    }
+
+    fn change_of(
+        rel: Arc<Relation>,
+        op: Op,
+        old: Option<&[Cell]>,
+        new: Option<&[Cell]>,
+    ) -> RowChange {
         RowChange {
             op,
-            relation: rel(),
-            old,
-            new,
+            relation: rel,
+            row: EncodedRow::from_cells(old, new),
             commit: Arc::new(Commit {
                 lsn: Lsn(0x16B3748),
                 end_lsn: Lsn(0),
@@ -162,12 +326,15 @@ mod tests {
                 xid: 751,
             }),
             position: 2,
-            raw_size: 0,
         }
     }
 
-    fn v(x: Value) -> Cell {
-        Cell::Value(x)
+    fn change(op: Op, old: Option<&[Cell]>, new: Option<&[Cell]>) -> RowChange {
+        change_of(rel(), op, old, new)
+    }
+
+    fn v(json: &'static str) -> Cell<'static> {
+        Cell::Value(json.as_bytes())
     }
 
     fn user() -> Source {
@@ -178,72 +345,186 @@ mod tests {
         }
     }
 
+    fn record() -> Source {
+        Source {
+            oid: 42,
+            kind: SourceKind::Record,
+            id_column: Some("id".into()),
+        }
+    }
+
     #[test]
     fn update_has_changes_and_old_row() {
-        let old = vec![v(json!(42)), v(json!("x@b.c")), v(json!("long"))];
-        let new = vec![v(json!(42)), v(json!("a@b.c")), Cell::Unchanged];
+        let old = [v("42"), v(r#""x@b.c""#), v(r#""long""#)];
+        let new = [v("42"), v(r#""a@b.c""#), Cell::Unchanged];
         let e = row_event(
-            change(Op::Update, Some(old), Some(new)),
+            change(Op::Update, Some(&old), Some(&new)),
             &user(),
-            "POST_USER_UPDATE",
+            &Arc::from("POST_USER_UPDATE"),
             &Arc::from("app"),
         );
         assert_eq!(e.id.to_string(), "00000000016B3748-000002");
         assert_eq!(
-            Value::Object(e.data),
-            json!({"user_id": 42, "id": 42, "email": "a@b.c", "bio": "long",
-                   "changes": {"email": {"old": "x@b.c", "new": "a@b.c"}},
-                   "old": {"id": 42, "email": "x@b.c", "bio": "long"}})
+            e.data.json(),
+            r#"{"user_id":42,"id":42,"email":"a@b.c","bio":"long","changes":{"email":{"old":"x@b.c","new":"a@b.c"}},"old":{"id":42,"email":"x@b.c","bio":"long"}}"#
         );
     }
 
     #[test]
     fn record_insert_names_the_table() {
-        let src = Source {
-            oid: 42,
-            kind: SourceKind::Record,
-            id_column: Some("id".into()),
-        };
         let e = row_event(
-            change(
-                Op::Insert,
-                None,
-                Some(vec![v(json!(7)), Cell::Null, v(json!("b"))]),
-            ),
-            &src,
-            "POST_RECORD_CREATE",
+            change(Op::Insert, None, Some(&[v("7"), Cell::Null, v(r#""b""#)])),
+            &record(),
+            &Arc::from("POST_RECORD_CREATE"),
             &Arc::from("app"),
         );
         assert_eq!(
-            Value::Object(e.data),
+            e.data.to_value(),
             json!({"record_id": 7, "table": "users", "id": 7, "email": null, "bio": "b"})
         );
     }
 
     #[test]
     fn delete_carries_the_old_row() {
-        let old = vec![v(json!(5)), v(json!("d@b.c")), Cell::Null];
+        let old = [v("5"), v(r#""d@b.c""#), Cell::Null];
         let e = row_event(
-            change(Op::Delete, Some(old), None),
+            change(Op::Delete, Some(&old), None),
             &user(),
-            "POST_USER_DELETE",
+            &Arc::from("POST_USER_DELETE"),
             &Arc::from("app"),
         );
-        assert_eq!(e.data["user_id"], json!(5));
-        assert_eq!(e.data["email"], json!("d@b.c"));
-        assert_eq!(e.data["old"]["email"], json!("d@b.c"));
+        let data = e.data.to_value();
+        assert_eq!(data["user_id"], json!(5));
+        assert_eq!(data["email"], json!("d@b.c"));
+        assert_eq!(data["old"]["email"], json!("d@b.c"));
     }
 
     #[test]
     fn unchanged_toast_without_old_row_is_named() {
-        let new = vec![v(json!(1)), v(json!("e")), Cell::Unchanged];
+        let new = [v("1"), v(r#""e""#), Cell::Unchanged];
         let e = row_event(
-            change(Op::Update, None, Some(new)),
+            change(Op::Update, None, Some(&new)),
             &user(),
-            "POST_USER_UPDATE",
+            &Arc::from("POST_USER_UPDATE"),
             &Arc::from("app"),
         );
-        assert_eq!(e.data["unchanged_toast"], json!(["bio"]));
-        assert!(!e.data.contains_key("bio"));
+        let data = e.data.to_value();
+        assert_eq!(data["unchanged_toast"], json!(["bio"]));
+        assert!(data.get("bio").is_none());
+    }
+
+    /// The JSON written from the cells is exactly the map built from them, serialized.
+    #[test]
+    fn written_json_is_the_map() {
+        let json_rel = rel_with(&[("id", 20), ("doc", 114), ("tags", 1009), ("n", 1700)]);
+        let named = |n: &str| rel_with(&[("id", 20), (n, 25)]);
+        type Case = (
+            Arc<Relation>,
+            Op,
+            Option<Vec<Cell<'static>>>,
+            Option<Vec<Cell<'static>>>,
+        );
+        let cases: Vec<Case> = vec![
+            (
+                rel(),
+                Op::Insert,
+                None,
+                Some(vec![v("1"), v(r#""a\"b""#), Cell::Null]),
+            ),
+            (
+                rel(),
+                Op::Update,
+                Some(vec![v("1"), Cell::Null, Cell::Unchanged]),
+                Some(vec![v("2"), v(r#""x""#), Cell::Unchanged]),
+            ),
+            (
+                rel(),
+                Op::Update,
+                Some(vec![v("1"), v(r#""x""#), v(r#""y""#)]),
+                Some(vec![v("1"), v(r#""x""#), v(r#""y""#)]),
+            ),
+            (
+                rel(),
+                Op::Update,
+                None,
+                Some(vec![Cell::Unchanged, v(r#""x""#), Cell::Unchanged]),
+            ),
+            (
+                rel(),
+                Op::Delete,
+                Some(vec![v("3"), Cell::Unchanged, Cell::Null]),
+                None,
+            ),
+            (rel(), Op::Delete, None, None),
+            (rel(), Op::Insert, None, Some(vec![v("1")])),
+            // Objects equal up to key order are not a change; numbers keep their text.
+            (
+                json_rel.clone(),
+                Op::Update,
+                Some(vec![
+                    v("1"),
+                    v(r#"{"a":1,"b":2}"#),
+                    v(r#"["a"]"#),
+                    v("1.50"),
+                ]),
+                Some(vec![
+                    v("1"),
+                    v(r#"{"b":2,"a":1}"#),
+                    v(r#"["a","b"]"#),
+                    v("1.5"),
+                ]),
+            ),
+            // Column names that collide with the keys pgfire adds.
+            (
+                named("table"),
+                Op::Insert,
+                None,
+                Some(vec![v("1"), v(r#""t""#)]),
+            ),
+            (
+                named("old"),
+                Op::Update,
+                Some(vec![v("1"), v(r#""o""#)]),
+                Some(vec![v("1"), v(r#""n""#)]),
+            ),
+            (
+                named("record_id"),
+                Op::Insert,
+                None,
+                Some(vec![v("1"), v("9")]),
+            ),
+            (
+                named("user_id"),
+                Op::Insert,
+                None,
+                Some(vec![v("1"), v("9")]),
+            ),
+            (
+                named("changes"),
+                Op::Update,
+                Some(vec![v("1"), v(r#""o""#)]),
+                Some(vec![v("2"), v(r#""n""#)]),
+            ),
+            (
+                named("unchanged_toast"),
+                Op::Update,
+                None,
+                Some(vec![v("1"), Cell::Unchanged]),
+            ),
+            (
+                named("na\"me\n"),
+                Op::Insert,
+                None,
+                Some(vec![v("1"), v("2")]),
+            ),
+        ];
+        for (i, (rel, op, old, new)) in cases.into_iter().enumerate() {
+            let c = change_of(rel, op, old.as_deref(), new.as_deref());
+            for src in [user(), record()] {
+                let written = event_data(&c, &src);
+                let built = EventData::from_object(&object(&c, &src));
+                assert_eq!(written, built, "case {i} {:?}", src.kind);
+            }
+        }
     }
 }

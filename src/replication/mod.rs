@@ -5,6 +5,8 @@
 
 pub mod conn;
 pub mod decode;
+mod row;
+mod streamed;
 pub mod values;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

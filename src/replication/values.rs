@@ -85,6 +85,108 @@ pub fn render(class: TypeClass, text: &str) -> Value {
     }
 }
 
+/// Render one non-null text value of the given class as JSON text appended to `out`: the same
+/// JSON that serializing [`render`]'s value writes, without building the value when it can.
+pub fn render_json(class: TypeClass, text: &str, out: &mut Vec<u8>) {
+    match class {
+        TypeClass::Bool => match text {
+            "t" => out.extend_from_slice(b"true"),
+            "f" => out.extend_from_slice(b"false"),
+            other => json_string(other, out),
+        },
+        // serde_json writes an exponent's `E` as `e`; PostgreSQL prints `e`.
+        TypeClass::Number if is_json_number(text) && !text.contains('E') => {
+            out.extend_from_slice(text.as_bytes())
+        }
+        TypeClass::Number => {
+            let _ = serde_json::to_writer(&mut *out, &number(text));
+        }
+        TypeClass::Timestamp => json_string(&timestamp(text, false), out),
+        TypeClass::TimestampTz => json_string(&timestamp(text, true), out),
+        TypeClass::Text => json_string(text, out),
+        TypeClass::Json | TypeClass::Array(_) => {
+            // serde_json writes a value to a Vec without failing.
+            let _ = serde_json::to_writer(&mut *out, &render(class, text));
+        }
+    }
+}
+
+/// Whether a class's values may hold JSON objects (whose equality ignores key order, so two
+/// different JSON texts can be equal values).
+pub fn may_hold_objects(class: TypeClass) -> bool {
+    matches!(class, TypeClass::Json | TypeClass::Array(ElemClass::Json))
+}
+
+/// Whether `text` is a JSON number (RFC 8259 grammar): what serde_json accepts as one.
+fn is_json_number(text: &str) -> bool {
+    let b = text.as_bytes();
+    let mut i = usize::from(b.first() == Some(&b'-'));
+    let digits = |i: &mut usize| {
+        let start = *i;
+        while b.get(*i).is_some_and(u8::is_ascii_digit) {
+            *i += 1;
+        }
+        *i - start
+    };
+    match b.get(i) {
+        Some(b'0') => i += 1,
+        Some(b'1'..=b'9') => {
+            digits(&mut i);
+        }
+        _ => return false,
+    }
+    if b.get(i) == Some(&b'.') {
+        i += 1;
+        if digits(&mut i) == 0 {
+            return false;
+        }
+    }
+    if matches!(b.get(i), Some(b'e' | b'E')) {
+        i += 1;
+        if matches!(b.get(i), Some(b'+' | b'-')) {
+            i += 1;
+        }
+        if digits(&mut i) == 0 {
+            return false;
+        }
+    }
+    i == b.len()
+}
+
+/// `s` as a JSON string, escaped exactly as serde_json escapes it.
+pub fn json_string(s: &str, out: &mut Vec<u8>) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    out.reserve(s.len() + 2);
+    out.push(b'"');
+    let bytes = s.as_bytes();
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let esc: &[u8] = match b {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            0x08 => b"\\b",
+            0x0c => b"\\f",
+            0..=0x1f => {
+                out.extend_from_slice(&bytes[start..i]);
+                out.extend_from_slice(b"\\u00");
+                out.push(HEX[(b >> 4) as usize]);
+                out.push(HEX[(b & 0xf) as usize]);
+                start = i + 1;
+                continue;
+            }
+            _ => continue,
+        };
+        out.extend_from_slice(&bytes[start..i]);
+        out.extend_from_slice(esc);
+        start = i + 1;
+    }
+    out.extend_from_slice(&bytes[start..]);
+    out.push(b'"');
+}
+
 /// A JSON number exactly as PostgreSQL wrote it, or a string for NaN and the infinities.
 fn number(text: &str) -> Value {
     let looks_numeric = text
@@ -298,6 +400,54 @@ mod tests {
             render(classify(1185), r#"{"2024-01-02 03:04:05+00"}"#),
             json!(["2024-01-02T03:04:05Z"])
         );
+    }
+
+    /// The JSON text written directly is exactly what serializing the rendered value writes.
+    #[test]
+    fn render_json_matches_render() {
+        let cases: &[(u32, &str)] = &[
+            (20, "9223372036854775807"),
+            (1700, "12345678901234567890.000000000000000001"),
+            (1700, "1.50"),
+            (1700, "NaN"),
+            (701, "-Infinity"),
+            (701, "1.5e-07"),
+            (701, "1E+5"),
+            (23, "-42"),
+            (23, "-0"),
+            (23, "00"),
+            (23, "+1"),
+            (23, "1."),
+            (23, ".5"),
+            (23, "1e"),
+            (23, ""),
+            (16, "t"),
+            (16, "f"),
+            (16, "x"),
+            (3802, r#"{"b": [1, 2.50], "a": null}"#),
+            (114, "not json"),
+            (
+                25,
+                "hello \"world\" \\ \n\t\r\u{8}\u{c}\u{1}\u{1f}\u{7f} é ✓",
+            ),
+            (25, ""),
+            (1184, "2024-01-02 03:04:05.123456+00"),
+            (1184, "infinity"),
+            (1114, "2024-01-02 03:04:05"),
+            (1007, "{1,2,NULL}"),
+            (1009, r#"{"a b",c,"NULL","q\"x\\y"}"#),
+            (3807, r#"{"{\"a\": 1}",null}"#),
+            (1007, "{1,2"),
+        ];
+        for &(oid, text) in cases {
+            let mut out = Vec::new();
+            render_json(classify(oid), text, &mut out);
+            assert_eq!(
+                String::from_utf8(out).unwrap(),
+                serde_json::to_string(&render(classify(oid), text)).unwrap(),
+                "{oid} {text:?}"
+            );
+        }
     }
 
     #[test]

@@ -1,0 +1,255 @@
+//! A streamed transaction's changes between their arrival and its commit: decoded as they arrive
+//! (values rendered), stored compactly (rendered rows packed in shared chunks, a few words per
+//! change), each with the subtransaction that made it, so that an aborted subtransaction's
+//! changes are never delivered.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+
+use super::decode::{EncodedRow, Item, Op, Relation, RowChange};
+use crate::event::{Commit, Lsn};
+
+/// Rendered rows are packed into chunks of this size (one allocation for many rows).
+const ARENA_CHUNK: usize = 256 * 1024;
+/// Changes are kept in blocks of this many (no reallocation of one huge list as it grows).
+const BLOCK: usize = 4096;
+
+/// One change of a streamed transaction.
+pub(super) struct Pending {
+    /// The (sub)transaction that made the change: its changes are dropped if it aborts.
+    sub: u32,
+    change: PendingChange,
+}
+
+pub(super) enum PendingChange {
+    Row {
+        op: Op,
+        relation: Arc<Relation>,
+        at: RowAt,
+    },
+    Truncate(Vec<Arc<Relation>>),
+    Message(Box<PendingMessage>),
+}
+
+pub(super) struct PendingMessage {
+    pub transactional: bool,
+    pub prefix: String,
+    pub content: Bytes,
+    pub lsn: Lsn,
+}
+
+/// Where a rendered row is: its chunk, offset and length; the old tuple comes first.
+#[derive(Clone, Copy)]
+pub(super) struct RowAt {
+    chunk: u32,
+    offset: u32,
+    len: u32,
+    /// Length of the old tuple; `u32::MAX` when there is none.
+    old_len: u32,
+    has_new: bool,
+}
+
+impl Pending {
+    /// Bytes held for the change.
+    fn size(&self) -> usize {
+        std::mem::size_of::<Pending>()
+            + match &self.change {
+                PendingChange::Row { at, .. } => at.len as usize,
+                PendingChange::Truncate(r) => r.len() * 8,
+                PendingChange::Message(m) => m.prefix.len() + m.content.len() + 64,
+            }
+    }
+}
+
+/// A streamed transaction not yet committed.
+#[derive(Default)]
+pub(super) struct StreamedTxn {
+    blocks: Vec<Vec<Pending>>,
+    /// Filled chunks of rendered rows, and the one being filled.
+    chunks: Vec<Bytes>,
+    arena: BytesMut,
+    /// Subtransactions that aborted; their changes are not delivered.
+    aborted: HashSet<u32>,
+    /// Bytes held for its changes.
+    pub bytes: usize,
+}
+
+impl StreamedTxn {
+    pub fn changes(&self) -> usize {
+        self.blocks.iter().map(Vec::len).sum()
+    }
+
+    /// Keep a row change rendered as `rendered`: an old tuple of `old_len` bytes (if any), then
+    /// the new tuple (if `has_new`). Returns the bytes it holds.
+    pub fn push_row(
+        &mut self,
+        sub: u32,
+        op: Op,
+        relation: Arc<Relation>,
+        rendered: &[u8],
+        old_len: Option<u32>,
+        has_new: bool,
+    ) -> usize {
+        if self.arena.capacity() - self.arena.len() < rendered.len() {
+            let full = std::mem::replace(
+                &mut self.arena,
+                BytesMut::with_capacity(ARENA_CHUNK.max(rendered.len())),
+            );
+            self.chunks.push(full.freeze());
+        }
+        let at = RowAt {
+            chunk: self.chunks.len() as u32,
+            offset: self.arena.len() as u32,
+            len: rendered.len() as u32,
+            old_len: old_len.unwrap_or(u32::MAX),
+            has_new,
+        };
+        self.arena.extend_from_slice(rendered);
+        self.push(Pending {
+            sub,
+            change: PendingChange::Row { op, relation, at },
+        })
+    }
+
+    /// Keep a change; returns the bytes it holds.
+    pub fn push(&mut self, p: Pending) -> usize {
+        if self.blocks.last().is_none_or(|b| b.len() == BLOCK) {
+            self.blocks.push(Vec::with_capacity(BLOCK));
+        }
+        let size = p.size();
+        if let Some(b) = self.blocks.last_mut() {
+            b.push(p);
+        }
+        self.bytes += size;
+        size
+    }
+
+    pub fn new_pending(sub: u32, change: PendingChange) -> Pending {
+        Pending { sub, change }
+    }
+
+    /// A subtransaction aborted: its changes will not be delivered. They are usually the last
+    /// ones received, and then freed at once; any others are skipped at the commit. Returns the
+    /// bytes freed.
+    pub fn abort_subtransaction(&mut self, sub: u32) -> usize {
+        self.aborted.insert(sub);
+        let mut freed = 0;
+        while let Some(block) = self.blocks.last_mut() {
+            match block.last() {
+                Some(p) if self.aborted.contains(&p.sub) => {
+                    freed += p.size();
+                    block.pop();
+                }
+                Some(_) => break,
+                None => {
+                    self.blocks.pop();
+                }
+            }
+        }
+        self.bytes = self.bytes.saturating_sub(freed);
+        freed
+    }
+
+    /// The transaction committed: hand its changes over in order.
+    pub fn commit(mut self, commit: Arc<Commit>) -> Replay {
+        let last = std::mem::take(&mut self.arena);
+        self.chunks.push(last.freeze());
+        Replay {
+            blocks: self.blocks.into_iter(),
+            block: Vec::new().into_iter(),
+            chunks: self.chunks,
+            released: 0,
+            aborted: self.aborted,
+            commit,
+            position: 0,
+        }
+    }
+}
+
+/// A committed streamed transaction's changes, in order, each chunk of rendered rows released
+/// once its rows are handed over.
+pub(super) struct Replay {
+    blocks: std::vec::IntoIter<Vec<Pending>>,
+    block: std::vec::IntoIter<Pending>,
+    chunks: Vec<Bytes>,
+    released: usize,
+    aborted: HashSet<u32>,
+    pub commit: Arc<Commit>,
+    position: u32,
+}
+
+impl Replay {
+    /// The next change kept: the bytes it held, and its item unless its subtransaction aborted.
+    /// `None` once all are handed over.
+    pub fn next_change(&mut self) -> Option<(usize, Option<Item>)> {
+        let p = loop {
+            match self.block.next() {
+                Some(p) => break p,
+                None => self.block = self.blocks.next()?.into_iter(),
+            }
+        };
+        let size = p.size();
+        if self.aborted.contains(&p.sub) {
+            return Some((size, None));
+        }
+        let item = match p.change {
+            PendingChange::Row { op, relation, at } => {
+                let chunk = at.chunk as usize;
+                // Rows are stored in order: earlier chunks are no longer needed here.
+                while self.released < chunk {
+                    if let Some(c) = self.chunks.get_mut(self.released) {
+                        *c = Bytes::new();
+                    }
+                    self.released += 1;
+                }
+                let (start, end) = (at.offset as usize, at.offset as usize + at.len as usize);
+                let bytes = match self.chunks.get(chunk) {
+                    Some(c) if end <= c.len() => c.slice(start..end),
+                    _ => Bytes::new(),
+                };
+                let old_len = (at.old_len != u32::MAX).then_some(at.old_len);
+                let (commit, position) = self.next_position();
+                Item::Row(RowChange {
+                    op,
+                    relation,
+                    row: EncodedRow::from_parts(bytes, old_len, at.has_new),
+                    commit,
+                    position,
+                })
+            }
+            PendingChange::Truncate(relations) => {
+                let (commit, position) = self.next_position();
+                Item::Truncate {
+                    relations,
+                    commit,
+                    position,
+                }
+            }
+            PendingChange::Message(m) => {
+                let (commit, position) = match m.transactional {
+                    true => {
+                        let (c, p) = self.next_position();
+                        (Some(c), p)
+                    }
+                    false => (None, 0),
+                };
+                Item::Message {
+                    prefix: m.prefix,
+                    content: m.content,
+                    lsn: m.lsn,
+                    commit,
+                    position,
+                }
+            }
+        };
+        Some((size, Some(item)))
+    }
+
+    fn next_position(&mut self) -> (Arc<Commit>, u32) {
+        let p = self.position;
+        self.position += 1;
+        (self.commit.clone(), p)
+    }
+}
