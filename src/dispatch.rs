@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::catalog::{Catalog, Subscription};
 use crate::event::Event;
-use crate::executions::{Execution, Recorder};
+use crate::executions::{Execution, Recorder, Status};
 use crate::functions::{Delivery, FunctionError, Kinds};
 use crate::replication::decode::Item;
 use crate::row_events;
@@ -180,22 +180,23 @@ impl Dispatcher {
                 let duration = t0.elapsed();
                 let last = too_big.is_some() || attempt >= settings.max_attempts;
                 let (status, error) = match &result {
-                    Ok(()) => ("ok", None),
+                    Ok(()) => (Status::Ok, None),
                     Err(e) => {
                         self.stats.failures.fetch_add(1, Ordering::Relaxed);
                         tracing::warn!(function = %def.name, event_id = %event.id, attempt, error = %e, "function failed");
-                        (if last { "dead" } else { e.status() }, Some(e.to_string()))
+                        let status = if last { Status::Dead } else { e.status() };
+                        (status, Some(e.to_string().into_boxed_str()))
                     }
                 };
                 self.pending.push(Execution {
                     event_id: event.id,
                     event_type: event.event_type.clone(),
                     function_name: def.name.clone(),
+                    error,
+                    started_at_us: Execution::micros(started_at),
+                    duration_us: duration.as_micros().min(u64::MAX as u128) as u64,
                     attempt,
                     status,
-                    started_at,
-                    duration,
-                    error,
                 });
                 if result.is_ok() || last {
                     break;

@@ -26,10 +26,10 @@ pub enum FunctionError {
 
 impl FunctionError {
     /// The `pgfire.executions.status` this error is recorded as.
-    pub fn status(&self) -> &'static str {
+    pub fn status(&self) -> crate::executions::Status {
         match self {
-            FunctionError::Timeout(_) => "timeout",
-            FunctionError::Failed(_) => "error",
+            FunctionError::Timeout(_) => crate::executions::Status::Timeout,
+            FunctionError::Failed(_) => crate::executions::Status::Error,
         }
     }
 }
