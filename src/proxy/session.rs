@@ -401,8 +401,13 @@ struct Downstream {
 }
 
 impl Downstream {
-    /// Write the scanned bytes; cancel-safe (progress is recorded after every write).
+    /// Write the scanned bytes; cancel-safe (progress is recorded after every write). Flushed,
+    /// so that nothing waits in a TLS session's buffer while the proxy waits for the server (a
+    /// no-op on plain sockets).
     async fn write_ready(&mut self, cw: &mut (impl AsyncWrite + Unpin)) -> std::io::Result<()> {
+        if self.ready == 0 {
+            return Ok(());
+        }
         while self.ready > 0 {
             let n = cw.write(&self.buf[..self.ready]).await?;
             if n == 0 {
@@ -411,7 +416,7 @@ impl Downstream {
             self.buf.advance(n);
             self.ready -= n;
         }
-        Ok(())
+        cw.flush().await
     }
 
     /// Forward the rest of the frame the client is in the middle of, and nothing after it.

@@ -701,6 +701,22 @@ async fn tls_is_terminated_with_a_certificate_and_declined_without() {
     assert!(ok, "{err}");
     assert!(out.contains("SSL connection (protocol: TLSv1.3"), "{out}");
     assert!(out.contains("42"), "{out}");
+    // A large result over TLS arrives whole, and the session goes on after it.
+    let (ok, out, err) = psql(
+        &proxy.url(&db),
+        &[
+            "-c",
+            "\\o /dev/null",
+            "-c",
+            "SELECT repeat('x', 1000) FROM generate_series(1, 30000)",
+            "-c",
+            "\\o",
+            "-c",
+            "SELECT 'after the large result'",
+        ],
+        &[("PGSSLMODE", "require")],
+    );
+    assert!(ok && out.contains("after the large result"), "{err}");
     // Verified against our CA, too.
     let ca = cert_path.display().to_string();
     let (ok, _, err) = psql(
