@@ -193,7 +193,7 @@ impl Dispatcher {
                     event_type: event.event_type.clone(),
                     function_name: def.name.clone(),
                     error,
-                    started_at_us: Execution::micros(started_at),
+                    started_at_us: started_at.timestamp_micros(),
                     duration_us: duration.as_micros().min(u64::MAX as u128) as u64,
                     attempt,
                     status,

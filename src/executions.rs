@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use chrono::{DateTime, Utc};
 use futures_util::SinkExt;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -44,13 +43,6 @@ impl Status {
             Status::Timeout => "timeout",
             Status::Dead => "dead",
         }
-    }
-}
-
-impl Execution {
-    /// Microseconds since the Unix epoch of a wall-clock time.
-    pub fn micros(t: DateTime<Utc>) -> i64 {
-        t.timestamp_micros()
     }
 }
 
