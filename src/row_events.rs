@@ -186,11 +186,7 @@ fn cell_json<'a>(cells: &[Cell<'a>], fallback: Option<&[Cell<'a>]>, i: usize) ->
     match *cells.get(i)? {
         Cell::Value(v) => Some(v),
         Cell::Null => Some(b"null"),
-        Cell::Unchanged => match fallback.and_then(|o| o.get(i)) {
-            Some(&Cell::Value(v)) => Some(v),
-            Some(Cell::Null) => Some(b"null"),
-            _ => None,
-        },
+        Cell::Unchanged => cell_json(fallback?, None, i),
     }
 }
 

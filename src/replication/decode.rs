@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::row::render_tuple;
+use super::row::{render_tuple, ARENA_CHUNK};
 pub use super::row::{Cell, Cells, EncodedRow, Tuple};
 use super::streamed::{PendingChange, PendingMessage, Replay, StreamedTxn};
 use super::values::{classify, json_string, TypeClass};
@@ -95,13 +95,14 @@ pub enum DecodeError {
     UnknownRelation(u32),
 }
 
-struct OpenTxn {
-    commit: Arc<Commit>,
-    position: u32,
+/// A transaction whose changes are being numbered: its commit, and the next change's position.
+pub(super) struct OpenTxn {
+    pub commit: Arc<Commit>,
+    pub position: u32,
 }
 
 impl OpenTxn {
-    fn next_position(&mut self) -> (Arc<Commit>, u32) {
+    pub fn next_position(&mut self) -> (Arc<Commit>, u32) {
         let p = self.position;
         self.position += 1;
         (self.commit.clone(), p)
@@ -115,10 +116,6 @@ struct Replaying {
     end_lsn: Lsn,
     started: std::time::Instant,
 }
-
-/// Rendered rows of plain transactions are packed into shared chunks of this size (one
-/// allocation for many rows).
-const ARENA_CHUNK: usize = 256 * 1024;
 
 pub struct Decoder {
     parser: LogicalReplicationParser,
@@ -229,28 +226,10 @@ impl Decoder {
                 return Ok(());
             }
             Msg::Relation { .. } => return self.apply(msg, &mut Vec::new()),
-            Msg::Insert {
-                relation_id,
-                ref tuple,
-            } => (Op::Insert, relation_id, None, Some(tuple)),
-            Msg::Update {
-                relation_id,
-                ref old_tuple,
-                ref new_tuple,
-                ..
-            } => (Op::Update, relation_id, old_tuple.as_ref(), Some(new_tuple)),
-            Msg::Delete {
-                relation_id,
-                ref old_tuple,
-                ..
-            } => (Op::Delete, relation_id, Some(old_tuple), None),
             Msg::Truncate {
                 ref relation_ids, ..
             } => {
-                let relations = relation_ids
-                    .iter()
-                    .map(|oid| self.relation(*oid))
-                    .collect::<Result<_, _>>()?;
+                let relations = self.relations(relation_ids)?;
                 let p = StreamedTxn::new_pending(sub, PendingChange::Truncate(relations));
                 self.streamed_bytes += self.streamed.entry(top).or_default().push(p);
                 return Ok(());
@@ -271,8 +250,11 @@ impl Decoder {
                 self.streamed_bytes += self.streamed.entry(top).or_default().push(p);
                 return Ok(());
             }
-            // Types and origins carry nothing pgfire delivers.
-            _ => return Ok(()),
+            // A row change; types and origins carry nothing pgfire delivers.
+            _ => match row_parts(msg) {
+                Some(parts) => parts,
+                None => return Ok(()),
+            },
         };
         let relation = self.relation(oid)?;
         let old_len = self.render_row(&relation, old, new);
@@ -324,40 +306,15 @@ impl Decoder {
                     }),
                 );
             }
-            Msg::Insert {
-                relation_id,
-                ref tuple,
-            } => {
-                self.row(Op::Insert, relation_id, None, Some(tuple), out)?;
-            }
-            Msg::Update {
-                relation_id,
-                ref old_tuple,
-                ref new_tuple,
-                ..
-            } => {
-                self.row(
-                    Op::Update,
-                    relation_id,
-                    old_tuple.as_ref(),
-                    Some(new_tuple),
-                    out,
-                )?;
-            }
-            Msg::Delete {
-                relation_id,
-                ref old_tuple,
-                ..
-            } => {
-                self.row(Op::Delete, relation_id, Some(old_tuple), None, out)?;
+            Msg::Insert { .. } | Msg::Update { .. } | Msg::Delete { .. } => {
+                if let Some((op, oid, old, new)) = row_parts(msg) {
+                    self.row(op, oid, old, new, out)?;
+                }
             }
             Msg::Truncate {
                 ref relation_ids, ..
             } => {
-                let relations = relation_ids
-                    .iter()
-                    .map(|oid| self.relation(*oid))
-                    .collect::<Result<Vec<_>, _>>()?;
+                let relations = self.relations(relation_ids)?;
                 let (commit, position) = self.next_position()?;
                 out.push(Item::Truncate {
                     relations,
@@ -424,7 +381,10 @@ impl Decoder {
                     xid,
                 });
                 self.replay = Some(Replaying {
-                    replay: t.commit(commit),
+                    replay: t.commit(OpenTxn {
+                        commit,
+                        position: 0,
+                    }),
                     end_lsn: Lsn(end_lsn),
                     started: std::time::Instant::now(),
                 });
@@ -440,6 +400,10 @@ impl Decoder {
             .as_mut()
             .map(OpenTxn::next_position)
             .ok_or_else(|| DecodeError::Malformed("change outside a transaction".into()))
+    }
+
+    fn relations(&self, oids: &[u32]) -> Result<Vec<Arc<Relation>>, DecodeError> {
+        oids.iter().map(|oid| self.relation(*oid)).collect()
     }
 
     fn relation(&self, oid: u32) -> Result<Arc<Relation>, DecodeError> {
@@ -502,6 +466,28 @@ impl Decoder {
         }
         self.arena.extend_from_slice(&self.scratch);
         EncodedRow::from_parts(self.arena.split().freeze(), old_len, new.is_some())
+    }
+}
+
+/// A row change's operation, relation and tuples; `None` for any other message.
+fn row_parts(msg: &Msg) -> Option<(Op, u32, Option<&TupleData>, Option<&TupleData>)> {
+    match *msg {
+        Msg::Insert {
+            relation_id,
+            ref tuple,
+        } => Some((Op::Insert, relation_id, None, Some(tuple))),
+        Msg::Update {
+            relation_id,
+            ref old_tuple,
+            ref new_tuple,
+            ..
+        } => Some((Op::Update, relation_id, old_tuple.as_ref(), Some(new_tuple))),
+        Msg::Delete {
+            relation_id,
+            ref old_tuple,
+            ..
+        } => Some((Op::Delete, relation_id, Some(old_tuple), None)),
+        _ => None,
     }
 }
 

@@ -17,6 +17,9 @@ pub enum Cell<'a> {
     Value(&'a [u8]),
 }
 
+/// Rendered rows are packed into shared chunks of this size (one allocation for many rows).
+pub(super) const ARENA_CHUNK: usize = 256 * 1024;
+
 const TAG_NULL: u8 = b'n';
 const TAG_UNCHANGED: u8 = b'u';
 const TAG_VALUE: u8 = b'v';

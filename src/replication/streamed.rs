@@ -8,11 +8,10 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 
-use super::decode::{EncodedRow, Item, Op, Relation, RowChange};
-use crate::event::{Commit, Lsn};
+use super::decode::{EncodedRow, Item, Op, OpenTxn, Relation, RowChange};
+use super::row::ARENA_CHUNK;
+use crate::event::Lsn;
 
-/// Rendered rows are packed into chunks of this size (one allocation for many rows).
-const ARENA_CHUNK: usize = 256 * 1024;
 /// Changes are kept in blocks of this many (no reallocation of one huge list as it grows).
 const BLOCK: usize = 4096;
 
@@ -153,7 +152,7 @@ impl StreamedTxn {
     }
 
     /// The transaction committed: hand its changes over in order.
-    pub fn commit(mut self, commit: Arc<Commit>) -> Replay {
+    pub fn commit(mut self, txn: OpenTxn) -> Replay {
         let last = std::mem::take(&mut self.arena);
         self.chunks.push(last.freeze());
         Replay {
@@ -162,8 +161,7 @@ impl StreamedTxn {
             chunks: self.chunks,
             released: 0,
             aborted: self.aborted,
-            commit,
-            position: 0,
+            txn,
         }
     }
 }
@@ -176,8 +174,8 @@ pub(super) struct Replay {
     chunks: Vec<Bytes>,
     released: usize,
     aborted: HashSet<u32>,
-    pub commit: Arc<Commit>,
-    position: u32,
+    /// The commit, and the position of the next change handed over.
+    txn: OpenTxn,
 }
 
 impl Replay {
@@ -210,7 +208,7 @@ impl Replay {
                     _ => Bytes::new(),
                 };
                 let old_len = (at.old_len != u32::MAX).then_some(at.old_len);
-                let (commit, position) = self.next_position();
+                let (commit, position) = self.txn.next_position();
                 Item::Row(RowChange {
                     op,
                     relation,
@@ -220,7 +218,7 @@ impl Replay {
                 })
             }
             PendingChange::Truncate(relations) => {
-                let (commit, position) = self.next_position();
+                let (commit, position) = self.txn.next_position();
                 Item::Truncate {
                     relations,
                     commit,
@@ -230,7 +228,7 @@ impl Replay {
             PendingChange::Message(m) => {
                 let (commit, position) = match m.transactional {
                     true => {
-                        let (c, p) = self.next_position();
+                        let (c, p) = self.txn.next_position();
                         (Some(c), p)
                     }
                     false => (None, 0),
@@ -245,11 +243,5 @@ impl Replay {
             }
         };
         Some((size, Some(item)))
-    }
-
-    fn next_position(&mut self) -> (Arc<Commit>, u32) {
-        let p = self.position;
-        self.position += 1;
-        (self.commit.clone(), p)
     }
 }
