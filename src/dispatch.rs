@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::{Catalog, Subscription};
-use crate::event::Event;
+use crate::event::{Event, Lsn};
 use crate::executions::{Execution, Recorder, Status};
 use crate::functions::{Delivery, FunctionError, Kinds};
 use crate::replication::decode::Item;
@@ -40,8 +40,10 @@ pub struct Dispatcher {
     pub recorder: Recorder,
     /// Runs not yet handed to the history writer (sent once per batch of items).
     pub pending: Vec<Execution>,
-    /// The last settled checkpoint: the slot may confirm up to here.
-    pub settled: Arc<AtomicU64>,
+    /// Some run in `pending` did not end `ok` (its record must be stored before the slot moves).
+    pub pending_must_store: bool,
+    /// The last checkpoint passed: every event before it has run.
+    pub checkpoint: Option<Lsn>,
     pub stats: Arc<DispatchStats>,
 }
 
@@ -70,7 +72,8 @@ impl Dispatcher {
     async fn flush_history(&mut self) {
         let next = Vec::with_capacity(self.pending.len());
         let batch = std::mem::replace(&mut self.pending, next);
-        self.recorder.record(batch).await;
+        self.pending_must_store = false;
+        self.recorder.record(batch, self.checkpoint).await;
     }
 
     /// Handle one item; false when shutdown interrupted it.
@@ -103,7 +106,8 @@ impl Dispatcher {
             }
             Item::Message { .. } | Item::Truncate { .. } => true,
             Item::Checkpoint(lsn) => {
-                self.settled.fetch_max(lsn.0, Ordering::SeqCst);
+                self.checkpoint = Some(lsn);
+                self.recorder.settle(lsn, self.pending_must_store);
                 true
             }
         }
@@ -185,6 +189,7 @@ impl Dispatcher {
                         self.stats.failures.fetch_add(1, Ordering::Relaxed);
                         tracing::warn!(function = %def.name, event_id = %event.id, attempt, error = %e, "function failed");
                         let status = if last { Status::Dead } else { e.status() };
+                        self.pending_must_store = true;
                         (status, Some(e.to_string().into_boxed_str()))
                     }
                 };

@@ -14,11 +14,12 @@ use crate::admin::{self, AdminState};
 use crate::cli::ServiceArgs;
 use crate::dispatch::{DispatchStats, Dispatcher};
 use crate::embedded::{Cluster, ClusterOptions};
+use crate::executions::{self, Progress};
 use crate::functions::Kinds;
 use crate::install::{self, PUBLICATION};
 use crate::proxy::{self, ProxyArgs, ProxyConfig};
 use crate::replication::{self, ConsumerConfig, ConsumerHealth};
-use crate::{catalog::Catalog, db, executions};
+use crate::{catalog::Catalog, db};
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -59,8 +60,10 @@ impl ServiceConfig {
 /// A running pgfire.
 pub struct Service {
     shutdown: CancellationToken,
-    history_shutdown: CancellationToken,
+    dispatch_stop: CancellationToken,
+    history_abandon: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
+    dispatch: Option<JoinHandle<()>>,
     history: Option<JoinHandle<()>>,
     pub admin_addr: Option<SocketAddr>,
     pub proxy_addr: Option<SocketAddr>,
@@ -83,16 +86,22 @@ impl Service {
         drop(client);
 
         let shutdown = CancellationToken::new();
-        let history_shutdown = CancellationToken::new();
+        let dispatch_stop = CancellationToken::new();
+        let history_abandon = CancellationToken::new();
         let health = Arc::new(ConsumerHealth::default());
         let stats = Arc::new(DispatchStats::default());
         let mut tasks = Vec::new();
         let mut history = None;
+        let mut dispatch = None;
         if let Some((slot, catalog)) = installation {
-            let (recorder, writer) =
-                executions::start(cfg.database_url.clone(), history_shutdown.clone());
-            history = Some(writer);
             let settled = health.settled_lsn.clone();
+            let progress = Arc::new(Progress::new(settled.clone()));
+            let (recorder, writer) = executions::start(
+                cfg.database_url.clone(),
+                progress.clone(),
+                history_abandon.clone(),
+            );
+            history = Some(writer);
             let (tx, rx) = tokio::sync::mpsc::channel(16);
             let dispatcher = Dispatcher {
                 catalog: Arc::new(catalog),
@@ -100,10 +109,11 @@ impl Service {
                 kinds: Kinds::new(&cfg.database_url)?,
                 recorder,
                 pending: Vec::new(),
-                settled: settled.clone(),
+                pending_must_store: false,
+                checkpoint: None,
                 stats: stats.clone(),
             };
-            tasks.push(tokio::spawn(dispatcher.run(rx, shutdown.clone())));
+            dispatch = Some(tokio::spawn(dispatcher.run(rx, dispatch_stop.clone())));
             let consumer = ConsumerConfig {
                 database_url: cfg.database_url.clone(),
                 slot,
@@ -158,8 +168,10 @@ impl Service {
 
         Ok(Service {
             shutdown,
-            history_shutdown,
+            dispatch_stop,
+            history_abandon,
             tasks,
+            dispatch,
             history,
             admin_addr,
             proxy_addr,
@@ -168,8 +180,29 @@ impl Service {
         })
     }
 
-    /// Stop in phases: stop taking work and confirm what is settled, then flush the history.
+    /// Stop in phases: dispatch stops (the event in progress stays unsettled, to run again
+    /// after a restart), the history writer stores what it holds (up to 30 s while the
+    /// database is unreachable), then the consumer confirms what is settled and closes the
+    /// stream, with the proxy and the admin endpoint.
     pub async fn stop(self) {
+        self.dispatch_stop.cancel();
+        if let Some(d) = self.dispatch {
+            if tokio::time::timeout(Duration::from_secs(30), d)
+                .await
+                .is_err()
+            {
+                tracing::warn!("dispatch did not stop within 30 s");
+            }
+        }
+        if let Some(mut history) = self.history {
+            if tokio::time::timeout(Duration::from_secs(30), &mut history)
+                .await
+                .is_err()
+            {
+                self.history_abandon.cancel();
+                let _ = tokio::time::timeout(Duration::from_secs(2), history).await;
+            }
+        }
         self.shutdown.cancel();
         for t in self.tasks {
             if tokio::time::timeout(Duration::from_secs(30), t)
@@ -178,10 +211,6 @@ impl Service {
             {
                 tracing::warn!("a task did not stop within 30 s");
             }
-        }
-        self.history_shutdown.cancel();
-        if let Some(history) = self.history {
-            let _ = tokio::time::timeout(Duration::from_secs(10), history).await;
         }
     }
 }

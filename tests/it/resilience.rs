@@ -292,3 +292,101 @@ async fn healthz_and_metrics_report_the_stream() {
     );
     service.stop().await;
 }
+
+/// A private cluster whose data survives a restart (commits durable), for outage tests.
+fn durable_cluster(dir: &std::path::Path) -> ClusterOptions {
+    let mut opts: ClusterOptions = test_cluster_options();
+    std::fs::remove_dir_all(&opts.data_dir).ok();
+    opts.data_dir = dir.join("data");
+    opts.ephemeral = false;
+    opts.port = Some(pgfire::embedded::free_port().unwrap());
+    opts.settings
+        .push(("synchronous_commit".into(), "on".into()));
+    opts.settings.push(("fsync".into(), "on".into()));
+    opts
+}
+
+/// The history writer keeps what it could not write while PostgreSQL is down (longer than the
+/// five tries it used to give up after) and writes it once the database is back: every event of
+/// every committed row has its run in pgfire.executions.
+#[tokio::test]
+async fn no_run_record_is_dropped_across_a_database_outage() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = durable_cluster(dir.path());
+    let cluster = Cluster::start(&opts).unwrap();
+    cluster.psql("postgres", "CREATE DATABASE app").unwrap();
+    let url = cluster.url("app");
+    let c = pgfire::db::connect(&url).await.unwrap();
+    pgfire::install::install(&c, None, pgfire::install::MIGRATIONS)
+        .await
+        .unwrap();
+    c.batch_execute(
+        "CREATE TABLE users (id int PRIMARY KEY);
+         INSERT INTO pgfire.sources (table_name, kind) VALUES ('users', 'user');
+         INSERT INTO pgfire.functions (name, kind) VALUES ('trace', 'log');
+         INSERT INTO pgfire.subscriptions (event_type, function_name) VALUES ('POST_USER_CREATE', 'trace');",
+    )
+    .await
+    .unwrap();
+    let mut cfg = pgfire::service::ServiceConfig::new(url.clone());
+    cfg.status_interval = Duration::from_millis(50);
+    let service = pgfire::service::Service::start(cfg).await.unwrap();
+    // Rows keep committing until the database goes down under them.
+    let writer = {
+        let url = url.clone();
+        tokio::spawn(async move {
+            let c = pgfire::db::connect(&url).await.unwrap();
+            for t in 0.. {
+                let sql = format!(
+                    "INSERT INTO users SELECT g FROM generate_series({}, {}) g",
+                    t * 10,
+                    t * 10 + 9
+                );
+                if c.batch_execute(&sql).await.is_err() {
+                    break;
+                }
+            }
+        })
+    };
+    eventually(Duration::from_secs(30), "runs being recorded", || async {
+        let n: i64 = c
+            .query_one("SELECT count(*) FROM pgfire.executions", &[])
+            .await
+            .ok()?
+            .get(0);
+        (n >= 500).then_some(())
+    })
+    .await;
+    let mut cluster = cluster;
+    cluster.crash();
+    drop(cluster);
+    writer.await.unwrap();
+    // Down for longer than the writer's old five tries (about 6 s).
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let cluster = Cluster::start(&opts).unwrap();
+    let c = pgfire::db::connect(&url).await.unwrap();
+    let rows: i64 = c
+        .query_one("SELECT count(*) FROM users", &[])
+        .await
+        .unwrap()
+        .get(0);
+    eventually(
+        Duration::from_secs(60),
+        "a run recorded for every committed row",
+        || async {
+            let c = pgfire::db::connect(&url).await.ok()?;
+            let n: i64 = c
+                .query_one(
+                    "SELECT count(DISTINCT event_id) FROM pgfire.executions WHERE status = 'ok'",
+                    &[],
+                )
+                .await
+                .ok()?
+                .get(0);
+            (n == rows).then_some(())
+        },
+    )
+    .await;
+    service.stop().await;
+    cluster.stop();
+}
