@@ -1,11 +1,13 @@
-//! The configuration snapshot: functions, subscriptions, sources and settings read from schema
-//! `pgfire`, validated, immutable once loaded. A running pgfire swaps in a new snapshot when a
-//! configuration change arrives (in commit order, through the replication stream).
+//! The configuration snapshot: functions, subscriptions, sources and settings of schema `pgfire`,
+//! as `pgfire.config_snapshot()` writes them, immutable once loaded. Every configuration change
+//! carries the whole new snapshot in the replication stream, so a running pgfire applies it
+//! exactly as of its commit, and resumes after a restart with the one in force at the slot.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use serde::Deserialize;
 use tokio_postgres::Client;
 
 /// What a function does when it runs.
@@ -70,6 +72,8 @@ pub struct Settings {
     pub retry_base: Duration,
     pub retry_max: Duration,
     pub payload_limit: usize,
+    /// The longest timeout a function may set (`limits.timeout_ms`).
+    pub timeout_limit: Duration,
     pub all: HashMap<String, String>,
 }
 
@@ -80,6 +84,7 @@ impl Default for Settings {
             retry_base: Duration::from_millis(200),
             retry_max: Duration::from_secs(10),
             payload_limit: 1 << 20,
+            timeout_limit: Duration::from_secs(10),
             all: HashMap::new(),
         }
     }
@@ -97,6 +102,56 @@ pub struct Catalog {
     pub warnings: Vec<String>,
 }
 
+/// The configuration as `pgfire.config_snapshot()` writes it (into the stream and into
+/// `pgfire.config_applied`).
+#[derive(Debug, Deserialize)]
+struct Snapshot {
+    database: String,
+    #[serde(default)]
+    settings: HashMap<String, String>,
+    #[serde(default)]
+    functions: Vec<FunctionRow>,
+    #[serde(default)]
+    subscriptions: Vec<SubscriptionRow>,
+    #[serde(default)]
+    sources: Vec<SourceRow>,
+}
+
+#[derive(Debug, Deserialize)]
+struct FunctionRow {
+    name: String,
+    kind: String,
+    target: Option<String>,
+    timeout_ms: i64,
+    secret: Option<String>,
+    active: bool,
+    sql_callable: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct SubscriptionRow {
+    event_type: String,
+    function_name: String,
+    priority: i32,
+    active: bool,
+}
+
+#[derive(Debug, Deserialize)]
+struct SourceRow {
+    oid: u32,
+    kind: String,
+    id_column: Option<String>,
+}
+
+/// Why a configuration could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error("{}", crate::db::describe(.0))]
+    Db(#[from] tokio_postgres::Error),
+    #[error("malformed configuration snapshot: {0}")]
+    Malformed(String),
+}
+
 impl Catalog {
     pub fn subscribers(&self, event_type: &str) -> &[Subscription] {
         self.subscriptions
@@ -105,106 +160,111 @@ impl Catalog {
             .unwrap_or(&[])
     }
 
-    /// Load a snapshot. Rows the database accepted but this pgfire cannot use are skipped with a
-    /// warning rather than failing the whole load.
-    pub async fn load(client: &Client) -> Result<Catalog, tokio_postgres::Error> {
-        let mut cat = Catalog {
-            database: Arc::from(
-                client
-                    .query_one("SELECT current_database()::text", &[])
-                    .await?
-                    .get::<_, String>(0),
-            ),
-            ..Catalog::default()
-        };
-        for row in client
-            .query("SELECT key, value FROM pgfire.settings", &[])
-            .await?
-        {
-            cat.settings.all.insert(row.get(0), row.get(1));
-        }
-        cat.apply_settings();
+    /// Today's configuration, read in one statement (one snapshot).
+    pub async fn load(client: &Client) -> Result<Catalog, CatalogError> {
+        let row = client
+            .query_one("SELECT pgfire.config_snapshot()::text", &[])
+            .await?;
+        Catalog::from_snapshot(row.get::<_, &str>(0))
+    }
 
-        let mut functions: HashMap<String, Arc<FunctionDef>> = HashMap::new();
-        let rows = client
-            .query(
-                "SELECT f.name, f.kind, f.target, f.timeout_ms, f.secret,
-                        CASE WHEN f.kind = 'sql' THEN
-                          (SELECT format('%I.%I', n.nspname, p.proname) FROM pg_proc p
-                             JOIN pg_namespace n ON n.oid = p.pronamespace
-                            WHERE p.oid = to_regprocedure(f.target || '(jsonb)')) END
-                   FROM pgfire.functions f WHERE f.active",
-                &[],
+    /// The configuration in force where slot `slot` stands: the last one pgfire applied from a
+    /// change committed before the slot's confirmed position (or, if there is none, today's).
+    pub async fn load_as_of_slot(client: &Client, slot: &str) -> Result<Catalog, CatalogError> {
+        let row = client
+            .query_opt(
+                "SELECT a.snapshot::text FROM pgfire.config_applied a
+                  WHERE a.commit_lsn < (SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = $1)
+                  ORDER BY a.commit_lsn DESC LIMIT 1",
+                &[&slot],
             )
             .await?;
-        for row in rows {
-            let name: String = row.get(0);
-            let kind: String = row.get(1);
-            let Some(kind) = FunctionKind::parse(&kind) else {
-                cat.warnings
-                    .push(format!("function {name}: unknown kind {kind:?}, skipped"));
+        match row {
+            Some(r) => Catalog::from_snapshot(r.get::<_, &str>(0)),
+            None => {
+                tracing::warn!(
+                    slot,
+                    "no configuration recorded for the slot's position; using today's"
+                );
+                Catalog::load(client).await
+            }
+        }
+    }
+
+    /// A catalog from the JSON of `pgfire.config_snapshot()`. Rows the database accepted but
+    /// this pgfire cannot use are skipped with a warning rather than failing the whole load.
+    pub fn from_snapshot(json: &str) -> Result<Catalog, CatalogError> {
+        let snap: Snapshot =
+            serde_json::from_str(json).map_err(|e| CatalogError::Malformed(e.to_string()))?;
+        let mut cat = Catalog {
+            database: Arc::from(snap.database),
+            ..Catalog::default()
+        };
+        cat.settings.all = snap.settings;
+        cat.apply_settings();
+        let timeout_limit = cat.settings.timeout_limit;
+
+        let mut functions: HashMap<String, Arc<FunctionDef>> = HashMap::new();
+        for f in snap.functions.into_iter().filter(|f| f.active) {
+            let Some(kind) = FunctionKind::parse(&f.kind) else {
+                cat.warnings.push(format!(
+                    "function {}: unknown kind {:?}, skipped",
+                    f.name, f.kind
+                ));
                 continue;
             };
-            let sql_callable: Option<String> = row.get(5);
-            if kind == FunctionKind::Sql && sql_callable.is_none() {
+            if kind == FunctionKind::Sql && f.sql_callable.is_none() {
                 cat.warnings.push(format!(
-                    "function {name}: SQL function {:?}(jsonb) no longer exists",
-                    row.get::<_, Option<String>>(2)
+                    "function {}: SQL function {:?}(jsonb) no longer exists",
+                    f.name, f.target
                 ));
             }
-            let timeout_ms: i32 = row.get(3);
+            let timeout_ms = (f.timeout_ms.max(1) as u64).min(timeout_limit.as_millis() as u64);
             functions.insert(
-                name.clone(),
+                f.name.clone(),
                 Arc::new(FunctionDef {
-                    name: Arc::from(name),
+                    name: Arc::from(f.name),
                     kind,
-                    target: row.get(2),
-                    timeout: Duration::from_millis(timeout_ms.clamp(1, 10_000) as u64),
-                    secret: row.get(4),
-                    sql_callable,
+                    target: f.target,
+                    timeout: Duration::from_millis(timeout_ms),
+                    secret: f.secret,
+                    sql_callable: f.sql_callable,
                 }),
             );
         }
 
-        let rows = client
-            .query(
-                "SELECT event_type, function_name, priority FROM pgfire.subscriptions
-                  WHERE active ORDER BY event_type, priority, function_name",
-                &[],
-            )
-            .await?;
-        for row in rows {
-            let function_name: String = row.get(1);
-            if let Some(function) = functions.get(&function_name) {
+        let mut subs = snap.subscriptions;
+        subs.sort_by(|a, b| {
+            (&a.event_type, a.priority, &a.function_name).cmp(&(
+                &b.event_type,
+                b.priority,
+                &b.function_name,
+            ))
+        });
+        for s in subs.into_iter().filter(|s| s.active) {
+            if let Some(function) = functions.get(&s.function_name) {
                 cat.subscriptions
-                    .entry(row.get(0))
+                    .entry(s.event_type)
                     .or_default()
                     .push(Subscription {
                         function: function.clone(),
-                        priority: row.get(2),
+                        priority: s.priority,
                     });
             }
         }
 
-        let rows = client
-            .query(
-                "SELECT table_name::oid, kind, id_column FROM pgfire.sources",
-                &[],
-            )
-            .await?;
-        for row in rows {
-            let oid: u32 = row.get(0);
-            let kind = match row.get::<_, &str>(1) {
+        for s in snap.sources {
+            let kind = match s.kind.as_str() {
                 "user" => SourceKind::User,
                 "record" => SourceKind::Record,
                 _ => SourceKind::Session,
             };
             cat.sources.insert(
-                oid,
+                s.oid,
                 Source {
-                    oid,
+                    oid: s.oid,
                     kind,
-                    id_column: row.get(2),
+                    id_column: s.id_column,
                 },
             );
         }
@@ -228,6 +288,9 @@ impl Catalog {
         }
         if let Some(v) = num("limits.payload_bytes") {
             s.payload_limit = v as usize;
+        }
+        if let Some(v) = num("limits.timeout_ms") {
+            s.timeout_limit = Duration::from_millis(v.max(1));
         }
     }
 }

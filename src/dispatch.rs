@@ -36,6 +36,12 @@ pub struct DispatchStats {
 pub struct Dispatcher {
     pub catalog: Arc<Catalog>,
     pub database_url: String,
+    /// The slot read (configuration snapshots older than its position are pruned).
+    pub slot: String,
+    /// Why dispatch stopped by itself, if it did.
+    pub failed: Option<String>,
+    /// Sources already warned about for lacking REPLICA IDENTITY FULL.
+    pub warned_identity: std::collections::HashSet<u32>,
     pub kinds: Kinds,
     pub recorder: Recorder,
     /// Runs not yet handed to the history writer (sent once per batch of items).
@@ -88,6 +94,15 @@ impl Dispatcher {
                 let Some(source) = self.catalog.sources.get(&change.relation.oid) else {
                     return true;
                 };
+                if row_events::lacks_old_values(&change)
+                    && self.warned_identity.insert(change.relation.oid)
+                {
+                    let rel = &change.relation;
+                    tracing::warn!(
+                        source = %format_args!("{}.{}", rel.schema, rel.name),
+                        "source lacks REPLICA IDENTITY FULL: old values are missing from its events (named in old_missing); run ALTER TABLE ... REPLICA IDENTITY FULL, or SELECT pgfire.full_identity('table') for a partitioned one"
+                    );
+                }
                 let Some(event_type) = row_events::event_type(source.kind, change.op) else {
                     return true;
                 };
@@ -100,9 +115,15 @@ impl Dispatcher {
                 let event = row_events::row_event(change, source, event_type, &catalog.database);
                 self.deliver(&event, subs, &catalog, clock, shutdown).await
             }
-            Item::Message { prefix, .. } if prefix == CONFIG_MESSAGE_PREFIX => {
-                self.reload(shutdown).await;
-                true
+            Item::Message {
+                prefix,
+                content,
+                lsn,
+                commit,
+                ..
+            } if prefix == CONFIG_MESSAGE_PREFIX => {
+                let at = commit.map(|c| c.lsn).unwrap_or(lsn);
+                self.apply_config(&content, at, shutdown).await
             }
             Item::Message { .. } | Item::Truncate { .. } => true,
             Item::Checkpoint(lsn) => {
@@ -113,20 +134,97 @@ impl Dispatcher {
         }
     }
 
-    /// Reload the configuration, retrying until it loads: events after a change must see it.
-    async fn reload(&mut self, shutdown: &CancellationToken) {
+    /// Apply the configuration a change committed at `at` carries, and record it in
+    /// `pgfire.config_applied` before going on (the last change of a transaction wins there) (so a restart resumes with it once the slot has
+    /// moved past). False when shutdown came first: then nothing after the change is settled.
+    async fn apply_config(
+        &mut self,
+        content: &[u8],
+        at: Lsn,
+        shutdown: &CancellationToken,
+    ) -> bool {
+        let snapshot = match std::str::from_utf8(content) {
+            Ok(text) if text.trim_start().starts_with('{') => text,
+            // A change written by a pgfire before 0.1.1 names only the table: read today's.
+            _ => match self
+                .retry(shutdown, "read the configuration", |url| async move {
+                    let c = crate::db::connect(&url)
+                        .await
+                        .map_err(|e| crate::db::describe(&e))?;
+                    c.query_one("SELECT pgfire.config_snapshot()::text", &[])
+                        .await
+                        .map(|r| r.get::<_, String>(0))
+                        .map_err(|e| crate::db::describe(&e))
+                })
+                .await
+            {
+                Some(text) => return self.install_config(&text, at, shutdown).await,
+                None => return false,
+            },
+        };
+        let snapshot = snapshot.to_string();
+        self.install_config(&snapshot, at, shutdown).await
+    }
+
+    async fn install_config(
+        &mut self,
+        snapshot: &str,
+        at: Lsn,
+        shutdown: &CancellationToken,
+    ) -> bool {
+        let catalog = match Catalog::from_snapshot(snapshot) {
+            Ok(c) => c,
+            Err(err) => {
+                // Not something retrying fixes, and nothing after it may be settled: stop.
+                tracing::error!(error = %err, lsn = %at, "cannot apply a configuration change; dispatch stops");
+                self.failed = Some(err.to_string());
+                return false;
+            }
+        };
+        let slot = self.slot.clone();
+        let text = snapshot.to_string();
+        let stored = self
+            .retry(shutdown, "record the applied configuration", |url| {
+                let (slot, text) = (slot.clone(), text.clone());
+                async move {
+                    let c = crate::db::connect(&url).await.map_err(|e| crate::db::describe(&e))?;
+                    c.execute(
+                        "WITH applied AS (
+                             INSERT INTO pgfire.config_applied (commit_lsn, snapshot)
+                             VALUES ($1::text::pg_lsn, $2::text::jsonb)
+                             ON CONFLICT (commit_lsn) DO UPDATE SET snapshot = EXCLUDED.snapshot, applied_at = now())
+                         DELETE FROM pgfire.config_applied
+                          WHERE commit_lsn < (SELECT max(a.commit_lsn) FROM pgfire.config_applied a
+                                               WHERE a.commit_lsn < (SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = $3))",
+                        &[&at.to_string(), &text, &slot],
+                    )
+                    .await
+                    .map_err(|e| crate::db::describe(&e))
+                }
+            })
+            .await;
+        if stored.is_none() {
+            return false;
+        }
+        self.catalog = Arc::new(catalog);
+        tracing::info!(lsn = %at, "configuration applied");
+        true
+    }
+
+    /// Run `op` until it succeeds, with backoff; `None` when shutdown came first.
+    async fn retry<T, F, Fut>(&self, shutdown: &CancellationToken, what: &str, op: F) -> Option<T>
+    where
+        F: Fn(String) -> Fut,
+        Fut: std::future::Future<Output = Result<T, String>>,
+    {
         let mut delay = Duration::from_millis(100);
         loop {
-            match load_catalog(&self.database_url).await {
-                Ok(cat) => {
-                    self.catalog = Arc::new(cat);
-                    tracing::info!("configuration reloaded");
-                    return;
-                }
+            match op(self.database_url.clone()).await {
+                Ok(v) => return Some(v),
                 Err(err) => {
-                    tracing::warn!(error = %err, "cannot reload configuration; retrying");
+                    tracing::warn!(error = %err, "cannot {what}; retrying");
                     tokio::select! {
-                        _ = shutdown.cancelled() => return,
+                        _ = shutdown.cancelled() => return None,
                         _ = tokio::time::sleep(delay) => {}
                     }
                     delay = (delay * 2).min(Duration::from_secs(5));
@@ -243,16 +341,6 @@ impl WallClock {
 pub fn backoff(base: Duration, max: Duration, attempt: u32) -> Duration {
     base.saturating_mul(1u32 << attempt.saturating_sub(1).min(20))
         .min(max)
-}
-
-/// Load a configuration snapshot over a short-lived connection.
-pub async fn load_catalog(url: &str) -> Result<Catalog, String> {
-    let client = crate::db::connect(url)
-        .await
-        .map_err(|e| crate::db::describe(&e))?;
-    Catalog::load(&client)
-        .await
-        .map_err(|e| crate::db::describe(&e))
 }
 
 #[cfg(test)]

@@ -14,11 +14,18 @@ pub struct Migration {
 }
 
 /// The migrations this build of pgfire knows, oldest first.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "schema",
-    sql: include_str!("../sql/001_schema.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "schema",
+        sql: include_str!("../sql/001_schema.sql"),
+    },
+    Migration {
+        version: 3,
+        name: "config as of commit",
+        sql: include_str!("../sql/003_config_as_of_commit.sql"),
+    },
+];
 
 /// The publication pgfire's consumer reads; source tables are added to it.
 pub const PUBLICATION: &str = "pgfire";
@@ -128,9 +135,19 @@ async fn apply(
         .is_some();
     if !has_pub {
         client
-            .batch_execute(&format!("CREATE PUBLICATION {PUBLICATION}"))
+            .batch_execute(&format!(
+                "CREATE PUBLICATION {PUBLICATION} WITH (publish_via_partition_root = true)"
+            ))
             .await?;
         report.created_publication = true;
+    } else {
+        // Changes of a partitioned source's partitions arrive as changes of the source itself
+        // (publications made by pgfire before 0.1.1 lacked this).
+        client
+            .batch_execute(&format!(
+                "ALTER PUBLICATION {PUBLICATION} SET (publish_via_partition_root = true)"
+            ))
+            .await?;
     }
 
     let stored: Option<String> = client
@@ -166,6 +183,13 @@ async fn apply(
             .execute(
                 "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
                 &[&slot],
+            )
+            .await?;
+        // A new slot starts from here: the configuration in force is today's.
+        client
+            .batch_execute(
+                "DELETE FROM pgfire.config_applied;
+                 INSERT INTO pgfire.config_applied (commit_lsn, snapshot) VALUES ('0/0', pgfire.config_snapshot());",
             )
             .await?;
         report.created_slot = true;

@@ -71,21 +71,25 @@ fn id_key(kind: SourceKind) -> &'static str {
     }
 }
 
-/// `event_data` of a row change, written as JSON straight from the rendered cells: the row's
-/// columns after `user_id` or `record_id` and `table`, then `unchanged_toast`, `changes` and
-/// `old` where they apply. A table with a column of one of those names gets the same object
-/// built as a map (the later value under the earlier key), so it never has duplicate keys.
+/// Whether a column's name is one of the keys pgfire adds to `event_data`: such a column is
+/// written under `columns` instead, so pgfire's keys keep their meaning.
+fn reserved(kind: SourceKind, name: &str) -> bool {
+    name == id_key(kind)
+        || matches!(
+            name,
+            "changes" | "old" | "unchanged_toast" | "old_missing" | "columns"
+        )
+        || (kind != SourceKind::User && name == "table")
+}
+
+/// `event_data` of a row change, written as JSON straight from the rendered cells: `user_id` or
+/// `record_id` and `table`, the row's columns (a column named like one of pgfire's keys goes
+/// under `columns`), then `unchanged_toast`, `changes`, `old` and `old_missing` where they apply.
+/// Only what the WAL holds is reported: a value it does not hold is never made up, its column is
+/// named in `unchanged_toast` (new row) or `old_missing` (old row).
 pub fn event_data(change: &RowChange, source: &Source) -> EventData {
     let rel = &change.relation;
     let id_key = id_key(source.kind);
-    let reserved = |name: &str| {
-        name == id_key
-            || matches!(name, "unchanged_toast" | "changes" | "old")
-            || (source.kind != SourceKind::User && name == "table")
-    };
-    if rel.columns.iter().any(|c| reserved(&c.name)) {
-        return EventData::from_object(&object(change, source));
-    }
     let old: Option<Vec<Cell>> = change.row.old().map(|t| t.cells().collect());
     let (cells, fallback): (Vec<Cell>, Option<&[Cell]>) = match change.row.new_row() {
         Some(new) => (new.cells().collect(), old.as_deref()),
@@ -108,8 +112,10 @@ pub fn event_data(change: &RowChange, source: &Source) -> EventData {
     }
     let columns = rel.columns.len().min(cells.len());
     let mut missing = Vec::new();
+    let mut colliding = Vec::new();
     for (i, col) in rel.columns[..columns].iter().enumerate() {
         match value(i) {
+            Some(_) if reserved(source.kind, &col.name) => colliding.push(i),
             Some(v) => {
                 out.push(b',');
                 out.extend_from_slice(&col.json_name);
@@ -119,15 +125,39 @@ pub fn event_data(change: &RowChange, source: &Source) -> EventData {
             None => missing.push(i),
         }
     }
-    if !missing.is_empty() {
-        out.extend_from_slice(b",\"unchanged_toast\":[");
-        for (n, i) in missing.iter().enumerate() {
+    if !colliding.is_empty() {
+        out.extend_from_slice(b",\"columns\":{");
+        for (n, &i) in colliding.iter().enumerate() {
             if n > 0 {
                 out.push(b',');
             }
-            out.extend_from_slice(&rel.columns[*i].json_name);
+            out.extend_from_slice(&rel.columns[i].json_name);
+            out.push(b':');
+            out.extend_from_slice(value(i).unwrap_or(b"null"));
         }
-        out.push(b']');
+        out.push(b'}');
+    }
+    let names = |out: &mut Vec<u8>, key: &[u8], list: &mut dyn Iterator<Item = usize>| {
+        let mut first = true;
+        for i in list {
+            if first {
+                out.extend_from_slice(key);
+                first = false;
+            } else {
+                out.push(b',');
+            }
+            out.extend_from_slice(&rel.columns[i].json_name);
+        }
+        if !first {
+            out.push(b']');
+        }
+    };
+    if change.op != Op::Delete {
+        names(
+            &mut out,
+            b",\"unchanged_toast\":[",
+            &mut missing.iter().copied(),
+        );
     }
     if let (Op::Update, Some(old)) = (change.op, old.as_deref()) {
         out.extend_from_slice(b",\"changes\":{");
@@ -136,7 +166,9 @@ pub fn event_data(change: &RowChange, source: &Source) -> EventData {
             let Some(new_v) = value(i) else { continue };
             let old_v: &[u8] = match old.get(i) {
                 Some(&Cell::Value(v)) => v,
-                _ => b"null",
+                Some(Cell::Null) => b"null",
+                // Not in the WAL: whether it changed is unknown.
+                _ => continue,
             };
             if same_value(col.class, old_v, new_v) {
                 continue;
@@ -173,11 +205,45 @@ pub fn event_data(change: &RowChange, source: &Source) -> EventData {
         }
         out.push(b'}');
     }
+    if change.op != Op::Insert {
+        names(
+            &mut out,
+            b",\"old_missing\":[",
+            &mut old_missing(change, old.as_deref()),
+        );
+    }
     out.push(b'}');
     match String::from_utf8(out) {
         Ok(text) => EventData::from_json_unchecked(text),
         // Cells hold JSON text, which is UTF-8; should that ever fail, build the map instead.
         Err(_) => EventData::from_object(&object(change, source)),
+    }
+}
+
+/// The columns of an update's or delete's old row that the WAL does not hold: those outside the
+/// replica identity's key, or every column when an update carries no old row at all (the
+/// table's replica identity is not FULL).
+fn old_missing<'a>(
+    change: &'a RowChange,
+    old: Option<&'a [Cell<'a>]>,
+) -> Box<dyn Iterator<Item = usize> + 'a> {
+    match old {
+        Some(old) => Box::new(
+            old.iter()
+                .enumerate()
+                .filter(|(_, c)| **c == Cell::Unchanged)
+                .map(|(i, _)| i)
+                .filter(|&i| i < change.relation.columns.len()),
+        ),
+        None => Box::new(0..change.relation.columns.len()),
+    }
+}
+
+/// Whether a change lacks old values a source with REPLICA IDENTITY FULL would have.
+pub fn lacks_old_values(change: &RowChange) -> bool {
+    match change.row.old() {
+        None => change.op == Op::Update,
+        Some(old) => old.cells().any(|c| c == Cell::Unchanged),
     }
 }
 
@@ -233,6 +299,7 @@ fn object(change: &RowChange, source: &Source) -> Map<String, Value> {
     }
     let mut changes = (change.op == Op::Update && old_map.is_some()).then(Map::new);
     let mut missing = Vec::new();
+    let mut colliding = Map::new();
     for (i, (col, cell)) in rel.columns.iter().zip(&cells).enumerate() {
         let old_cell = fallback.and_then(|o| o.get(i)).copied();
         let Some(v) = cell_value(*cell, old_cell) else {
@@ -243,18 +310,24 @@ fn object(change: &RowChange, source: &Source) -> Map<String, Value> {
             let old_v = old
                 .as_deref()
                 .and_then(|o| o.get(i))
-                .and_then(|o| cell_value(*o, None))
-                .unwrap_or(Value::Null);
-            if old_v != v {
+                .and_then(|o| cell_value(*o, None));
+            if let Some(old_v) = old_v.filter(|o| *o != v) {
                 let mut c = Map::with_capacity(2);
                 c.insert("old".into(), old_v);
                 c.insert("new".into(), v.clone());
                 changes.insert(col.name.to_string(), Value::Object(c));
             }
         }
-        data.insert(col.name.to_string(), v);
+        if reserved(source.kind, &col.name) {
+            colliding.insert(col.name.to_string(), v);
+        } else {
+            data.insert(col.name.to_string(), v);
+        }
     }
-    if !missing.is_empty() {
+    if !colliding.is_empty() {
+        data.insert("columns".to_string(), Value::Object(colliding));
+    }
+    if !missing.is_empty() && change.op != Op::Delete {
         data.insert("unchanged_toast".to_string(), Value::Array(missing));
     }
     if let Some(changes) = changes {
@@ -263,6 +336,12 @@ fn object(change: &RowChange, source: &Source) -> Map<String, Value> {
     if change.op != Op::Insert {
         if let Some(old) = old_map {
             data.insert("old".to_string(), Value::Object(old));
+        }
+        let gone: Vec<Value> = old_missing(change, old.as_deref())
+            .map(|i| Value::String(rel.columns[i].name.to_string()))
+            .collect();
+        if !gone.is_empty() {
+            data.insert("old_missing".to_string(), Value::Array(gone));
         }
     }
     data
@@ -409,6 +488,48 @@ mod tests {
         assert!(data.get("bio").is_none());
     }
 
+    /// REPLICA IDENTITY DEFAULT: an update that changes the key carries only the old key, a
+    /// delete only the key. Nothing else is made up: what is missing is named.
+    #[test]
+    fn old_values_outside_the_key_are_named_never_invented() {
+        let old = [v("1"), Cell::Unchanged, Cell::Unchanged];
+        let new = [v("2"), v(r#""a@b.c""#), v(r#""bio""#)];
+        let e = event_data(&change(Op::Update, Some(&old), Some(&new)), &user());
+        assert_eq!(
+            e.to_value(),
+            json!({"user_id": 2, "id": 2, "email": "a@b.c", "bio": "bio",
+                   "changes": {"id": {"old": 1, "new": 2}},
+                   "old": {"id": 1}, "old_missing": ["email", "bio"]})
+        );
+        let e = event_data(&change(Op::Delete, Some(&old), None), &user());
+        assert_eq!(
+            e.to_value(),
+            json!({"user_id": 1, "id": 1, "old": {"id": 1}, "old_missing": ["email", "bio"]})
+        );
+        // An update without any old row: nothing is known of it.
+        let e = event_data(&change(Op::Update, None, Some(&new)), &user());
+        assert_eq!(e.to_value()["old_missing"], json!(["id", "email", "bio"]));
+        assert!(e.to_value().get("changes").is_none());
+    }
+
+    /// Columns named like pgfire's keys do not replace them: they are under `columns`.
+    #[test]
+    fn colliding_columns_go_under_columns() {
+        let rel = rel_with(&[("id", 20), ("user_id", 20), ("table", 25), ("changes", 25)]);
+        let new = [v("1"), v("99"), v(r#""t""#), v(r#""c""#)];
+        let c = change_of(rel, Op::Insert, None, Some(&new));
+        assert_eq!(
+            event_data(&c, &user()).to_value(),
+            json!({"user_id": 1, "id": 1, "table": "t",
+                   "columns": {"user_id": 99, "changes": "c"}})
+        );
+        assert_eq!(
+            event_data(&c, &record()).to_value(),
+            json!({"record_id": 1, "table": "users", "id": 1, "user_id": 99,
+                   "columns": {"table": "t", "changes": "c"}})
+        );
+    }
+
     /// The JSON written from the cells is exactly the map built from them, serialized.
     #[test]
     fn written_json_is_the_map() {
@@ -452,6 +573,18 @@ mod tests {
                 None,
             ),
             (rel(), Op::Delete, None, None),
+            (
+                rel(),
+                Op::Update,
+                Some(vec![v("1"), Cell::Unchanged, Cell::Unchanged]),
+                Some(vec![v("2"), v(r#""x""#), Cell::Unchanged]),
+            ),
+            (
+                rel(),
+                Op::Delete,
+                Some(vec![v("1"), Cell::Unchanged, Cell::Unchanged]),
+                None,
+            ),
             (rel(), Op::Insert, None, Some(vec![v("1")])),
             // Objects equal up to key order are not a change; numbers keep their text.
             (

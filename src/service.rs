@@ -106,6 +106,9 @@ impl Service {
             let dispatcher = Dispatcher {
                 catalog: Arc::new(catalog),
                 database_url: cfg.database_url.clone(),
+                slot: slot.clone(),
+                failed: None,
+                warned_identity: Default::default(),
                 kinds: Kinds::new(&cfg.database_url)?,
                 recorder,
                 pending: Vec::new(),
@@ -259,9 +262,7 @@ async fn installation(
     let slot = slot
         .or(stored)
         .unwrap_or_else(|| install::DEFAULT_SLOT.to_string());
-    let catalog = Catalog::load(client)
-        .await
-        .map_err(|e| anyhow::anyhow!(db::describe(&e)))?;
+    let catalog = Catalog::load_as_of_slot(client, &slot).await?;
     Ok((slot, catalog))
 }
 

@@ -30,6 +30,8 @@ pub struct Column {
     pub name: Arc<str>,
     pub type_oid: u32,
     pub class: TypeClass,
+    /// Part of the replica identity's key.
+    pub is_key: bool,
     /// The name as a JSON string, written once for every event of the table.
     pub json_name: Box<[u8]>,
 }
@@ -41,9 +43,16 @@ impl Column {
         Column {
             class: classify(type_oid),
             type_oid,
+            is_key: false,
             json_name: json_name.into_boxed_slice(),
             name,
         }
+    }
+
+    /// The column as part of the replica identity's key or not.
+    pub fn key(mut self, is_key: bool) -> Column {
+        self.is_key = is_key;
+        self
     }
 }
 
@@ -220,7 +229,7 @@ impl Decoder {
 
     /// Keep one change of a streamed transaction, decoded.
     fn stream_change(&mut self, top: u32, sub: u32, msg: &Msg) -> Result<(), DecodeError> {
-        let (op, oid, old, new) = match *msg {
+        let parts = match *msg {
             Msg::StreamStop => {
                 self.streaming = None;
                 return Ok(());
@@ -256,10 +265,17 @@ impl Decoder {
                 None => return Ok(()),
             },
         };
-        let relation = self.relation(oid)?;
-        let old_len = self.render_row(&relation, old, new);
+        let relation = self.relation(parts.oid)?;
+        let old_len = self.render_row(&relation, &parts);
         let t = self.streamed.entry(top).or_default();
-        self.streamed_bytes += t.push_row(sub, op, relation, &self.scratch, old_len, new.is_some());
+        self.streamed_bytes += t.push_row(
+            sub,
+            parts.op,
+            relation,
+            &self.scratch,
+            old_len,
+            parts.new.is_some(),
+        );
         Ok(())
     }
 
@@ -294,7 +310,7 @@ impl Decoder {
             } => {
                 let columns = columns
                     .iter()
-                    .map(|c| Column::new(c.name.clone(), c.type_id))
+                    .map(|c| Column::new(c.name.clone(), c.type_id).key(c.flags & 1 == 1))
                     .collect();
                 self.relations.insert(
                     relation_id,
@@ -307,8 +323,8 @@ impl Decoder {
                 );
             }
             Msg::Insert { .. } | Msg::Update { .. } | Msg::Delete { .. } => {
-                if let Some((op, oid, old, new)) = row_parts(msg) {
-                    self.row(op, oid, old, new, out)?;
+                if let Some(parts) = row_parts(msg) {
+                    self.row(&parts, out)?;
                 }
             }
             Msg::Truncate {
@@ -413,19 +429,12 @@ impl Decoder {
             .ok_or(DecodeError::UnknownRelation(oid))
     }
 
-    fn row(
-        &mut self,
-        op: Op,
-        oid: u32,
-        old: Option<&TupleData>,
-        new: Option<&TupleData>,
-        out: &mut Vec<Item>,
-    ) -> Result<(), DecodeError> {
-        let relation = self.relation(oid)?;
+    fn row(&mut self, parts: &RowParts<'_>, out: &mut Vec<Item>) -> Result<(), DecodeError> {
+        let relation = self.relation(parts.oid)?;
         let (commit, position) = self.next_position()?;
-        let row = self.encode_row(&relation, old, new);
+        let row = self.encode_row(&relation, parts);
         out.push(Item::Row(RowChange {
-            op,
+            op: parts.op,
             relation,
             row,
             commit,
@@ -436,57 +445,76 @@ impl Decoder {
 
     /// Render a change's tuples by the relation's column types into `self.scratch`: the old
     /// tuple first; returns its length.
-    fn render_row(
-        &mut self,
-        rel: &Relation,
-        old: Option<&TupleData>,
-        new: Option<&TupleData>,
-    ) -> Option<u32> {
+    fn render_row(&mut self, rel: &Relation, parts: &RowParts<'_>) -> Option<u32> {
         self.scratch.clear();
-        if let Some(t) = old {
-            render_tuple(rel, t, &mut self.scratch);
+        if let Some(t) = parts.old {
+            render_tuple(rel, t, parts.old_is_key, &mut self.scratch);
         }
-        let old_len = old.map(|_| self.scratch.len() as u32);
-        if let Some(t) = new {
-            render_tuple(rel, t, &mut self.scratch);
+        let old_len = parts.old.map(|_| self.scratch.len() as u32);
+        if let Some(t) = parts.new {
+            render_tuple(rel, t, false, &mut self.scratch);
         }
         old_len
     }
 
     /// Render a change's tuples and store them compactly.
-    fn encode_row(
-        &mut self,
-        rel: &Relation,
-        old: Option<&TupleData>,
-        new: Option<&TupleData>,
-    ) -> EncodedRow {
-        let old_len = self.render_row(rel, old, new);
+    fn encode_row(&mut self, rel: &Relation, parts: &RowParts<'_>) -> EncodedRow {
+        let old_len = self.render_row(rel, parts);
         if self.arena.capacity() - self.arena.len() < self.scratch.len() {
             self.arena = BytesMut::with_capacity(ARENA_CHUNK.max(self.scratch.len()));
         }
         self.arena.extend_from_slice(&self.scratch);
-        EncodedRow::from_parts(self.arena.split().freeze(), old_len, new.is_some())
+        EncodedRow::from_parts(self.arena.split().freeze(), old_len, parts.new.is_some())
     }
 }
 
-/// A row change's operation, relation and tuples; `None` for any other message.
-fn row_parts(msg: &Msg) -> Option<(Op, u32, Option<&TupleData>, Option<&TupleData>)> {
+/// A row change as pgoutput sends it: operation, relation and tuples.
+struct RowParts<'a> {
+    op: Op,
+    oid: u32,
+    old: Option<&'a TupleData>,
+    /// The old tuple holds only the replica identity's key columns (`K`; the table's replica
+    /// identity is not FULL): the other columns are not in the WAL.
+    old_is_key: bool,
+    new: Option<&'a TupleData>,
+}
+
+/// A row change's parts; `None` for any other message.
+fn row_parts(msg: &Msg) -> Option<RowParts<'_>> {
     match *msg {
         Msg::Insert {
             relation_id,
             ref tuple,
-        } => Some((Op::Insert, relation_id, None, Some(tuple))),
+        } => Some(RowParts {
+            op: Op::Insert,
+            oid: relation_id,
+            old: None,
+            old_is_key: false,
+            new: Some(tuple),
+        }),
         Msg::Update {
             relation_id,
             ref old_tuple,
             ref new_tuple,
-            ..
-        } => Some((Op::Update, relation_id, old_tuple.as_ref(), Some(new_tuple))),
+            key_type,
+        } => Some(RowParts {
+            op: Op::Update,
+            oid: relation_id,
+            old: old_tuple.as_ref(),
+            old_is_key: key_type == Some('K'),
+            new: Some(new_tuple),
+        }),
         Msg::Delete {
             relation_id,
             ref old_tuple,
-            ..
-        } => Some((Op::Delete, relation_id, Some(old_tuple), None)),
+            key_type,
+        } => Some(RowParts {
+            op: Op::Delete,
+            oid: relation_id,
+            old: Some(old_tuple),
+            old_is_key: key_type == 'K',
+            new: None,
+        }),
         _ => None,
     }
 }

@@ -11,7 +11,8 @@ use super::values::{json_string, render_json, TypeClass};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Cell<'a> {
     Null,
-    /// An unchanged TOASTed value that the server did not send.
+    /// A value the WAL does not hold: an unchanged TOASTed value of the new row, or, in an old
+    /// row that holds only the replica identity's key, a column outside the key.
     Unchanged,
     /// The value rendered to JSON text (see [`super::values::render_json`]).
     Value(&'a [u8]),
@@ -136,10 +137,14 @@ impl EncodedRow {
     }
 }
 
-/// Render a tuple's columns by the relation's column types, encoded as a [`Tuple`].
-pub(super) fn render_tuple(rel: &Relation, tuple: &TupleData, out: &mut Vec<u8>) {
+/// Render a tuple's columns by the relation's column types, encoded as a [`Tuple`]. In a key
+/// tuple (`key_only`) the columns outside the key are not in the WAL (pgoutput sends them as
+/// nulls): they are kept as [`Cell::Unchanged`], never as a made-up null.
+pub(super) fn render_tuple(rel: &Relation, tuple: &TupleData, key_only: bool, out: &mut Vec<u8>) {
     for (i, c) in tuple.columns.iter().enumerate() {
+        let in_wal = !key_only || rel.columns.get(i).is_some_and(|c| c.is_key);
         match c.data_type {
+            _ if !in_wal => out.push(TAG_UNCHANGED),
             b'n' => out.push(TAG_NULL),
             b'u' => out.push(TAG_UNCHANGED),
             _ => {

@@ -311,6 +311,73 @@ async fn configuration_changes_apply_while_running_in_commit_order() {
     assert_eq!(seen, ["a2", "b5", "b6", "b7", "a8", "b8"]);
     service.stop().await;
 }
+/// While pgfire is down the configuration changes between rows: the backlog is routed by the
+/// configuration of each row's own commit, not by today's tables.
+#[tokio::test]
+async fn a_backlog_is_routed_by_the_configuration_of_its_commit() {
+    let db = TestDb::new();
+    install_pgfire(&db).await;
+    let c = db.client().await;
+    c.batch_execute(&format!(
+        "{CAPTURE}
+         CREATE TABLE users (id int PRIMARY KEY);
+         INSERT INTO pgfire.sources (table_name, kind) VALUES ('users', 'user');
+         INSERT INTO pgfire.functions (name, kind, target) VALUES ('a', 'sql', 'capture_a'), ('b', 'sql', 'capture_b');
+         INSERT INTO pgfire.subscriptions (event_type, function_name) VALUES ('POST_USER_CREATE', 'a');"
+    ))
+    .await
+    .unwrap();
+    let service = start_service(&db).await;
+    c.batch_execute("INSERT INTO users VALUES (1)")
+        .await
+        .unwrap();
+    wait_captured(&c, 1).await;
+    caught_up(&db).await;
+    service.stop().await;
+
+    // pgfire is down: rows and configuration changes pile up in the slot.
+    for step in [
+        "INSERT INTO users VALUES (2)",
+        "UPDATE pgfire.subscriptions SET active = false WHERE function_name = 'a'",
+        "INSERT INTO users VALUES (3)",
+        "INSERT INTO pgfire.subscriptions (event_type, function_name) VALUES ('POST_USER_CREATE', 'b')",
+        "INSERT INTO users VALUES (4)",
+        "UPDATE pgfire.settings SET value = '2' WHERE key = 'delivery.max_attempts'",
+    ] {
+        c.batch_execute(step).await.unwrap();
+    }
+    let service = start_service(&db).await;
+    caught_up(&db).await;
+    let seen: Vec<String> = captured(&c)
+        .await
+        .iter()
+        .map(|(f, e)| format!("{f}{}", e["event_data"]["user_id"]))
+        .collect();
+    assert_eq!(seen, ["a1", "a2", "b4"]);
+    service.stop().await;
+
+    // A restart resumes with the configuration in force where the slot stands, kept in
+    // pgfire.config_applied (older snapshots are pruned as the slot moves).
+    c.batch_execute("UPDATE pgfire.subscriptions SET active = true WHERE function_name = 'a'; INSERT INTO users VALUES (5)")
+        .await
+        .unwrap();
+    let service = start_service(&db).await;
+    caught_up(&db).await;
+    let seen: Vec<String> = captured(&c)
+        .await
+        .iter()
+        .map(|(f, e)| format!("{f}{}", e["event_data"]["user_id"]))
+        .collect();
+    assert_eq!(seen, ["a1", "a2", "b4", "a5", "b5"]);
+    service.stop().await;
+    let kept: i64 = c
+        .query_one("SELECT count(*) FROM pgfire.config_applied", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(kept <= 3, "{kept} snapshots kept");
+}
+
 #[tokio::test]
 async fn a_failing_webhook_is_retried_and_recorded_attempt_by_attempt() {
     let db = TestDb::new();

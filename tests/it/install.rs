@@ -8,7 +8,8 @@ use crate::support::{install_pgfire, slot_name, texts, TestDb};
 async fn install_is_idempotent_and_uninstall_removes_everything() {
     let db = TestDb::new();
     let first = install_pgfire(&db).await;
-    assert_eq!(first.applied, vec![1]);
+    let all: Vec<i32> = MIGRATIONS.iter().map(|m| m.version).collect();
+    assert_eq!(first.applied, all);
     assert!(first.created_publication && first.created_slot);
     let second = install_pgfire(&db).await;
     assert_eq!(second.applied, Vec::<i32>::new());
@@ -23,6 +24,7 @@ async fn install_is_idempotent_and_uninstall_removes_everything() {
     assert_eq!(
         tables,
         [
+            "config_applied",
             "event_types",
             "executions",
             "functions",
@@ -73,8 +75,15 @@ async fn install_is_idempotent_and_uninstall_removes_everything() {
     )
     .await
     .is_empty());
+    // pgfire's event triggers went with the schema.
+    assert!(texts(
+        &c,
+        "SELECT evtname::text FROM pg_event_trigger WHERE evtname LIKE 'pgfire%'"
+    )
+    .await
+    .is_empty());
     // And it installs again from nothing.
-    assert_eq!(install_pgfire(&db).await.applied, vec![1]);
+    assert_eq!(install_pgfire(&db).await.applied, all);
 }
 
 #[tokio::test]
@@ -85,17 +94,18 @@ async fn a_newer_version_upgrades_in_place_and_an_older_pgfire_refuses() {
     c.batch_execute("INSERT INTO pgfire.functions (name, kind) VALUES ('keep_me', 'log')")
         .await
         .unwrap();
+    let latest = MIGRATIONS.last().unwrap().version;
     let mut newer: Vec<Migration> = MIGRATIONS.to_vec();
     newer.push(Migration {
-        version: 2,
+        version: latest + 1,
         name: "test upgrade",
         sql: "ALTER TABLE pgfire.functions ADD COLUMN note text;",
     });
     let report = install::install(&c, Some(&slot_name(&db)), &newer)
         .await
         .unwrap();
-    assert_eq!(report.applied, vec![2]);
-    assert_eq!(report.version, 2);
+    assert_eq!(report.applied, vec![latest + 1]);
+    assert_eq!(report.version, latest + 1);
     assert_eq!(
         texts(
             &c,
@@ -104,7 +114,7 @@ async fn a_newer_version_upgrades_in_place_and_an_older_pgfire_refuses() {
         .await,
         ["keep_me-"]
     );
-    // This build knows only version 1: it must not touch a newer schema.
+    // This build does not know the newer version: it must not touch a newer schema.
     let err = install::install(&c, Some(&slot_name(&db)), MIGRATIONS)
         .await
         .unwrap_err();
@@ -116,9 +126,10 @@ async fn a_failing_migration_rolls_back_and_says_which() {
     let db = TestDb::new();
     install_pgfire(&db).await;
     let c = db.client().await;
+    let latest = MIGRATIONS.last().unwrap().version;
     let mut broken: Vec<Migration> = MIGRATIONS.to_vec();
     broken.push(Migration {
-        version: 2,
+        version: latest + 1,
         name: "broken",
         sql: "CREATE TABLE pgfire.half (x int); SELECT no_such_function();",
     });
@@ -126,7 +137,8 @@ async fn a_failing_migration_rolls_back_and_says_which() {
         .await
         .unwrap_err();
     assert!(
-        err.to_string().contains("migration 2 (broken) failed"),
+        err.to_string()
+            .contains(&format!("migration {} (broken) failed", latest + 1)),
         "{err}"
     );
     assert!(texts(
@@ -137,7 +149,7 @@ async fn a_failing_migration_rolls_back_and_says_which() {
     .is_empty());
     assert_eq!(
         texts(&c, "SELECT max(version)::text FROM pgfire.migrations").await,
-        ["1"]
+        [latest.to_string()]
     );
 }
 
@@ -344,7 +356,11 @@ async fn events_and_status_commands_show_the_catalog_and_the_slot() {
     assert!(!ok && err.contains("run pgfire install"), "{err}");
     let (ok, out, err) = run(&["install", "--slot", &slot_name(&db)]);
     assert!(ok, "{err}");
-    assert!(out.contains("pgfire installed: schema version 1"), "{out}");
+    let latest = pgfire::install::MIGRATIONS.last().unwrap().version;
+    assert!(
+        out.contains(&format!("pgfire installed: schema version {latest}")),
+        "{out}"
+    );
     let (ok, out, _) = run(&["install"]);
     assert!(
         ok && out.contains("up to date") && out.contains(&slot_name(&db)),

@@ -9,3 +9,4 @@ mod events;
 mod install;
 mod proxy;
 mod resilience;
+mod sources;

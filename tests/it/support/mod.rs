@@ -137,6 +137,7 @@ pub async fn install_pgfire(db: &TestDb) -> pgfire::install::InstallReport {
 
 /// Start pgfire (consumer, dispatch, admin on a free port; no proxy) against the test database.
 pub async fn start_service(db: &TestDb) -> pgfire::service::Service {
+    init_logs();
     let mut cfg = pgfire::service::ServiceConfig::new(db.url());
     cfg.admin_listen = Some("127.0.0.1:0".parse().unwrap());
     cfg.status_interval = Duration::from_millis(100);
@@ -177,4 +178,17 @@ pub async fn caught_up(db: &TestDb) {
         row.get::<_, bool>(0).then_some(())
     })
     .await
+}
+
+/// Logs of the pgfire under test on stderr, filtered by `PGFIRE_TEST_LOG` (off when unset).
+pub fn init_logs() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if let Ok(filter) = std::env::var("PGFIRE_TEST_LOG") {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+                .with_test_writer()
+                .try_init();
+        }
+    });
 }
