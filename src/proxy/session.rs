@@ -1,6 +1,7 @@
 //! One client session: the startup phase (SSL/GSS negotiation, cancel requests, the startup
 //! packet), then a relay in both directions that forwards bytes as they arrive and decodes only
-//! Query/Parse/Bind (client) and ReadyForQuery/ErrorResponse (server).
+//! Query/Parse/Bind (client) and ReadyForQuery (server). Error and notice frames are relayed as
+//! the bytes they are: in the client's encoding, which need not be UTF-8.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
@@ -502,7 +503,7 @@ async fn server_to_client(
         let n = down.scanner.scan(
             &down.buf[down.ready..],
             |_| Ok(()),
-            |t| matches!(t, b'Z' | b'E'),
+            |t| t == b'Z',
             |frame| {
                 if let Some(Backend::ReadyForQuery(s)) = wire::decode_backend(frame)? {
                     status.store(s, Ordering::SeqCst);

@@ -946,6 +946,100 @@ async fn the_database_can_be_reached_over_its_unix_socket() {
     );
 }
 
+/// A session spoken in raw frames: the startup packet as `postgres` with `params`, read up to the
+/// first ReadyForQuery.
+async fn raw_session(
+    addr: SocketAddr,
+    db: &TestDb,
+    params: &[(&str, &str)],
+) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut out = bytes::BytesMut::new();
+    let all = [("user", "postgres"), ("database", db.name.as_str())];
+    postgres_protocol::message::frontend::startup_message(
+        all.iter().chain(params).copied(),
+        &mut out,
+    )
+    .unwrap();
+    s.write_all(&out).await.unwrap();
+    until_ready(&mut s).await;
+    s
+}
+
+/// The frames the server sends up to and including the next ReadyForQuery.
+async fn until_ready(s: &mut tokio::net::TcpStream) -> Vec<(u8, Vec<u8>)> {
+    let mut frames = Vec::new();
+    loop {
+        let frame = read_frame(s).await.expect("a ReadyForQuery before the end");
+        let ready = frame.0 == b'Z';
+        frames.push(frame);
+        if ready {
+            return frames;
+        }
+    }
+}
+
+/// A simple Query frame of raw bytes (in the client's encoding, not necessarily UTF-8).
+fn query_frame(sql: &[u8]) -> Vec<u8> {
+    let mut f = vec![b'Q'];
+    f.extend_from_slice(&(sql.len() as i32 + 5).to_be_bytes());
+    f.extend_from_slice(sql);
+    f.push(0);
+    f
+}
+
+/// The value of field `field` of an ErrorResponse body.
+fn error_field(body: &[u8], field: u8) -> Option<&[u8]> {
+    body.split(|b| *b == 0)
+        .find(|f| f.first() == Some(&field))
+        .map(|f| &f[1..])
+}
+
+#[tokio::test]
+async fn an_error_in_a_non_utf8_client_encoding_is_an_ordinary_error() {
+    use tokio::io::AsyncWriteExt;
+    let db = TestDb::new();
+    db.psql("CREATE TABLE people (name text PRIMARY KEY)");
+    let proxy = Proxy::start().await;
+    // 'Müller' in WIN1252: the ü is the byte 0xFC, which is not UTF-8.
+    let insert = query_frame(b"INSERT INTO people VALUES ('M\xfcller')");
+    let mut replies = Vec::new();
+    for (i, addr) in [cluster_addr(), proxy.addr].into_iter().enumerate() {
+        let mut s = raw_session(addr, &db, &[("client_encoding", "WIN1252")]).await;
+        if i == 0 {
+            s.write_all(&insert).await.unwrap();
+            assert_eq!(until_ready(&mut s).await.last().unwrap().1, b"I");
+        }
+        s.write_all(&insert).await.unwrap();
+        let frames = until_ready(&mut s).await;
+        let (tag, body) = &frames[0];
+        assert_eq!(*tag, b'E', "{frames:?}");
+        assert_eq!(error_field(body, b'V'), Some(&b"ERROR"[..]));
+        assert_eq!(error_field(body, b'C'), Some(&b"23505"[..]));
+        assert_eq!(
+            error_field(body, b'D'),
+            Some(&b"Key (name)=(M\xfcller) already exists."[..])
+        );
+        // The session goes on.
+        s.write_all(&query_frame(b"SELECT name FROM people"))
+            .await
+            .unwrap();
+        let rows = until_ready(&mut s).await;
+        assert!(
+            rows.iter()
+                .any(|(t, b)| *t == b'D' && b.ends_with(b"M\xfcller")),
+            "{rows:?}"
+        );
+        replies.push(frames);
+    }
+    assert_eq!(replies[0], replies[1], "the same reply direct and through the proxy");
+}
+
+fn cluster_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], cluster().port))
+}
+
 trait ConcatBytes {
     fn concat_bytes(&self) -> Vec<u8>;
 }
