@@ -553,11 +553,17 @@ mod tests {
         let Some(Backend::NoticeResponse(n)) = decode_backend(&frame).unwrap() else {
             panic!("not a NoticeResponse");
         };
-        assert_eq!((n.severity(), n.message), ("REMARQUE".into(), &b"la cl\xe9 existe"[..]));
+        assert_eq!(
+            (n.severity(), n.message),
+            ("REMARQUE".into(), &b"la cl\xe9 existe"[..])
+        );
         assert_eq!(n.message_lossy(), "la cl\u{fffd} existe");
         // A field without its terminator is still malformed; a bogus SQLSTATE is not one.
         assert!(decode_backend(b"N\x00\x00\x00\x07M\xfc\xfc").is_err());
-        let bogus = Notice { code: b"2\xfc505", ..Notice::default() };
+        let bogus = Notice {
+            code: b"2\xfc505",
+            ..Notice::default()
+        };
         assert_eq!(bogus.sqlstate(), None);
     }
 }
