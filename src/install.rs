@@ -21,6 +21,11 @@ pub const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../sql/001_schema.sql"),
     },
     Migration {
+        version: 2,
+        name: "validation",
+        sql: include_str!("../sql/002_validation.sql"),
+    },
+    Migration {
         version: 3,
         name: "config as of commit",
         sql: include_str!("../sql/003_config_as_of_commit.sql"),
@@ -38,7 +43,7 @@ pub enum InstallError {
     Privileges(String),
     #[error("wal_level is {0}; pgfire needs wal_level = logical (set it in postgresql.conf and restart PostgreSQL)")]
     WalLevel(String),
-    #[error("migration {version} ({name}) failed: {source}")]
+    #[error("migration {version} ({name}) failed: {}", db::describe(.source))]
     Migration {
         version: i32,
         name: &'static str,
@@ -61,6 +66,9 @@ pub struct InstallReport {
     pub created_publication: bool,
     pub created_slot: bool,
     pub slot: String,
+    /// The event trigger that deletes the `pgfire.sources` row of a dropped table is in place
+    /// (it needs a superuser to create).
+    pub tracks_dropped_sources: bool,
 }
 
 /// Install or upgrade: apply the migrations not yet applied, ensure the publication and slot.
@@ -195,6 +203,13 @@ async fn apply(
         report.created_slot = true;
     }
     report.slot = slot;
+    report.tracks_dropped_sources = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_event_trigger WHERE evtname = 'pgfire_source_dropped')",
+            &[],
+        )
+        .await?
+        .get(0);
     Ok(report)
 }
 
@@ -295,6 +310,12 @@ pub async fn install_cmd(url: &str, slot: Option<&str>) -> anyhow::Result<()> {
             if report.created_slot { " (created)" } else { "" }
         );
         println!("Register a table:  INSERT INTO pgfire.sources (table_name, kind) VALUES ('public.users', 'user');");
+    }
+    if !report.tracks_dropped_sources {
+        println!(
+            "Note: not installed as a superuser, so dropping a source table leaves its pgfire.sources row; \
+             delete it yourself, or have a superuser run SELECT pgfire.track_dropped_sources();"
+        );
     }
     Ok(())
 }

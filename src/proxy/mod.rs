@@ -1,8 +1,9 @@
 //! The PostgreSQL wire-protocol proxy: clients connect here, every client session is relayed to
 //! one upstream session on the database. Authentication, cancel keys and everything else pass
 //! through unchanged; pgfire looks only at Query, Parse and Bind (for PRE hooks) and at the
-//! server's ReadyForQuery and ErrorResponse.
+//! server's ReadyForQuery.
 
+mod in_flight;
 mod session;
 
 use std::net::SocketAddr;

@@ -1,16 +1,17 @@
 //! One client session: the startup phase (SSL/GSS negotiation, cancel requests, the startup
 //! packet), then a relay in both directions that forwards bytes as they arrive and decodes only
-//! Query/Parse/Bind (client) and ReadyForQuery/ErrorResponse (server).
+//! Query/Parse/Bind (client) and ReadyForQuery (server). Error and notice frames are relayed as
+//! the bytes they are: in the client's encoding, which need not be UTF-8.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
+use super::in_flight::InFlight;
 use super::{ProxyConfig, Upstream};
 use crate::wire::{self, Backend, Startup, WireError};
 
@@ -284,11 +285,12 @@ struct Scanner {
 
 impl Scanner {
     /// How many bytes at the start of `buf` can be forwarded now. `whole(tag)` says which frames
-    /// to inspect (they are passed complete to `inspect`); `check_tag` validates each tag.
+    /// to inspect (they are passed complete to `inspect`); `on_frame` sees each frame's tag once,
+    /// before any of its bytes can be forwarded, and may refuse it.
     fn scan(
         &mut self,
         buf: &[u8],
-        check_tag: impl Fn(u8) -> Result<(), WireError>,
+        mut on_frame: impl FnMut(u8) -> Result<(), WireError>,
         whole: impl Fn(u8) -> bool,
         mut inspect: impl FnMut(&[u8]) -> Result<(), WireError>,
     ) -> Result<usize, WireError> {
@@ -305,14 +307,15 @@ impl Scanner {
             let Some((tag, len)) = wire::frame_header(&buf[pos..])? else {
                 return Ok(pos);
             };
-            check_tag(tag)?;
             if whole(tag) {
                 if buf.len() - pos < len {
                     return Ok(pos);
                 }
+                on_frame(tag)?;
                 inspect(&buf[pos..pos + len])?;
                 pos += len;
             } else {
+                on_frame(tag)?;
                 self.remaining = len;
             }
         }
@@ -358,14 +361,12 @@ async fn relay_halves(
     hook: &dyn Hook,
     drain: &CancellationToken,
 ) {
-    // 'I' idle, 'T' in a transaction, 'E' failed transaction; 0 before the first ReadyForQuery.
-    let status = AtomicU8::new(0);
-    // The client sent something the server has not answered with ReadyForQuery yet.
-    let busy = AtomicBool::new(true);
+    // Shared by both directions (one task: the lock is never contended).
+    let in_flight = Mutex::new(InFlight::new());
     let mut down = Downstream::default();
     let outcome = tokio::select! {
-        r = client_to_server(&mut cr, &mut uw, pending, hook, &busy) => r,
-        r = server_to_client(&mut ur, &mut cw, &mut down, &status, &busy, drain, config) => r,
+        r = client_to_server(&mut cr, &mut uw, pending, hook, &in_flight) => r,
+        r = server_to_client(&mut ur, &mut cw, &mut down, &in_flight, drain, config) => r,
     };
     if let Err(f) = outcome {
         // The client may be in the middle of a server frame: finish it first, so that the FATAL
@@ -445,12 +446,13 @@ async fn client_to_server(
     uw: &mut (impl AsyncWrite + Unpin),
     mut buf: BytesMut,
     hook: &dyn Hook,
-    busy: &AtomicBool,
+    in_flight: &Mutex<InFlight>,
 ) -> Result<(), Fatal> {
     let mut scanner = Scanner::default();
     let inspect_frontend = hook.wants_frontend();
     let check = |tag| {
         if wire::is_frontend_tag(tag) {
+            lock(in_flight).sent(tag);
             Ok(())
         } else {
             Err(WireError::UnknownTag(tag))
@@ -470,7 +472,6 @@ async fn client_to_server(
             inspect,
         )?;
         if n > 0 {
-            busy.store(true, Ordering::SeqCst);
             uw.write_all(&buf[..n]).await.map_err(io_fatal)?;
             buf.advance(n);
         }
@@ -487,8 +488,7 @@ async fn server_to_client(
     ur: &mut (impl AsyncRead + Unpin),
     cw: &mut (impl AsyncWrite + Unpin),
     down: &mut Downstream,
-    status: &AtomicU8,
-    busy: &AtomicBool,
+    in_flight: &Mutex<InFlight>,
     drain: &CancellationToken,
     config: &ProxyConfig,
 ) -> Result<(), Fatal> {
@@ -502,22 +502,19 @@ async fn server_to_client(
         let n = down.scanner.scan(
             &down.buf[down.ready..],
             |_| Ok(()),
-            |t| matches!(t, b'Z' | b'E'),
+            |t| t == b'Z',
             |frame| {
                 if let Some(Backend::ReadyForQuery(s)) = wire::decode_backend(frame)? {
-                    status.store(s, Ordering::SeqCst);
-                    busy.store(false, Ordering::SeqCst);
+                    lock(in_flight).ready(s);
                 }
                 Ok(())
             },
         )?;
         down.ready += n;
         down.write_ready(cw).await.map_err(io_fatal)?;
-        if deadline.is_some()
-            && status.load(Ordering::SeqCst) == b'I'
-            && !busy.load(Ordering::SeqCst)
-            && down.buf.is_empty()
-        {
+        // Draining: close once nothing is in flight, no transaction is open and the client has
+        // everything the server sent.
+        if deadline.is_some() && down.buf.is_empty() && lock(in_flight).is_idle() {
             return Err(shutdown_error());
         }
         if down.buf.capacity() - down.buf.len() < READ_CHUNK / 4 {
@@ -537,6 +534,12 @@ async fn server_to_client(
             }
         }
     }
+}
+
+/// The in-flight state; a panic elsewhere while it was held cannot leave it half-updated (its
+/// updates do not panic), so a poisoned lock is used as is.
+fn lock(m: &Mutex<InFlight>) -> std::sync::MutexGuard<'_, InFlight> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[cfg(test)]

@@ -1,7 +1,8 @@
 //! PostgreSQL wire protocol codec shared by the proxy and the rest of pgfire: framing with checked
 //! lengths, the startup packet, typed decoders for the few messages pgfire looks into (Query,
-//! Parse, Bind; ReadyForQuery, ErrorResponse) and an ErrorResponse encoder. Pure and synchronous:
-//! bytes in, values or [`WireError`] out, never a panic.
+//! Parse, Bind; ReadyForQuery, ErrorResponse and NoticeResponse, whose fields stay bytes) and an
+//! ErrorResponse encoder. Pure and synchronous: bytes in, values or [`WireError`] out, never a
+//! panic.
 
 use bytes::{BufMut, BytesMut};
 
@@ -224,51 +225,82 @@ pub fn decode_frontend(frame: &[u8]) -> Result<Option<Frontend<'_>>, WireError> 
     }))
 }
 
+/// The fields of an ErrorResponse or NoticeResponse pgfire reads, as the server sent them. They
+/// are in the client's encoding (`client_encoding`), which need not be UTF-8: a WIN1252 client
+/// gets `Müller` as the byte 0xFC, so the fields stay bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Notice<'a> {
+    /// `S`: the severity, possibly localized.
+    pub severity: &'a [u8],
+    /// `V`: the severity, never localized (absent before PostgreSQL 9.6).
+    pub severity_raw: Option<&'a [u8]>,
+    /// `C`: the SQLSTATE.
+    pub code: &'a [u8],
+    /// `M`: the primary message.
+    pub message: &'a [u8],
+}
+
+impl Notice<'_> {
+    /// The SQLSTATE, when it is one (five ASCII characters).
+    pub fn sqlstate(&self) -> Option<&str> {
+        (self.code.len() == 5 && self.code.iter().all(u8::is_ascii_alphanumeric))
+            .then(|| std::str::from_utf8(self.code).ok())
+            .flatten()
+    }
+
+    /// The severity in English (`ERROR`, `FATAL`, `WARNING`, ...).
+    pub fn severity(&self) -> String {
+        String::from_utf8_lossy(self.severity_raw.unwrap_or(self.severity)).into_owned()
+    }
+
+    /// The message for logs; bytes that are not UTF-8 become U+FFFD.
+    pub fn message_lossy(&self) -> String {
+        String::from_utf8_lossy(self.message).into_owned()
+    }
+}
+
 /// A backend message pgfire looks into.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Backend {
+pub enum Backend<'a> {
     /// Transaction status: `I` idle, `T` in a transaction, `E` in a failed transaction.
     ReadyForQuery(u8),
-    ErrorResponse {
-        severity: String,
-        code: String,
-        message: String,
-    },
+    ErrorResponse(Notice<'a>),
+    NoticeResponse(Notice<'a>),
 }
 
 /// Decode a whole backend frame if it is one pgfire looks into.
-pub fn decode_backend(frame: &[u8]) -> Result<Option<Backend>, WireError> {
+pub fn decode_backend(frame: &[u8]) -> Result<Option<Backend<'_>>, WireError> {
     let Some(&tag) = frame.first() else {
         return Err(WireError::Malformed("empty"));
     };
     let body = frame.get(5..).ok_or(WireError::Malformed("short"))?;
     Ok(Some(match tag {
         b'Z' => Backend::ReadyForQuery(*body.first().ok_or(WireError::Malformed("ReadyForQuery"))?),
-        b'E' => {
-            let (mut severity, mut code, mut message) =
-                (String::new(), String::new(), String::new());
-            let mut r = Reader(body);
-            loop {
-                let field = r.u8("ErrorResponse")?;
-                if field == 0 {
-                    break;
-                }
-                let value = r.cstr("ErrorResponse")?.to_string();
-                match field {
-                    b'S' => severity = value,
-                    b'C' => code = value,
-                    b'M' => message = value,
-                    _ => {}
-                }
-            }
-            Backend::ErrorResponse {
-                severity,
-                code,
-                message,
-            }
-        }
+        b'E' => Backend::ErrorResponse(notice_fields(body, "ErrorResponse")?),
+        b'N' => Backend::NoticeResponse(notice_fields(body, "NoticeResponse")?),
         _ => return Ok(None),
     }))
+}
+
+/// The fields of an ErrorResponse or NoticeResponse body, as bytes.
+fn notice_fields<'a>(body: &'a [u8], what: &'static str) -> Result<Notice<'a>, WireError> {
+    let mut notice = Notice::default();
+    let mut r = Reader(body);
+    loop {
+        let field = r.u8(what)?;
+        if field == 0 {
+            break;
+        }
+        let value = r.cstr_bytes(what)?;
+        match field {
+            b'S' => notice.severity = value,
+            b'V' => notice.severity_raw = Some(value),
+            b'C' => notice.code = value,
+            b'M' => notice.message = value,
+            _ => {}
+        }
+    }
+    Ok(notice)
 }
 
 /// Append an ErrorResponse ('E') with severity, SQLSTATE and message (NUL bytes dropped).
@@ -295,14 +327,19 @@ pub fn error_response(buf: &mut BytesMut, severity: &str, code: &str, message: &
 struct Reader<'a>(&'a [u8]);
 
 impl<'a> Reader<'a> {
+    /// A NUL-terminated string that must be UTF-8.
     fn cstr(&mut self, what: &'static str) -> Result<&'a str, WireError> {
+        std::str::from_utf8(self.cstr_bytes(what)?).map_err(|_| WireError::Malformed(what))
+    }
+    /// A NUL-terminated string in whatever encoding it came, without its terminator.
+    fn cstr_bytes(&mut self, what: &'static str) -> Result<&'a [u8], WireError> {
         let end = self
             .0
             .iter()
             .position(|b| *b == 0)
             .ok_or(WireError::Malformed(what))?;
-        let s = std::str::from_utf8(&self.0[..end]).map_err(|_| WireError::Malformed(what))?;
-        self.0 = &self.0[end + 1..];
+        let (s, rest) = (&self.0[..end], &self.0[end + 1..]);
+        self.0 = rest;
         Ok(s)
     }
     fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], WireError> {
@@ -471,11 +508,12 @@ mod tests {
         assert_eq!((tag, len), (b'E', b.len()));
         assert_eq!(
             decode_backend(&b).unwrap(),
-            Some(Backend::ErrorResponse {
-                severity: "FATAL".into(),
-                code: "08P01".into(),
-                message: "bad  thing".into()
-            })
+            Some(Backend::ErrorResponse(Notice {
+                severity: b"FATAL",
+                severity_raw: Some(b"FATAL"),
+                code: b"08P01",
+                message: b"bad  thing"
+            }))
         );
         // postgres-protocol reads it too.
         let parsed = postgres_protocol::message::backend::Message::parse(&mut b.clone()).unwrap();
@@ -491,5 +529,41 @@ mod tests {
         );
         assert!(decode_backend(b"Z\x00\x00\x00\x04").is_err());
         assert!(decode_backend(b"E\x00\x00\x00\x06Sx").is_err());
+    }
+
+    #[test]
+    fn error_and_notice_fields_need_not_be_utf8() {
+        // What a WIN1252 client gets for a unique violation on 'M\u{fc}ller': 0xFC is not UTF-8.
+        let body: &[u8] = b"SERROR\0VERROR\0C23505\0Mduplicate key value\0DKey (name)=(M\xfcller) already exists.\0\0";
+        let mut frame = vec![b'E'];
+        frame.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
+        frame.extend_from_slice(body);
+        let Some(Backend::ErrorResponse(e)) = decode_backend(&frame).unwrap() else {
+            panic!("not an ErrorResponse");
+        };
+        assert_eq!(e.sqlstate(), Some("23505"));
+        assert_eq!(e.severity(), "ERROR");
+        assert_eq!(e.message, b"duplicate key value");
+        // A localized severity and message in LATIN1, as a NoticeResponse.
+        let body: &[u8] = b"SREMARQUE\0C00000\0Mla cl\xe9 existe\0\0";
+        frame[0] = b'N';
+        frame.truncate(1);
+        frame.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
+        frame.extend_from_slice(body);
+        let Some(Backend::NoticeResponse(n)) = decode_backend(&frame).unwrap() else {
+            panic!("not a NoticeResponse");
+        };
+        assert_eq!(
+            (n.severity(), n.message),
+            ("REMARQUE".into(), &b"la cl\xe9 existe"[..])
+        );
+        assert_eq!(n.message_lossy(), "la cl\u{fffd} existe");
+        // A field without its terminator is still malformed; a bogus SQLSTATE is not one.
+        assert!(decode_backend(b"N\x00\x00\x00\x07M\xfc\xfc").is_err());
+        let bogus = Notice {
+            code: b"2\xfc505",
+            ..Notice::default()
+        };
+        assert_eq!(bogus.sqlstate(), None);
     }
 }

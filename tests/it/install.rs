@@ -4,12 +4,22 @@ use pgfire::install::{self, Migration, MIGRATIONS};
 
 use crate::support::{install_pgfire, slot_name, texts, TestDb};
 
+/// Every migration version this build knows, oldest first.
+fn all_versions() -> Vec<i32> {
+    MIGRATIONS.iter().map(|m| m.version).collect()
+}
+
+/// The version after the newest this build knows.
+fn next_version() -> i32 {
+    MIGRATIONS.last().unwrap().version + 1
+}
+
 #[tokio::test]
 async fn install_is_idempotent_and_uninstall_removes_everything() {
     let db = TestDb::new();
     let first = install_pgfire(&db).await;
-    let all: Vec<i32> = MIGRATIONS.iter().map(|m| m.version).collect();
-    assert_eq!(first.applied, all);
+    assert_eq!(first.applied, all_versions());
+    assert!(first.tracks_dropped_sources);
     assert!(first.created_publication && first.created_slot);
     let second = install_pgfire(&db).await;
     assert_eq!(second.applied, Vec::<i32>::new());
@@ -75,15 +85,14 @@ async fn install_is_idempotent_and_uninstall_removes_everything() {
     )
     .await
     .is_empty());
-    // pgfire's event triggers went with the schema.
-    assert!(texts(
-        &c,
-        "SELECT evtname::text FROM pg_event_trigger WHERE evtname LIKE 'pgfire%'"
-    )
-    .await
-    .is_empty());
     // And it installs again from nothing.
-    assert_eq!(install_pgfire(&db).await.applied, all);
+    assert!(
+        texts(&c, "SELECT evtname::text FROM pg_event_trigger")
+            .await
+            .is_empty(),
+        "the event trigger goes with schema pgfire"
+    );
+    assert_eq!(install_pgfire(&db).await.applied, all_versions());
 }
 
 #[tokio::test]
@@ -94,18 +103,17 @@ async fn a_newer_version_upgrades_in_place_and_an_older_pgfire_refuses() {
     c.batch_execute("INSERT INTO pgfire.functions (name, kind) VALUES ('keep_me', 'log')")
         .await
         .unwrap();
-    let latest = MIGRATIONS.last().unwrap().version;
     let mut newer: Vec<Migration> = MIGRATIONS.to_vec();
     newer.push(Migration {
-        version: latest + 1,
+        version: next_version(),
         name: "test upgrade",
         sql: "ALTER TABLE pgfire.functions ADD COLUMN note text;",
     });
     let report = install::install(&c, Some(&slot_name(&db)), &newer)
         .await
         .unwrap();
-    assert_eq!(report.applied, vec![latest + 1]);
-    assert_eq!(report.version, latest + 1);
+    assert_eq!(report.applied, vec![next_version()]);
+    assert_eq!(report.version, next_version());
     assert_eq!(
         texts(
             &c,
@@ -114,7 +122,7 @@ async fn a_newer_version_upgrades_in_place_and_an_older_pgfire_refuses() {
         .await,
         ["keep_me-"]
     );
-    // This build does not know the newer version: it must not touch a newer schema.
+    // This build does not know that version: it must not touch a newer schema.
     let err = install::install(&c, Some(&slot_name(&db)), MIGRATIONS)
         .await
         .unwrap_err();
@@ -126,10 +134,9 @@ async fn a_failing_migration_rolls_back_and_says_which() {
     let db = TestDb::new();
     install_pgfire(&db).await;
     let c = db.client().await;
-    let latest = MIGRATIONS.last().unwrap().version;
     let mut broken: Vec<Migration> = MIGRATIONS.to_vec();
     broken.push(Migration {
-        version: latest + 1,
+        version: next_version(),
         name: "broken",
         sql: "CREATE TABLE pgfire.half (x int); SELECT no_such_function();",
     });
@@ -138,7 +145,7 @@ async fn a_failing_migration_rolls_back_and_says_which() {
         .unwrap_err();
     assert!(
         err.to_string()
-            .contains(&format!("migration {} (broken) failed", latest + 1)),
+            .contains(&format!("migration {} (broken) failed", next_version())),
         "{err}"
     );
     assert!(texts(
@@ -147,10 +154,12 @@ async fn a_failing_migration_rolls_back_and_says_which() {
     )
     .await
     .is_empty());
-    assert_eq!(
-        texts(&c, "SELECT max(version)::text FROM pgfire.migrations").await,
-        [latest.to_string()]
-    );
+    let max: i32 = c
+        .query_one("SELECT max(version) FROM pgfire.migrations", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(max, next_version() - 1);
 }
 
 #[tokio::test]
@@ -356,9 +365,11 @@ async fn events_and_status_commands_show_the_catalog_and_the_slot() {
     assert!(!ok && err.contains("run pgfire install"), "{err}");
     let (ok, out, err) = run(&["install", "--slot", &slot_name(&db)]);
     assert!(ok, "{err}");
-    let latest = pgfire::install::MIGRATIONS.last().unwrap().version;
     assert!(
-        out.contains(&format!("pgfire installed: schema version {latest}")),
+        out.contains(&format!(
+            "pgfire installed: schema version {}",
+            next_version() - 1
+        )),
         "{out}"
     );
     let (ok, out, _) = run(&["install"]);
@@ -384,4 +395,354 @@ async fn events_and_status_commands_show_the_catalog_and_the_slot() {
         "{out}"
     );
     assert!(out.contains("no failed runs in the last hour"), "{out}");
+}
+
+/// The database error of `sql`, which must fail.
+async fn refused(c: &tokio_postgres::Client, sql: &str) -> tokio_postgres::error::DbError {
+    c.batch_execute(sql)
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("accepted: {sql}"))
+        .as_db_error()
+        .unwrap_or_else(|| panic!("not a database error: {sql}"))
+        .clone()
+}
+
+#[tokio::test]
+async fn settings_are_checked_when_written() {
+    use tokio_postgres::error::SqlState;
+    let db = TestDb::new();
+    install_pgfire(&db).await;
+    let c = db.client().await;
+    for (key, bad, range) in [
+        (
+            "limits.payload_bytes",
+            "0",
+            "from 1024 to 104857600 (bytes)",
+        ),
+        (
+            "limits.payload_bytes",
+            "abc",
+            "from 1024 to 104857600 (bytes)",
+        ),
+        ("limits.timeout_ms", "-5", "from 1 to 300000 (ms)"),
+        ("limits.timeout_ms", "1.5", "from 1 to 300000 (ms)"),
+        ("limits.subscriptions_per_event", "0", "from 1 to 1000"),
+        ("delivery.max_attempts", "101", "from 1 to 100"),
+        ("delivery.retry_base_ms", "", "from 1 to 3600000"),
+        (
+            "delivery.retry_max_ms",
+            "99999999999999999999",
+            "from 1 to 3600000",
+        ),
+        ("auth.reset_ttl_seconds", "59", "from 60 to 31536000"),
+        (
+            "auth.verification_ttl_seconds",
+            "1e3",
+            "from 60 to 31536000",
+        ),
+    ] {
+        let e = refused(
+            &c,
+            &format!("UPDATE pgfire.settings SET value = '{bad}' WHERE key = '{key}'"),
+        )
+        .await;
+        assert_eq!(e.code(), &SqlState::INVALID_PARAMETER_VALUE, "{key}={bad}");
+        assert!(
+            e.message()
+                .starts_with(&format!("setting {key} must be an integer {range}")),
+            "{key}={bad}: {}",
+            e.message()
+        );
+        assert!(e.hint().unwrap().contains("the default is"), "{key}");
+    }
+    for (key, bad) in [
+        ("auth.verification_link", "http://x/verify"),
+        ("auth.reset_link", "http://x/reset?t={tok}"),
+        ("datahub_schemas", "public,,app"),
+        ("datahub_schemas", "public; drop table x"),
+    ] {
+        let e = refused(
+            &c,
+            &format!("UPDATE pgfire.settings SET value = '{bad}' WHERE key = '{key}'"),
+        )
+        .await;
+        assert_eq!(e.code(), &SqlState::INVALID_PARAMETER_VALUE, "{key}={bad}");
+        assert!(e.message().contains(key), "{}", e.message());
+        assert!(e.hint().is_some(), "{key}");
+    }
+    // An INSERT of a known key is checked like an UPDATE.
+    c.batch_execute("DELETE FROM pgfire.settings WHERE key = 'delivery.max_attempts'")
+        .await
+        .unwrap();
+    let e = refused(
+        &c,
+        "INSERT INTO pgfire.settings (key, value) VALUES ('delivery.max_attempts', 'many')",
+    )
+    .await;
+    assert_eq!(e.code(), &SqlState::INVALID_PARAMETER_VALUE);
+    // Accepted: the bounds, spaces around a number, lists of schemas, unknown keys.
+    c.batch_execute(
+        "INSERT INTO pgfire.settings (key, value) VALUES ('delivery.max_attempts', ' 100 ');
+         UPDATE pgfire.settings SET value = '1024' WHERE key = 'limits.payload_bytes';
+         UPDATE pgfire.settings SET value = '104857600' WHERE key = 'limits.payload_bytes';
+         UPDATE pgfire.settings SET value = '300000' WHERE key = 'limits.timeout_ms';
+         UPDATE pgfire.settings SET value = '60' WHERE key = 'auth.reset_ttl_seconds';
+         UPDATE pgfire.settings SET value = 'public, app_data,Données' WHERE key = 'datahub_schemas';
+         UPDATE pgfire.settings SET value = '' WHERE key = 'datahub_schemas';
+         UPDATE pgfire.settings SET value = 'https://a.example/v?token={token}&x=1' WHERE key = 'auth.verification_link';
+         INSERT INTO pgfire.settings (key, value) VALUES ('my.own_key', 'anything'), ('limits.future_thing', 'abc');",
+    )
+    .await
+    .unwrap();
+    // A raised limit admits longer functions; lowering it below one is refused, naming it.
+    c.batch_execute(
+        "INSERT INTO pgfire.functions (name, kind, timeout_ms) VALUES ('slow', 'log', 60000), ('slower', 'log', 120000)",
+    )
+    .await
+    .unwrap();
+    let e = refused(
+        &c,
+        "UPDATE pgfire.settings SET value = '30000' WHERE key = 'limits.timeout_ms'",
+    )
+    .await;
+    assert_eq!(e.code(), &SqlState::INVALID_PARAMETER_VALUE);
+    assert_eq!(
+        e.message(),
+        r#"limits.timeout_ms 30000 is below the timeout_ms of function "slower" (120000 ms), "slow" (60000 ms)"#
+    );
+    assert!(e.hint().unwrap().contains("UPDATE pgfire.functions"));
+    // Deleting the limit falls back to its default (10000 ms): refused too.
+    let e = refused(
+        &c,
+        "DELETE FROM pgfire.settings WHERE key = 'limits.timeout_ms'",
+    )
+    .await;
+    assert!(
+        e.message().contains("below the timeout_ms"),
+        "{}",
+        e.message()
+    );
+    c.batch_execute(
+        "UPDATE pgfire.settings SET value = '120000' WHERE key = 'limits.timeout_ms';
+         UPDATE pgfire.functions SET timeout_ms = 5000;
+         UPDATE pgfire.settings SET value = '5000' WHERE key = 'limits.timeout_ms';
+         DELETE FROM pgfire.settings WHERE key = 'limits.timeout_ms'",
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn an_invalid_setting_stops_the_upgrade_with_its_key() {
+    let db = TestDb::new();
+    let c = db.client().await;
+    // A version-1 install with a setting version 1 accepted.
+    install::install(&c, Some(&slot_name(&db)), &MIGRATIONS[..1])
+        .await
+        .unwrap();
+    c.batch_execute("UPDATE pgfire.settings SET value = 'abc' WHERE key = 'limits.payload_bytes'")
+        .await
+        .unwrap();
+    let err = install::install(&c, Some(&slot_name(&db)), MIGRATIONS)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("migration 2 (validation) failed"), "{err}");
+    assert!(err.contains("limits.payload_bytes"), "{err}");
+    // Fixed, the upgrade from version 1 applies the rest.
+    c.batch_execute("UPDATE pgfire.settings SET value = '2048' WHERE key = 'limits.payload_bytes'")
+        .await
+        .unwrap();
+    let report = install::install(&c, Some(&slot_name(&db)), MIGRATIONS)
+        .await
+        .unwrap();
+    assert_eq!(report.applied, all_versions()[1..]);
+    assert_eq!(
+        install::install(&c, Some(&slot_name(&db)), MIGRATIONS)
+            .await
+            .unwrap()
+            .applied,
+        Vec::<i32>::new()
+    );
+}
+
+#[tokio::test]
+async fn secrets_must_decode_and_sql_targets_must_be_functions() {
+    use tokio_postgres::error::SqlState;
+    let db = TestDb::new();
+    install_pgfire(&db).await;
+    let c = db.client().await;
+    for secret in [
+        "whsec_abc",              // not a multiple of 4 characters
+        "whsec_QR==",             // stray bits in the last character
+        "whsec_dGVzdA=",          // padding cut short
+        "whsec_dGVzdA==dGVzdA==", // padding in the middle (the regex lets it by)
+    ] {
+        let e = refused(
+            &c,
+            &format!("INSERT INTO pgfire.functions (name, kind, target, secret) VALUES ('w', 'webhook', 'http://h/', '{secret}')"),
+        )
+        .await;
+        assert_eq!(e.code(), &SqlState::INVALID_PARAMETER_VALUE, "{secret}");
+        assert!(e.message().contains("whsec_"), "{secret}: {}", e.message());
+    }
+    c.batch_execute(
+        "INSERT INTO pgfire.functions (name, kind, target, secret) VALUES
+           ('w', 'webhook', 'http://h/', 'whsec_dGVzdC1zZWNyZXQta2V5LTEyMzQ1Njc4OTBhYmNk'),
+           ('w2', 'webhook', 'http://h/', 'whsec_QQ==')",
+    )
+    .await
+    .unwrap();
+    let e = refused(
+        &c,
+        "UPDATE pgfire.functions SET secret = 'whsec_abc' WHERE name = 'w'",
+    )
+    .await;
+    assert_eq!(e.code(), &SqlState::INVALID_PARAMETER_VALUE);
+
+    c.batch_execute(
+        "CREATE PROCEDURE proc(e jsonb) LANGUAGE sql AS 'SELECT 1';
+         CREATE AGGREGATE agg(jsonb) (SFUNC = jsonb_concat, STYPE = jsonb);
+         CREATE FUNCTION fine(e jsonb) RETURNS jsonb LANGUAGE sql AS 'SELECT e';",
+    )
+    .await
+    .unwrap();
+    for (target, what) in [("proc", "a procedure"), ("agg", "an aggregate")] {
+        let e = refused(
+            &c,
+            &format!(
+                "INSERT INTO pgfire.functions (name, kind, target) VALUES ('s', 'sql', '{target}')"
+            ),
+        )
+        .await;
+        assert_eq!(e.code(), &SqlState::WRONG_OBJECT_TYPE, "{target}");
+        assert!(
+            e.message().contains(&format!("is {what}")),
+            "{}",
+            e.message()
+        );
+        assert!(e.hint().unwrap().contains("CREATE FUNCTION"));
+    }
+    c.batch_execute(
+        "INSERT INTO pgfire.functions (name, kind, target) VALUES ('s', 'sql', 'fine')",
+    )
+    .await
+    .unwrap();
+    let e = refused(
+        &c,
+        "UPDATE pgfire.functions SET target = 'proc' WHERE name = 's'",
+    )
+    .await;
+    assert_eq!(e.code(), &SqlState::WRONG_OBJECT_TYPE);
+}
+
+#[tokio::test]
+async fn dropping_a_source_table_deletes_its_row() {
+    let db = TestDb::new();
+    install_pgfire(&db).await;
+    let c = db.client().await;
+    c.batch_execute(
+        "CREATE TABLE users (id int PRIMARY KEY); CREATE TABLE orders (id int PRIMARY KEY);
+         CREATE SCHEMA app; CREATE TABLE app.items (id int PRIMARY KEY);
+         INSERT INTO pgfire.sources (table_name, kind) VALUES ('users', 'user'), ('orders', 'record'), ('app.items', 'record');
+         DROP TABLE users;",
+    )
+    .await
+    .unwrap();
+    let sources = "SELECT table_name::text FROM pgfire.sources ORDER BY 1";
+    assert_eq!(texts(&c, sources).await, ["app.items", "orders"]);
+    // Dropped with its schema, too; the others keep working.
+    c.batch_execute("DROP SCHEMA app CASCADE").await.unwrap();
+    assert_eq!(texts(&c, sources).await, ["orders"]);
+    c.batch_execute(
+        "CREATE TABLE users (id int PRIMARY KEY);
+         INSERT INTO pgfire.sources (table_name, kind) VALUES ('users', 'user');
+         UPDATE pgfire.sources SET id_column = 'id';",
+    )
+    .await
+    .unwrap();
+    assert_eq!(texts(&c, sources).await, ["orders", "users"]);
+    // A drop that fails leaves the row.
+    c.batch_execute("BEGIN; DROP TABLE orders; ROLLBACK")
+        .await
+        .unwrap();
+    assert_eq!(texts(&c, sources).await, ["orders", "users"]);
+    // A role that is not a superuser may drop its own table (the trigger runs as pgfire's owner).
+    let role = format!("owner_{}", db.name);
+    db.psql(&format!(
+        "CREATE ROLE {role} LOGIN; GRANT CREATE ON SCHEMA public TO {role}; GRANT USAGE ON SCHEMA pgfire TO {role}"
+    ));
+    let url = format!(
+        "postgres://{role}@127.0.0.1:{}/{}",
+        db.cluster.port, db.name
+    );
+    let owner = pgfire::db::connect(&url).await.unwrap();
+    owner
+        .batch_execute("CREATE TABLE mine (id int); DROP TABLE mine")
+        .await
+        .unwrap();
+    // A source that does not exist is refused.
+    let e = refused(
+        &c,
+        "INSERT INTO pgfire.sources (table_name, kind) VALUES (4000000000, 'record')",
+    )
+    .await;
+    assert_eq!(e.code(), &tokio_postgres::error::SqlState::UNDEFINED_TABLE);
+}
+
+#[tokio::test]
+async fn installed_by_a_role_that_is_not_superuser_a_dropped_source_stays_editable() {
+    let db = TestDb::new();
+    let role = format!("installer_{}", db.name);
+    db.psql(&format!(
+        "CREATE ROLE {role} LOGIN REPLICATION; GRANT CREATE ON DATABASE {} TO {role}; GRANT CREATE ON SCHEMA public TO {role}",
+        db.name
+    ));
+    let url = format!(
+        "postgres://{role}@127.0.0.1:{}/{}",
+        db.cluster.port, db.name
+    );
+    let c = pgfire::db::connect(&url).await.unwrap();
+    let slot = format!("{}_weak", slot_name(&db));
+    let report = install::install(&c, Some(&slot), MIGRATIONS).await.unwrap();
+    assert_eq!(report.applied, all_versions());
+    assert!(!report.tracks_dropped_sources);
+    c.batch_execute(
+        "CREATE TABLE users (id int PRIMARY KEY); CREATE TABLE orders (id int PRIMARY KEY);
+         INSERT INTO pgfire.sources (table_name, kind) VALUES ('users', 'user'), ('orders', 'record');
+         DROP TABLE users;",
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        texts(&c, "SELECT count(*)::text FROM pgfire.sources").await,
+        ["2"]
+    );
+    // The dangling row does not break updates of the table, and can be deleted.
+    c.batch_execute(
+        "UPDATE pgfire.sources SET last_sign_in_column = NULL;
+         CREATE TABLE items (id int PRIMARY KEY);
+         INSERT INTO pgfire.sources (table_name, kind) VALUES ('items', 'record');
+         DELETE FROM pgfire.sources WHERE NOT EXISTS (SELECT FROM pg_class WHERE oid = table_name);",
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        texts(&c, "SELECT table_name::text FROM pgfire.sources ORDER BY 1").await,
+        ["items", "orders"]
+    );
+    // A superuser can add the event trigger later.
+    db.psql("SELECT pgfire.track_dropped_sources()");
+    c.batch_execute("DROP TABLE items").await.unwrap();
+    assert_eq!(
+        texts(&c, "SELECT table_name::text FROM pgfire.sources").await,
+        ["orders"]
+    );
+    let report = install::install(&c, Some(&slot), MIGRATIONS).await.unwrap();
+    assert!(report.applied.is_empty() && report.tracks_dropped_sources);
+    install::uninstall(&c).await.unwrap();
+    assert!(texts(&c, "SELECT evtname::text FROM pg_event_trigger")
+        .await
+        .is_empty());
 }

@@ -946,6 +946,200 @@ async fn the_database_can_be_reached_over_its_unix_socket() {
     );
 }
 
+/// A session spoken in raw frames: the startup packet as `postgres` with `params`, read up to the
+/// first ReadyForQuery.
+async fn raw_session(
+    addr: SocketAddr,
+    db: &TestDb,
+    params: &[(&str, &str)],
+) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut out = bytes::BytesMut::new();
+    let all = [("user", "postgres"), ("database", db.name.as_str())];
+    postgres_protocol::message::frontend::startup_message(
+        all.iter().chain(params).copied(),
+        &mut out,
+    )
+    .unwrap();
+    s.write_all(&out).await.unwrap();
+    until_ready(&mut s).await;
+    s
+}
+
+/// The frames the server sends up to and including the next ReadyForQuery.
+async fn until_ready(s: &mut tokio::net::TcpStream) -> Vec<(u8, Vec<u8>)> {
+    let mut frames = Vec::new();
+    loop {
+        let frame = read_frame(s).await.expect("a ReadyForQuery before the end");
+        let ready = frame.0 == b'Z';
+        frames.push(frame);
+        if ready {
+            return frames;
+        }
+    }
+}
+
+/// A simple Query frame of raw bytes (in the client's encoding, not necessarily UTF-8).
+fn query_frame(sql: &[u8]) -> Vec<u8> {
+    let mut f = vec![b'Q'];
+    f.extend_from_slice(&(sql.len() as i32 + 5).to_be_bytes());
+    f.extend_from_slice(sql);
+    f.push(0);
+    f
+}
+
+/// The value of field `field` of an ErrorResponse body.
+fn error_field(body: &[u8], field: u8) -> Option<&[u8]> {
+    body.split(|b| *b == 0)
+        .find(|f| f.first() == Some(&field))
+        .map(|f| &f[1..])
+}
+
+#[tokio::test]
+async fn an_error_in_a_non_utf8_client_encoding_is_an_ordinary_error() {
+    use tokio::io::AsyncWriteExt;
+    let db = TestDb::new();
+    db.psql("CREATE TABLE people (name text PRIMARY KEY)");
+    let proxy = Proxy::start().await;
+    // 'Müller' in WIN1252: the ü is the byte 0xFC, which is not UTF-8.
+    let insert = query_frame(b"INSERT INTO people VALUES ('M\xfcller')");
+    let mut replies = Vec::new();
+    for (i, addr) in [cluster_addr(), proxy.addr].into_iter().enumerate() {
+        let mut s = raw_session(addr, &db, &[("client_encoding", "WIN1252")]).await;
+        if i == 0 {
+            s.write_all(&insert).await.unwrap();
+            assert_eq!(until_ready(&mut s).await.last().unwrap().1, b"I");
+        }
+        s.write_all(&insert).await.unwrap();
+        let frames = until_ready(&mut s).await;
+        let (tag, body) = &frames[0];
+        assert_eq!(*tag, b'E', "{frames:?}");
+        assert_eq!(error_field(body, b'V'), Some(&b"ERROR"[..]));
+        assert_eq!(error_field(body, b'C'), Some(&b"23505"[..]));
+        assert_eq!(
+            error_field(body, b'D'),
+            Some(&b"Key (name)=(M\xfcller) already exists."[..])
+        );
+        // The session goes on.
+        s.write_all(&query_frame(b"SELECT name FROM people"))
+            .await
+            .unwrap();
+        let rows = until_ready(&mut s).await;
+        assert!(
+            rows.iter()
+                .any(|(t, b)| *t == b'D' && b.ends_with(b"M\xfcller")),
+            "{rows:?}"
+        );
+        replies.push(frames);
+    }
+    assert_eq!(
+        replies[0], replies[1],
+        "the same reply direct and through the proxy"
+    );
+}
+
+fn cluster_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], cluster().port))
+}
+
+/// Wait until a backend of `db` runs a statement containing `text`.
+async fn running(db: &TestDb, text: &str) {
+    let c = connect(&db.url()).await;
+    crate::support::eventually(Duration::from_secs(15), text, || async {
+        let n: i64 = c
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                  WHERE datname = current_database() AND state = 'active'
+                    AND strpos(query, $1) > 0 AND pid <> pg_backend_pid()",
+                &[&text],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        (n > 0).then_some(())
+    })
+    .await
+}
+
+#[tokio::test]
+async fn shutdown_lets_pipelined_queries_finish_first() {
+    use postgres_protocol::message::frontend;
+    use tokio::io::AsyncWriteExt;
+    let db = TestDb::new();
+    db.psql("CREATE TABLE c (x int)");
+    let proxy = Proxy::with(|c| c.shutdown_timeout = Duration::from_secs(20)).await;
+    // Simple protocol: two queries in one write; the second sleeps.
+    let mut simple = raw_session(proxy.addr, &db, &[]).await;
+    let mut out = query_frame(b"SELECT 1");
+    out.extend(query_frame(b"SELECT 'simple done' FROM pg_sleep(1)"));
+    simple.write_all(&out).await.unwrap();
+    // Extended protocol: two statements, each with its own Sync, in one write.
+    let mut extended = raw_session(proxy.addr, &db, &[]).await;
+    let mut out = bytes::BytesMut::new();
+    for sql in ["SELECT 1", "SELECT 'extended done' FROM pg_sleep(1)"] {
+        frontend::parse("", sql, [], &mut out).unwrap();
+        let no_params: [Option<&[u8]>; 0] = [];
+        frontend::bind(
+            "",
+            "",
+            [0i16; 0],
+            no_params,
+            |_, _| Ok(postgres_protocol::IsNull::No),
+            [0i16; 0],
+            &mut out,
+        )
+        .map_err(|_| ())
+        .unwrap();
+        frontend::execute("", 0, &mut out).unwrap();
+        frontend::sync(&mut out);
+    }
+    extended.write_all(&out).await.unwrap();
+    // A session that did COPY FROM STDIN (whose Sync before the data the server ignores) and is
+    // idle since: it is closed at once, not at the deadline.
+    let copied = connect(&proxy.url(&db)).await;
+    let sink = copied.copy_in("COPY c FROM STDIN").await.unwrap();
+    futures_util::pin_mut!(sink);
+    sink.send(bytes::Bytes::from_static(b"1\n2\n"))
+        .await
+        .unwrap();
+    assert_eq!(sink.finish().await.unwrap(), 2);
+
+    running(&db, "'simple done'").await;
+    running(&db, "'extended done'").await;
+    proxy.shutdown.cancel();
+    for (s, done) in [
+        (&mut simple, "simple done"),
+        (&mut extended, "extended done"),
+    ] {
+        let mut frames = Vec::new();
+        while let Some(f) = read_frame(s).await {
+            frames.push(f);
+        }
+        let tags: String = frames.iter().map(|(t, _)| *t as char).collect();
+        let row = frames
+            .iter()
+            .position(|(t, b)| *t == b'D' && b.ends_with(done.as_bytes()));
+        assert!(
+            row.is_some(),
+            "{done}: the second query's row arrives ({tags})"
+        );
+        let (tag, body) = frames.last().unwrap();
+        assert_eq!(*tag, b'E', "{tags}");
+        assert_eq!(error_field(body, b'C'), Some(&b"57P01"[..]), "{tags}");
+        assert!(
+            tags.ends_with("CZE"),
+            "closed only after the ReadyForQuery: {tags}"
+        );
+    }
+    tokio::time::timeout(Duration::from_secs(5), proxy.task)
+        .await
+        .expect("every session closed well before the shutdown timeout")
+        .unwrap()
+        .unwrap();
+    assert!(copied.simple_query("SELECT 1").await.is_err());
+}
+
 trait ConcatBytes {
     fn concat_bytes(&self) -> Vec<u8>;
 }
