@@ -81,7 +81,10 @@ CREATE TRIGGER source_partitions AFTER INSERT OR UPDATE OF table_name ON pgfire.
 
 SELECT pgfire.full_identity(table_name) FROM pgfire.sources;
 
-CREATE FUNCTION pgfire.partition_added() RETURNS event_trigger LANGUAGE plpgsql AS $$
+-- Runs for every CREATE/ALTER TABLE of every role: with the installing role's rights (so any
+-- role's DDL can read pgfire.sources), and never failing the user's command.
+CREATE FUNCTION pgfire.partition_added() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     root regclass;
 BEGIN
@@ -91,9 +94,15 @@ BEGIN
           JOIN pgfire.sources s ON s.table_name = coalesce(pg_partition_root(d.objid), d.objid)
          WHERE d.classid = 'pg_class'::regclass
     LOOP
-        PERFORM pgfire.full_identity(root);
+        BEGIN
+            PERFORM pgfire.full_identity(root);
+        EXCEPTION WHEN OTHERS THEN
+            RAISE WARNING 'pgfire: cannot set REPLICA IDENTITY FULL on the partitions of source %: %', root, SQLERRM
+                USING HINT = format('old values are missing from its events until it is set: SELECT pgfire.full_identity(%L)', root::text);
+        END;
     END LOOP;
 END $$;
+REVOKE ALL ON FUNCTION pgfire.partition_added() FROM PUBLIC;
 
 -- Event triggers need a superuser; without one, partitions added later lack old values, which
 -- pgfire names in old_missing, warns about in its log and shows in `pgfire status`.

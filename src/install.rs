@@ -194,12 +194,21 @@ async fn apply(
             )
             .await?;
         // A new slot starts from here: the configuration in force is today's.
-        client
-            .batch_execute(
-                "DELETE FROM pgfire.config_applied;
-                 INSERT INTO pgfire.config_applied (commit_lsn, snapshot) VALUES ('0/0', pgfire.config_snapshot());",
+        let applied: bool = client
+            .query_one(
+                "SELECT to_regclass('pgfire.config_applied') IS NOT NULL",
+                &[],
             )
-            .await?;
+            .await?
+            .get(0);
+        if applied {
+            client
+                .batch_execute(
+                    "DELETE FROM pgfire.config_applied;
+                     INSERT INTO pgfire.config_applied (commit_lsn, snapshot) VALUES ('0/0', pgfire.config_snapshot());",
+                )
+                .await?;
+        }
         report.created_slot = true;
     }
     report.slot = slot;
