@@ -96,7 +96,11 @@ pub enum Command {
         db: DbArgs,
         /// The admin endpoint of the running `pgfire run`, asked for the consumer's own state
         /// (why it is reconnecting or stopped).
-        #[arg(long, default_value = "http://127.0.0.1:9187", env = "PGFIRE_ADMIN_URL")]
+        #[arg(
+            long,
+            default_value = "http://127.0.0.1:9187",
+            env = "PGFIRE_ADMIN_URL"
+        )]
         admin_url: String,
     },
 }

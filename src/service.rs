@@ -354,12 +354,20 @@ async fn service_state(admin_url: &str) -> String {
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(3))
             .build()?;
-        client.get(&url).send().await?.json::<serde_json::Value>().await
+        client
+            .get(&url)
+            .send()
+            .await?
+            .json::<serde_json::Value>()
+            .await
     };
     match answer.await {
         Ok(body) => match body["replication"]["state"].as_str() {
             Some(state) => state.to_string(),
-            None => format!("consumer {}", body["consumer"].as_str().unwrap_or("unknown")),
+            None => format!(
+                "consumer {}",
+                body["consumer"].as_str().unwrap_or("unknown")
+            ),
         },
         Err(err) => format!("no answer from {url} ({err}); is pgfire run running?"),
     }
@@ -413,7 +421,10 @@ pub async fn status_cmd(url: &str, admin_url: &str) -> anyhow::Result<()> {
         None => println!("replication slot missing: run pgfire install"),
     }
     let publication = client
-        .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&PUBLICATION])
+        .query_opt(
+            "SELECT 1 FROM pg_publication WHERE pubname = $1",
+            &[&PUBLICATION],
+        )
         .await
         .map_err(q)?;
     if publication.is_none() {
