@@ -494,6 +494,29 @@ mod tests {
         assert_eq!(parse_server_version("garbage"), 0);
     }
 
+    /// What a walsender sends when it finishes in a shutdown (CommandComplete "COPY 0") ends the
+    /// stream as `Ended`, not as an unexpected message.
+    #[tokio::test]
+    async fn the_walsender_finishing_ends_the_stream() {
+        let (ours, mut server) = tokio::io::duplex(1024);
+        let mut conn = ReplicationConn {
+            stream: Box::new(ours),
+            read: BytesMut::new(),
+            write: BytesMut::new(),
+            server_version: 15,
+        };
+        let mut frame = BytesMut::new();
+        frame.put_u8(b'C');
+        frame.put_i32(4 + 7);
+        frame.put_slice(b"COPY 0\0");
+        server.write_all(&frame).await.unwrap();
+        assert!(matches!(conn.next_message().await, Err(ConnError::Ended)));
+        server.write_all(&[b'c', 0, 0, 0, 4]).await.unwrap();
+        assert!(matches!(conn.next_message().await, Err(ConnError::Ended)));
+        drop(server);
+        assert!(matches!(conn.next_message().await, Err(ConnError::Closed)));
+    }
+
     #[test]
     fn retryable_errors() {
         let server = |code: &str| ConnError::Server {

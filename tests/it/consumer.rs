@@ -309,3 +309,39 @@ async fn a_fast_shutdown_is_not_held_up_and_the_backlog_comes_after_the_restart(
     drop(c);
     cluster.stop();
 }
+
+#[tokio::test]
+async fn the_consumer_stops_when_dispatch_is_gone() {
+    use pgfire::replication::{run, ConsumerConfig, ConsumerHealth};
+    let db = TestDb::new();
+    install_pgfire(&db).await;
+    db.psql(SETUP);
+    // The dispatch task died: its receiver is dropped.
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    drop(rx);
+    let health = std::sync::Arc::new(ConsumerHealth::default());
+    let config = ConsumerConfig {
+        database_url: db.url(),
+        slot: slot_name(&db),
+        publication: pgfire::install::PUBLICATION.to_string(),
+        status_interval: Duration::from_millis(100),
+        connect_timeout: Duration::from_secs(10),
+        server_timeout: Duration::from_secs(30),
+    };
+    let consumer = tokio::spawn(run(
+        config,
+        tx,
+        health.settled_lsn.clone(),
+        health.clone(),
+        tokio_util::sync::CancellationToken::new(),
+    ));
+    db.psql("INSERT INTO users VALUES (1)");
+    tokio::time::timeout(WAIT, consumer)
+        .await
+        .expect("the consumer stops")
+        .unwrap();
+    assert!(health.stopped.is_cancelled());
+    assert!(!health.connected.load(Ordering::SeqCst));
+    let state = health.state();
+    assert!(state.starts_with("stopped: dispatch stopped"), "{state}");
+}
