@@ -1,5 +1,5 @@
-//! The admin HTTP endpoint: `/healthz` (200 when the consumer streams, 503 with the reason when
-//! not) and `/metrics` in Prometheus' text format.
+//! The admin HTTP endpoint: `/healthz` (200 when the consumer streams, 503 with its state and
+//! the reason when not: reconnecting, or stopped on an error retrying cannot fix) and `/metrics` in Prometheus' text format.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -64,13 +64,20 @@ async fn healthz(State(s): State<AdminState>) -> impl IntoResponse {
         );
     };
     let connected = c.connected.load(Ordering::SeqCst);
+    let status = match (connected, c.stopped.is_cancelled()) {
+        (_, true) => "stopped",
+        (true, false) => "ok",
+        (false, false) => "unavailable",
+    };
     let body = serde_json::json!({
-        "status": if connected { "ok" } else { "unavailable" },
+        "status": status,
         "replication": {
             "connected": connected,
+            "state": c.state(),
             "received_lsn": Lsn(c.received_lsn.load(Ordering::Relaxed)).to_string(),
             "confirmed_lsn": Lsn(c.confirmed_lsn.load(Ordering::Relaxed)).to_string(),
-            "error": c.last_error.lock().ok().and_then(|e| e.clone()),
+            "reconnects": c.reconnects.load(Ordering::Relaxed),
+            "error": c.last_error(),
         }
     });
     let code = if connected {

@@ -40,6 +40,10 @@ pub struct ServiceArgs {
     /// Replication slot to read (default: the one `pgfire install` chose).
     #[arg(long)]
     pub slot: Option<String>,
+    /// Seconds of silence from the replication server after which pgfire asks it for a reply;
+    /// with no answer within as many seconds again, the connection is dead and pgfire reconnects.
+    #[arg(long, default_value_t = 30, env = "PGFIRE_REPLICATION_TIMEOUT")]
+    pub replication_timeout: u64,
     #[command(flatten)]
     pub proxy: ProxyArgs,
 }
@@ -90,6 +94,14 @@ pub enum Command {
     Status {
         #[command(flatten)]
         db: DbArgs,
+        /// The admin endpoint of the running `pgfire run`, asked for the consumer's own state
+        /// (why it is reconnecting or stopped).
+        #[arg(
+            long,
+            default_value = "http://127.0.0.1:9187",
+            env = "PGFIRE_ADMIN_URL"
+        )]
+        admin_url: String,
     },
 }
 
@@ -141,6 +153,8 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             service,
         } => crate::service::dev_cmd(data_dir, pg_port, service).await,
         Command::Events { db } => crate::catalog::events_cmd(&db.database_url).await,
-        Command::Status { db } => crate::service::status_cmd(&db.database_url).await,
+        Command::Status { db, admin_url } => {
+            crate::service::status_cmd(&db.database_url, &admin_url).await
+        }
     }
 }

@@ -31,6 +31,9 @@ pub struct ServiceConfig {
     pub slot: Option<String>,
     pub proxy: Option<ProxyArgs>,
     pub status_interval: Duration,
+    /// Silence from the replication server after which it is pinged, and after as long again
+    /// considered dead (`--replication-timeout`).
+    pub replication_timeout: Duration,
 }
 
 impl ServiceConfig {
@@ -42,6 +45,7 @@ impl ServiceConfig {
             slot: None,
             proxy: None,
             status_interval: Duration::from_secs(1),
+            replication_timeout: Duration::from_secs(30),
         }
     }
 
@@ -53,6 +57,7 @@ impl ServiceConfig {
             slot: args.slot,
             proxy: (!args.proxy.no_proxy).then_some(args.proxy),
             status_interval: Duration::from_secs(1),
+            replication_timeout: Duration::from_secs(args.replication_timeout.max(1)),
         }
     }
 }
@@ -123,6 +128,7 @@ impl Service {
                 publication: PUBLICATION.to_string(),
                 status_interval: cfg.status_interval,
                 connect_timeout: Duration::from_secs(10),
+                server_timeout: cfg.replication_timeout,
             };
             tasks.push(tokio::spawn(replication::run(
                 consumer,
@@ -283,10 +289,18 @@ pub async fn run_cmd(url: &str, args: ServiceArgs) -> anyhow::Result<()> {
     if let Some(p) = service.proxy_addr {
         tracing::info!(proxy = %p, "proxy listening");
     }
-    terminated().await;
+    // A consumer that stopped on an error retrying cannot fix ends the service, non-zero.
+    let stopped = service.health.stopped.clone();
+    let fatal = tokio::select! {
+        _ = terminated() => None,
+        _ = stopped.cancelled() => Some(service.health.last_error().unwrap_or_default()),
+    };
     tracing::info!("stopping");
     service.stop().await;
-    Ok(())
+    match fatal {
+        Some(reason) => anyhow::bail!("the replication consumer stopped: {reason}"),
+        None => Ok(()),
+    }
 }
 
 /// The demo `pgfire dev` loads into a new database.
@@ -363,7 +377,33 @@ pub async fn dev_cmd(data_dir: PathBuf, pg_port: u16, args: ServiceArgs) -> anyh
     Ok(())
 }
 
-pub async fn status_cmd(url: &str) -> anyhow::Result<()> {
+/// What the running service says about its consumer: `/healthz` of `admin_url`.
+async fn service_state(admin_url: &str) -> String {
+    let url = format!("{}/healthz", admin_url.trim_end_matches('/'));
+    let answer = async {
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(3))
+            .build()?;
+        client
+            .get(&url)
+            .send()
+            .await?
+            .json::<serde_json::Value>()
+            .await
+    };
+    match answer.await {
+        Ok(body) => match body["replication"]["state"].as_str() {
+            Some(state) => state.to_string(),
+            None => format!(
+                "consumer {}",
+                body["consumer"].as_str().unwrap_or("unknown")
+            ),
+        },
+        Err(err) => format!("no answer from {url} ({err}); is pgfire run running?"),
+    }
+}
+
+pub async fn status_cmd(url: &str, admin_url: &str) -> anyhow::Result<()> {
     let client = db::connect(url)
         .await
         .map_err(|e| anyhow::anyhow!("cannot connect to the database: {}", db::describe(&e)))?;
@@ -410,6 +450,17 @@ pub async fn status_cmd(url: &str) -> anyhow::Result<()> {
         }
         None => println!("replication slot missing: run pgfire install"),
     }
+    let publication = client
+        .query_opt(
+            "SELECT 1 FROM pg_publication WHERE pubname = $1",
+            &[&PUBLICATION],
+        )
+        .await
+        .map_err(q)?;
+    if publication.is_none() {
+        println!("publication {PUBLICATION} missing: run pgfire install");
+    }
+    println!("service: {}", service_state(admin_url).await);
     let rows = client
         .query(
             "SELECT function_name, status, count(*)::bigint, max(started_at)::text, (array_agg(error ORDER BY id DESC))[1]

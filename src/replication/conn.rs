@@ -7,15 +7,22 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
+use postgres_protocol::escape::escape_identifier;
 use postgres_protocol::message::backend::{ErrorFields, Message};
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_postgres::config::Host;
+use tokio_postgres::error::SqlState;
 
 use crate::event::Lsn;
 
 /// Microseconds from the Unix epoch to the PostgreSQL epoch (2000-01-01).
 const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
+
+/// TCP keepalive on the replication socket: probes after this much idle time, then every
+/// `KEEPALIVE_INTERVAL`, so the kernel notices a peer that vanished without a reset.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnError {
@@ -33,24 +40,30 @@ pub enum ConnError {
     Protocol(String),
     #[error("connection closed by the server")]
     Closed,
+    /// The walsender finished the stream (CopyDone or CommandComplete): the server is stopping
+    /// or the walsender was told to stop.
+    #[error("the server ended the replication stream (is the database shutting down?)")]
+    Ended,
     #[error("invalid connection string: {0}")]
     Config(String),
 }
 
 impl ConnError {
-    /// Whether retrying later may help (network, server restart) or not (bad password, no slot).
+    /// Whether retrying later may help (network, server restart, slot busy) or not (bad
+    /// password, no slot or publication, server too old, a stream pgfire cannot read).
     pub fn is_transient(&self) -> bool {
         match self {
-            ConnError::Io(_) | ConnError::Closed => true,
-            ConnError::Server { code, .. } => {
-                // Connection exceptions, shutdown, too many connections, slot in use, startup.
-                code.starts_with("08")
-                    || code.starts_with("57")
-                    || code.starts_with("53")
-                    || code == "55006"
-            }
-            ConnError::Protocol(_) => true,
-            ConnError::Auth(_) | ConnError::Config(_) => false,
+            ConnError::Io(_) | ConnError::Closed | ConnError::Ended => true,
+            ConnError::Server { code, .. } => server_error_is_transient(code),
+            ConnError::Protocol(_) | ConnError::Auth(_) | ConnError::Config(_) => false,
+        }
+    }
+
+    /// The SQLSTATE of a server error.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            ConnError::Server { code, .. } => Some(code),
+            _ => None,
         }
     }
 
@@ -71,6 +84,15 @@ impl ConnError {
             hint,
         }
     }
+}
+
+/// Connection exceptions (08), operator intervention such as shutdown (57), insufficient
+/// resources (53), a slot in use by another process (55006), and transaction rollbacks (40):
+/// later may work. Everything else (authentication, a missing slot or publication, an unsupported
+/// server, wrong data) fails the same way on every try.
+fn server_error_is_transient(code: &str) -> bool {
+    ["08", "57", "53", "40"].iter().any(|c| code.starts_with(c))
+        || code == SqlState::OBJECT_IN_USE.code()
 }
 
 trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -118,6 +140,10 @@ impl ReplicationConn {
             Some(Host::Tcp(host)) => {
                 let s = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
                 s.set_nodelay(true)?;
+                let keepalive = socket2::TcpKeepalive::new()
+                    .with_time(KEEPALIVE_IDLE)
+                    .with_interval(KEEPALIVE_INTERVAL);
+                socket2::SockRef::from(&s).set_tcp_keepalive(&keepalive)?;
                 Box::new(s)
             }
             Some(Host::Unix(dir)) => Box::new(
@@ -145,6 +171,8 @@ impl ReplicationConn {
             ("database", dbname.as_str()),
             ("replication", "database"),
             ("application_name", "pgfire"),
+            // pgoutput sends names and text values in the client encoding: always UTF-8.
+            ("client_encoding", "UTF8"),
             // Value rendering relies on these: ISO dates in UTC, ISO 8601 intervals, exact floats.
             ("DateStyle", "ISO, YMD"),
             ("TimeZone", "UTC"),
@@ -269,7 +297,7 @@ impl ReplicationConn {
     ) -> Result<(), ConnError> {
         let sql = format!(
             "START_REPLICATION SLOT {} LOGICAL {start} ({options})",
-            quote_ident(slot)
+            escape_identifier(slot)
         );
         frontend::query(&sql, &mut self.write)?;
         self.flush().await?;
@@ -336,7 +364,11 @@ impl ReplicationConn {
                     }
                 }
                 Message::ErrorResponse(e) => return Err(ConnError::server(e.fields())),
-                Message::CopyDone => return Err(ConnError::Closed),
+                // A walsender that finishes (server shutdown) ends the copy with CommandComplete,
+                // a client-initiated end with CopyDone; either way the stream is over.
+                Message::CopyDone | Message::CommandComplete(_) | Message::ReadyForQuery(_) => {
+                    return Err(ConnError::Ended)
+                }
                 Message::NoticeResponse(_) | Message::ParameterStatus(_) => {}
                 other => {
                     return Err(ConnError::Protocol(format!(
@@ -438,14 +470,6 @@ fn parse_server_version(v: &str) -> u32 {
     }
 }
 
-pub fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
-pub fn quote_literal(value: &str) -> String {
-    format!("'{}'", value.replace('\'', "''"))
-}
-
 fn tag_name(msg: &Message) -> &'static str {
     match msg {
         Message::RowDescription(_) => "RowDescription",
@@ -470,9 +494,44 @@ mod tests {
         assert_eq!(parse_server_version("garbage"), 0);
     }
 
+    /// What a walsender sends when it finishes in a shutdown (CommandComplete "COPY 0") ends the
+    /// stream as `Ended`, not as an unexpected message.
+    #[tokio::test]
+    async fn the_walsender_finishing_ends_the_stream() {
+        let (ours, mut server) = tokio::io::duplex(1024);
+        let mut conn = ReplicationConn {
+            stream: Box::new(ours),
+            read: BytesMut::new(),
+            write: BytesMut::new(),
+            server_version: 15,
+        };
+        let mut frame = BytesMut::new();
+        frame.put_u8(b'C');
+        frame.put_i32(4 + 7);
+        frame.put_slice(b"COPY 0\0");
+        server.write_all(&frame).await.unwrap();
+        assert!(matches!(conn.next_message().await, Err(ConnError::Ended)));
+        server.write_all(&[b'c', 0, 0, 0, 4]).await.unwrap();
+        assert!(matches!(conn.next_message().await, Err(ConnError::Ended)));
+        drop(server);
+        assert!(matches!(conn.next_message().await, Err(ConnError::Closed)));
+    }
+
     #[test]
-    fn quoting() {
-        assert_eq!(quote_ident(r#"a"b"#), r#""a""b""#);
-        assert_eq!(quote_literal("it's"), "'it''s'");
+    fn retryable_errors() {
+        let server = |code: &str| ConnError::Server {
+            code: code.into(),
+            message: String::new(),
+            hint: None,
+        };
+        for code in ["57P01", "57P03", "08006", "53300", "55006"] {
+            assert!(server(code).is_transient(), "{code}");
+        }
+        // No slot or publication, bad password, no such database, server too old.
+        for code in ["42704", "28P01", "3D000", "0A000", "55000"] {
+            assert!(!server(code).is_transient(), "{code}");
+        }
+        assert!(ConnError::Ended.is_transient());
+        assert!(!ConnError::Protocol("x".into()).is_transient());
     }
 }

@@ -9,19 +9,27 @@ mod row;
 mod streamed;
 pub mod values;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use postgres_protocol::escape::{escape_identifier, escape_literal};
 use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_postgres::error::SqlState;
 use tokio_util::sync::CancellationToken;
 
 use self::conn::{ConnError, ReplicationConn, ReplicationMessage};
-use self::decode::{Decoder, Item};
+use self::decode::{DecodeError, Decoder, Item};
 use crate::event::Lsn;
 
 /// Items per batch handed to dispatch.
 const BATCH: usize = 1024;
+/// The first retry after losing a stream that was working; later ones double up to `MAX_RETRY`.
+const FIRST_RETRY: Duration = Duration::from_millis(100);
+const MAX_RETRY: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone)]
 pub struct ConsumerConfig {
@@ -30,6 +38,45 @@ pub struct ConsumerConfig {
     pub publication: String,
     pub status_interval: Duration,
     pub connect_timeout: Duration,
+    /// When nothing arrives from the server for this long, pgfire asks it for a reply; when
+    /// nothing arrives for as long again, the connection is dead and pgfire reconnects.
+    pub server_timeout: Duration,
+}
+
+/// Why a replication session ended.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsumerError {
+    #[error(transparent)]
+    Conn(#[from] ConnError),
+    #[error("cannot decode the replication stream: {0}")]
+    Decode(#[from] DecodeError),
+    #[error("the server sent nothing for {0:?} and did not answer a ping within as long again: connection considered dead")]
+    Silent(Duration),
+    #[error("the database is shutting down (SQLSTATE {code}: {message})")]
+    ServerShutdown { code: String, message: String },
+    #[error("dispatch stopped: nothing takes the stream's events any more")]
+    DispatchGone,
+}
+
+impl ConsumerError {
+    /// Whether retrying cannot help: the consumer stops instead of looping.
+    pub fn is_fatal(&self) -> bool {
+        match self {
+            ConsumerError::Conn(e) => !e.is_transient(),
+            ConsumerError::Decode(_) | ConsumerError::DispatchGone => true,
+            ConsumerError::Silent(_) | ConsumerError::ServerShutdown { .. } => false,
+        }
+    }
+
+    /// What to do about it, when pgfire knows.
+    fn hint(&self) -> &'static str {
+        match self {
+            ConsumerError::Conn(e) if e.code() == Some(SqlState::UNDEFINED_OBJECT.code()) => {
+                " (run pgfire install)"
+            }
+            _ => "",
+        }
+    }
 }
 
 /// The consumer's state, for `/healthz` and `/metrics`.
@@ -43,6 +90,9 @@ pub struct ConsumerHealth {
     pub reconnects: AtomicU64,
     pub streamed_bytes: AtomicU64,
     pub last_error: Mutex<Option<String>>,
+    /// Cancelled when the consumer stopped for good on an error retrying cannot fix (the
+    /// reason is in `last_error`); `pgfire run` exits non-zero on it.
+    pub stopped: CancellationToken,
 }
 
 impl ConsumerHealth {
@@ -51,9 +101,28 @@ impl ConsumerHealth {
             *e = err;
         }
     }
+
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().ok().and_then(|e| e.clone())
+    }
+
+    /// One line for people: `streaming`, `connecting`, `reconnecting: <why>` or `stopped: <why>`.
+    pub fn state(&self) -> String {
+        let err = self.last_error();
+        if self.stopped.is_cancelled() {
+            format!("stopped: {}", err.unwrap_or_default())
+        } else if self.connected.load(Ordering::SeqCst) {
+            "streaming".into()
+        } else if let Some(err) = err {
+            format!("reconnecting: {err}")
+        } else {
+            "connecting".into()
+        }
+    }
 }
 
-/// Run the consumer until `shutdown`; reconnects with exponential backoff on any failure.
+/// Run the consumer until `shutdown`; reconnects with exponential backoff after a failure that
+/// retrying may fix, stops (and cancels `health.stopped`) after one it cannot.
 pub async fn run(
     config: ConsumerConfig,
     tx: mpsc::Sender<Vec<Item>>,
@@ -62,31 +131,82 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let mut decoder = Decoder::new();
-    let mut delay = Duration::from_millis(100);
+    let mut delay = FIRST_RETRY;
     while !shutdown.is_cancelled() {
-        match session(&config, &mut decoder, &tx, &settled, &health, &shutdown).await {
+        let result = session(&config, &mut decoder, &tx, &settled, &health, &shutdown).await;
+        let was_streaming = health.connected.swap(false, Ordering::SeqCst);
+        let err = match result {
             Ok(()) => return,
-            Err(err) => {
-                health.connected.store(false, Ordering::SeqCst);
-                health.reconnects.fetch_add(1, Ordering::Relaxed);
-                let hint = match &err {
-                    ConnError::Server { code, .. } if code == "42704" => " (run pgfire install)",
-                    _ => "",
-                };
-                tracing::warn!(error = %err, retry_in = ?delay, "replication stream lost{hint}");
-                health.set_error(Some(format!("{err}{hint}")));
-                if !err.is_transient() {
-                    delay = Duration::from_secs(10);
-                }
-            }
+            Err(err) => err,
+        };
+        let reason = format!("{err}{}", err.hint());
+        health.set_error(Some(reason.clone()));
+        if err.is_fatal() {
+            tracing::error!(error = %reason, "replication consumer stopped: retrying cannot fix this");
+            health.stopped.cancel();
+            return;
         }
+        health.reconnects.fetch_add(1, Ordering::Relaxed);
+        if was_streaming {
+            delay = FIRST_RETRY;
+        }
+        tracing::warn!(error = %reason, retry_in = ?delay, "replication stream lost");
         decoder.reset();
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(delay) => {}
         }
-        delay = (delay * 2).min(Duration::from_secs(10));
+        delay = (delay * 2).min(MAX_RETRY);
     }
+}
+
+/// Resolves when the server says it is shutting down. In a fast shutdown PostgreSQL ends the
+/// ordinary backends (FATAL 57P01) first and tells walsenders to stop only after its shutdown
+/// checkpoint; a logical walsender then waits until the client confirms all it sent, which
+/// pgfire does not while events are unsettled. So an idle ordinary connection watches, and the
+/// consumer lets go of the stream as soon as it ends with 57P01 (or new connections are refused
+/// with 57P03). Any other end of the watch just opens it again.
+fn shutdown_watch(url: &str) -> Pin<Box<dyn Future<Output = ConsumerError> + Send>> {
+    let config = url.parse::<tokio_postgres::Config>();
+    Box::pin(async move {
+        let mut config = match config {
+            Ok(c) => c,
+            Err(err) => {
+                tracing::warn!(error = %err, "no shutdown watch");
+                return std::future::pending().await;
+            }
+        };
+        config.application_name("pgfire watch");
+        let shutdown = |e: &tokio_postgres::Error| {
+            e.as_db_error().and_then(|db| {
+                let code = db.code();
+                (*code == SqlState::ADMIN_SHUTDOWN || *code == SqlState::CANNOT_CONNECT_NOW).then(
+                    || ConsumerError::ServerShutdown {
+                        code: code.code().to_string(),
+                        message: db.message().to_string(),
+                    },
+                )
+            })
+        };
+        loop {
+            let end = match config.connect(tokio_postgres::NoTls).await {
+                Ok((client, connection)) => {
+                    let end = connection.await;
+                    drop(client);
+                    end
+                }
+                Err(err) => Err(err),
+            };
+            match end {
+                Err(err) => match shutdown(&err) {
+                    Some(signal) => return signal,
+                    None => tracing::debug!(error = %err, "shutdown watch lost; opening it again"),
+                },
+                Ok(()) => tracing::debug!("shutdown watch closed; opening it again"),
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    })
 }
 
 /// One connection's life: connect, start streaming, relay until error or shutdown.
@@ -97,25 +217,26 @@ async fn session(
     settled: &AtomicU64,
     health: &ConsumerHealth,
     shutdown: &CancellationToken,
-) -> Result<(), ConnError> {
+) -> Result<(), ConsumerError> {
     let mut conn = tokio::select! {
         _ = shutdown.cancelled() => return Ok(()),
         c = ReplicationConn::connect(&config.database_url, config.connect_timeout) => c?,
     };
     if conn.server_version != 0 && conn.server_version < 14 {
         return Err(ConnError::Server {
-            code: "0A000".into(),
+            code: SqlState::FEATURE_NOT_SUPPORTED.code().into(),
             message: format!(
                 "PostgreSQL {} is too old: pgfire needs 14 or newer",
                 conn.server_version
             ),
             hint: None,
-        });
+        }
+        .into());
     }
     let start = Lsn(settled.load(Ordering::SeqCst));
     let options = format!(
         "proto_version '2', publication_names {}, messages 'true', streaming 'on'",
-        conn::quote_literal(&conn::quote_ident(&config.publication))
+        escape_literal(&escape_identifier(&config.publication))
     );
     conn.start_replication(&config.slot, start, &options)
         .await?;
@@ -129,8 +250,10 @@ async fn session(
         settled,
         health,
         shutdown,
+        server_down: shutdown_watch(&config.database_url),
         received: start,
         ticker: tokio::time::interval(config.status_interval),
+        silence: Silence::new(config.server_timeout),
     };
     s.ticker
         .set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -145,16 +268,23 @@ async fn session(
         }
         tokio::select! {
             biased;
+            // 1. pgfire stops: confirm what is settled, close politely.
             _ = s.shutdown.cancelled() => return s.finish().await,
-            _ = s.ticker.tick() => s.status().await?,
-            msg = s.conn.next_message() => match msg? {
+            // 2. the server stops: let go of the stream at once (see `shutdown_watch`).
+            err = &mut s.server_down => return Err(s.abandon(err).await),
+            // 3. status updates, and the check for a silent server.
+            _ = s.ticker.tick() => s.tick().await?,
+            // 4. the stream.
+            msg = s.conn.next_message() => {
+                s.silence.heard();
+                match msg? {
                 ReplicationMessage::XLogData { wal_start, data, .. } => {
                     s.received = s.received.max(wal_start);
-                    decoder.decode(data, &mut batch).map_err(|e| ConnError::Protocol(e.to_string()))?;
+                    decoder.decode(data, &mut batch)?;
                     // A committed streamed transaction is handed over a batch at a time.
                     while decoder.replaying() {
                         let room = BATCH.saturating_sub(batch.len());
-                        decoder.drain(&mut batch, room).map_err(|e| ConnError::Protocol(e.to_string()))?;
+                        decoder.drain(&mut batch, room)?;
                         if batch.len() >= BATCH {
                             let items = std::mem::replace(&mut batch, Vec::with_capacity(BATCH));
                             if !s.hand_over(items).await? {
@@ -173,10 +303,68 @@ async fn session(
                         batch.push(Item::Checkpoint(wal_end));
                     }
                     if reply {
-                        s.status().await?;
+                        s.status(false).await?;
                     }
                 }
+            }}
+        }
+    }
+}
+
+/// How long the server has been silent, checked at each status tick (so a message costs a
+/// counter increment, not a clock read).
+struct Silence {
+    timeout: Duration,
+    messages: u64,
+    seen: u64,
+    since: Instant,
+    pinged: Option<Instant>,
+}
+
+/// What a tick found out about the server's silence.
+#[derive(Debug, PartialEq)]
+enum Heard {
+    Recently,
+    /// Silent for the timeout: ask for a reply.
+    Ping,
+    /// A ping unanswered for the timeout: the connection is dead.
+    Dead,
+}
+
+impl Silence {
+    fn new(timeout: Duration) -> Silence {
+        Silence {
+            timeout,
+            messages: 0,
+            seen: 0,
+            since: Instant::now(),
+            pinged: None,
+        }
+    }
+
+    fn heard(&mut self) {
+        self.messages = self.messages.wrapping_add(1);
+    }
+
+    /// Start counting again (after a time pgfire was not reading).
+    fn restart(&mut self, now: Instant) {
+        self.seen = self.messages;
+        self.since = now;
+        self.pinged = None;
+    }
+
+    fn check(&mut self, now: Instant) -> Heard {
+        if self.messages != self.seen {
+            self.restart(now);
+        }
+        match self.pinged {
+            Some(at) if now.duration_since(at) >= self.timeout => Heard::Dead,
+            Some(_) => Heard::Recently,
+            None if now.duration_since(self.since) >= self.timeout => {
+                self.pinged = Some(now);
+                Heard::Ping
             }
+            None => Heard::Recently,
         }
     }
 }
@@ -188,43 +376,107 @@ struct Stream<'a> {
     settled: &'a AtomicU64,
     health: &'a ConsumerHealth,
     shutdown: &'a CancellationToken,
+    server_down: Pin<Box<dyn Future<Output = ConsumerError> + Send>>,
     received: Lsn,
     ticker: tokio::time::Interval,
+    silence: Silence,
 }
 
 impl Stream<'_> {
-    /// Tell the server what is received and what is settled (the slot may confirm that).
-    async fn status(&mut self) -> Result<(), ConnError> {
+    /// Tell the server what is received and what is settled (the slot may confirm that);
+    /// `reply` asks the server to answer at once.
+    async fn status(&mut self, reply: bool) -> Result<(), ConnError> {
         let settled = Lsn(self.settled.load(Ordering::SeqCst));
-        self.conn.send_status(self.received, settled, false).await?;
+        self.conn.send_status(self.received, settled, reply).await?;
         self.health
             .confirmed_lsn
             .store(settled.0, Ordering::Relaxed);
         Ok(())
     }
 
-    /// Give a batch to dispatch, waiting while it pushes back but still sending status updates
-    /// so the server does not time us out. False when shutting down.
-    async fn hand_over(&mut self, items: Vec<Item>) -> Result<bool, ConnError> {
-        loop {
-            tokio::select! {
-                biased;
-                _ = self.shutdown.cancelled() => return Ok(false),
-                permit = self.tx.reserve() => {
-                    return Ok(match permit {
-                        Ok(p) => { p.send(items); true }
-                        Err(_) => false, // dispatch is gone: shutting down
-                    });
-                }
-                _ = self.ticker.tick() => self.status().await?,
+    /// A status update, with a reply requested when the server has been silent too long; an
+    /// error when it stayed silent after that.
+    async fn tick(&mut self) -> Result<(), ConsumerError> {
+        match self.silence.check(Instant::now()) {
+            Heard::Recently => Ok(self.status(false).await?),
+            Heard::Ping => {
+                tracing::debug!(silent_for = ?self.silence.timeout, "server silent; asking for a reply");
+                Ok(self.status(true).await?)
             }
+            Heard::Dead => Err(ConsumerError::Silent(self.silence.timeout)),
         }
     }
 
+    /// Give a batch to dispatch, waiting while it pushes back but still sending status updates
+    /// so the server does not time us out. False when shutting down.
+    async fn hand_over(&mut self, items: Vec<Item>) -> Result<bool, ConsumerError> {
+        let handed = loop {
+            tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => return Ok(false),
+                err = &mut self.server_down => return Err(self.abandon(err).await),
+                permit = self.tx.reserve() => match permit {
+                    Ok(p) => { p.send(items); break true }
+                    Err(_) if self.shutdown.is_cancelled() => break false,
+                    Err(_) => return Err(ConsumerError::DispatchGone),
+                },
+                _ = self.ticker.tick() => self.status(false).await?,
+            }
+        };
+        // pgfire was not reading meanwhile: the server's silence counts from now.
+        self.silence.restart(Instant::now());
+        Ok(handed)
+    }
+
     /// Final status (only what dispatch settled) and a polite close.
-    async fn finish(mut self) -> Result<(), ConnError> {
-        self.status().await.ok();
+    async fn finish(mut self) -> Result<(), ConsumerError> {
+        self.status(false).await.ok();
         self.conn.close().await;
         Ok(())
+    }
+
+    /// Let go of the stream at once: the server is stopping and must not wait for us. What is
+    /// not settled comes again after it restarts.
+    async fn abandon(&mut self, why: ConsumerError) -> ConsumerError {
+        tracing::info!(reason = %why, "letting go of the replication stream");
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.status(false)).await;
+        why
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn silence_pings_then_gives_up() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs(1);
+        let mut silence = Silence::new(s);
+        silence.restart(t0);
+        assert_eq!(silence.check(t0 + s / 2), Heard::Recently);
+        assert_eq!(silence.check(t0 + s), Heard::Ping);
+        assert_eq!(silence.check(t0 + s + s / 2), Heard::Recently);
+        // An answer resets everything.
+        silence.heard();
+        assert_eq!(silence.check(t0 + s + s / 2), Heard::Recently);
+        assert_eq!(silence.check(t0 + s * 2), Heard::Recently);
+        assert_eq!(silence.check(t0 + s * 5 / 2), Heard::Ping);
+        assert_eq!(silence.check(t0 + s * 7 / 2), Heard::Dead);
+    }
+
+    #[test]
+    fn what_stops_the_consumer() {
+        assert!(ConsumerError::DispatchGone.is_fatal());
+        assert!(ConsumerError::Decode(DecodeError::UnknownRelation(1)).is_fatal());
+        assert!(!ConsumerError::Silent(Duration::from_secs(1)).is_fatal());
+        assert!(!ConsumerError::Conn(ConnError::Ended).is_fatal());
+        let missing = ConsumerError::Conn(ConnError::Server {
+            code: "42704".into(),
+            message: "replication slot \"x\" does not exist".into(),
+            hint: None,
+        });
+        assert!(missing.is_fatal());
+        assert_eq!(missing.hint(), " (run pgfire install)");
     }
 }

@@ -3,6 +3,7 @@
 
 mod support;
 
+mod consumer;
 mod dev;
 mod embedded;
 mod events;

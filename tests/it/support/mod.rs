@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use pgfire::embedded::{Cluster, ClusterOptions};
 
+pub mod relay;
 pub mod webhook;
 
 /// Roles with passwords for authentication tests (the shared cluster's pg_hba asks them for one).
