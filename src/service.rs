@@ -129,6 +129,7 @@ impl Service {
                 status_interval: cfg.status_interval,
                 connect_timeout: Duration::from_secs(10),
                 server_timeout: cfg.replication_timeout,
+                dispatch_stopping: dispatch_stop.clone(),
             };
             tasks.push(tokio::spawn(replication::run(
                 consumer,

@@ -41,6 +41,9 @@ pub struct ConsumerConfig {
     /// When nothing arrives from the server for this long, pgfire asks it for a reply; when
     /// nothing arrives for as long again, the connection is dead and pgfire reconnects.
     pub server_timeout: Duration,
+    /// Cancelled when pgfire stops dispatch on purpose (its graceful stop): dispatch gone is
+    /// then no failure, the consumer waits for its own shutdown to confirm what was settled.
+    pub dispatch_stopping: CancellationToken,
 }
 
 /// Why a replication session ended.
@@ -250,6 +253,7 @@ async fn session(
         settled,
         health,
         shutdown,
+        dispatch_stopping: &config.dispatch_stopping,
         server_down: shutdown_watch(&config.database_url),
         received: start,
         ticker: tokio::time::interval(config.status_interval),
@@ -376,6 +380,7 @@ struct Stream<'a> {
     settled: &'a AtomicU64,
     health: &'a ConsumerHealth,
     shutdown: &'a CancellationToken,
+    dispatch_stopping: &'a CancellationToken,
     server_down: Pin<Box<dyn Future<Output = ConsumerError> + Send>>,
     received: Lsn,
     ticker: tokio::time::Interval,
@@ -418,6 +423,17 @@ impl Stream<'_> {
                 permit = self.tx.reserve() => match permit {
                     Ok(p) => { p.send(items); break true }
                     Err(_) if self.shutdown.is_cancelled() => break false,
+                    Err(_) if self.dispatch_stopping.is_cancelled() => {
+                        // The history is being flushed; the final status follows it.
+                        loop {
+                            tokio::select! {
+                                biased;
+                                _ = self.shutdown.cancelled() => return Ok(false),
+                                err = &mut self.server_down => return Err(self.abandon(err).await),
+                                _ = self.ticker.tick() => self.status(false).await?,
+                            }
+                        }
+                    }
                     Err(_) => return Err(ConsumerError::DispatchGone),
                 },
                 _ = self.ticker.tick() => self.status(false).await?,

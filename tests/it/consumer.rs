@@ -327,6 +327,7 @@ async fn the_consumer_stops_when_dispatch_is_gone() {
         status_interval: Duration::from_millis(100),
         connect_timeout: Duration::from_secs(10),
         server_timeout: Duration::from_secs(30),
+        dispatch_stopping: Default::default(),
     };
     let consumer = tokio::spawn(run(
         config,
