@@ -100,7 +100,8 @@ pub struct Event {
 }
 
 /// The event id: the commit LSN and the change's position in its transaction. Written as
-/// `00000000016B3748-000002` (hex LSN, decimal position), so ids sort in commit order.
+/// `00000000016B3748-0000000002` (hex LSN, decimal position, both fixed width), so ids sort in
+/// commit order at any size of transaction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct EventId {
     pub commit_lsn: Lsn,
@@ -109,7 +110,7 @@ pub struct EventId {
 
 impl fmt::Display for EventId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:016X}-{:06}", self.commit_lsn.0, self.position)
+        write!(f, "{:016X}-{:010}", self.commit_lsn.0, self.position)
     }
 }
 
@@ -162,9 +163,13 @@ mod tests {
             commit_lsn: Lsn(l),
             position: p,
         };
-        assert_eq!(id(0x16B3748, 3).to_string(), "00000000016B3748-000003");
+        assert_eq!(id(0x16B3748, 3).to_string(), "00000000016B3748-0000000003");
         assert!(id(0x10, 2).to_string() < id(0x10, 10).to_string());
         assert!(id(0xF, 99).to_string() < id(0x10, 0).to_string());
+        // Past a million changes in one transaction too.
+        assert!(id(0x10, 999_999).to_string() < id(0x10, 1_000_000).to_string());
+        assert!(id(0x10, u32::MAX - 1).to_string() < id(0x10, u32::MAX).to_string());
+        assert!(id(0x10, u32::MAX).to_string() < id(0x11, 0).to_string());
     }
 
     #[test]
@@ -191,7 +196,7 @@ mod tests {
         let text = String::from_utf8(e.envelope()).unwrap();
         assert_eq!(
             text,
-            r#"{"id":"00000000016B3748-000002","event_type":"POST_USER_UPDATE","event_data":{"user_id":42,"email":"a\"b"},"occurred_at":"2025-01-02T03:04:05.678901Z","source":{"database":"app","schema":"public","table":"users","lsn":"0/16B3748","xid":751}}"#
+            r#"{"id":"00000000016B3748-0000000002","event_type":"POST_USER_UPDATE","event_data":{"user_id":42,"email":"a\"b"},"occurred_at":"2025-01-02T03:04:05.678901Z","source":{"database":"app","schema":"public","table":"users","lsn":"0/16B3748","xid":751}}"#
         );
     }
 }

@@ -394,7 +394,7 @@ fn event_id(id: EventId, out: &mut [u8; 32]) -> &str {
             break;
         }
     }
-    let width = len.max(6);
+    let width = len.max(10);
     for i in 0..width {
         out[17 + i] = if i < width - len {
             b'0'
@@ -454,7 +454,7 @@ mod tests {
             w.extend((s.len() as i32).to_be_bytes());
             w.extend(s.as_bytes());
         };
-        text(&mut want, "0000000000000010-000001");
+        text(&mut want, "0000000000000010-0000000001");
         text(&mut want, "T");
         text(&mut want, "f");
         want.extend(4i32.to_be_bytes());

@@ -438,7 +438,7 @@ mod tests {
             &Arc::from("POST_USER_UPDATE"),
             &Arc::from("app"),
         );
-        assert_eq!(e.id.to_string(), "00000000016B3748-000002");
+        assert_eq!(e.id.to_string(), "00000000016B3748-0000000002");
         assert_eq!(
             e.data.json(),
             r#"{"user_id":42,"id":42,"email":"a@b.c","bio":"long","changes":{"email":{"old":"x@b.c","new":"a@b.c"}},"old":{"id":42,"email":"x@b.c","bio":"long"}}"#

@@ -360,7 +360,11 @@ impl Decoder {
                     position,
                 });
             }
-            Msg::StreamStart { xid, .. } => self.streaming = Some(xid),
+            Msg::StreamStart { xid, .. } => {
+                self.streaming = Some(xid);
+                // Known from its first segment on, changes or not (every change may be filtered).
+                self.streamed.entry(xid).or_default();
+            }
             Msg::StreamStop => self.streaming = None,
             Msg::StreamAbort {
                 xid,
@@ -383,7 +387,11 @@ impl Decoder {
                 timestamp,
                 ..
             } => {
-                let t = self.streamed.remove(&xid).unwrap_or_default();
+                let t = self.streamed.remove(&xid).ok_or_else(|| {
+                    DecodeError::Malformed(format!(
+                        "STREAM COMMIT of transaction {xid}, which was never streamed"
+                    ))
+                })?;
                 tracing::debug!(
                     xid,
                     changes = t.changes(),
@@ -849,5 +857,20 @@ mod tests {
             d.decode(insert_msg(None, 77, &[Some("1")]), &mut out),
             Err(DecodeError::UnknownRelation(77))
         ));
+    }
+
+    #[test]
+    fn a_stream_commit_for_an_unknown_transaction_is_an_error() {
+        let mut d = Decoder::new();
+        let mut out = Vec::new();
+        let err = d.decode(stream_commit(77, 300, 320), &mut out).unwrap_err();
+        assert!(err.to_string().contains("never streamed"), "{err}");
+        assert!(out.is_empty(), "nothing settled");
+        // A streamed transaction whose changes were all filtered out is known all the same.
+        d.decode(stream_start(78), &mut out).unwrap();
+        d.decode(Bytes::from_static(b"E"), &mut out).unwrap();
+        d.decode(stream_commit(78, 400, 420), &mut out).unwrap();
+        d.drain(&mut out, 10).unwrap();
+        assert!(matches!(out.last(), Some(Item::Checkpoint(Lsn(420)))));
     }
 }

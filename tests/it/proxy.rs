@@ -304,7 +304,7 @@ async fn cancel_reaches_the_right_backend() {
     let token = a.cancel_token();
     let slow_a = tokio::spawn(async move { a.query_one("SELECT pg_sleep(30)", &[]).await });
     let slow_b = tokio::spawn(async move { b.query_one("SELECT pg_sleep(1)", &[]).await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    crate::support::wait_running(&db, "SELECT pg_sleep(30)").await;
     let t0 = std::time::Instant::now();
     token.cancel_query(NoTls).await.unwrap();
     let err = slow_a.await.unwrap().unwrap_err();
@@ -476,15 +476,27 @@ async fn limits_startup_timeout_and_graceful_shutdown() {
         .await
         .unwrap();
     proxy.shutdown.cancel();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    crate::support::eventually(
+        Duration::from_secs(10),
+        "the idle session to close",
+        || async { idle.is_closed().then_some(()) },
+    )
+    .await;
     assert!(
         idle.query_one("SELECT 1", &[]).await.is_err(),
         "idle session closed"
     );
-    assert!(
-        tokio::net::TcpStream::connect(proxy.addr).await.is_err(),
-        "no longer accepting"
-    );
+    crate::support::eventually(
+        Duration::from_secs(10),
+        "the proxy to stop accepting",
+        || async {
+            tokio::net::TcpStream::connect(proxy.addr)
+                .await
+                .is_err()
+                .then_some(())
+        },
+    )
+    .await;
     a.batch_execute("INSERT INTO s VALUES (2); COMMIT")
         .await
         .unwrap();
@@ -513,7 +525,7 @@ async fn server_and_client_disconnects_mid_query() {
         .unwrap()
         .get(0);
     let slow = tokio::spawn(async move { c.query_one("SELECT pg_sleep(30)", &[]).await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    crate::support::wait_running(&db, "SELECT pg_sleep(30)").await;
     db.psql(&format!("SELECT pg_terminate_backend({pid})"));
     let err = tokio::time::timeout(Duration::from_secs(10), slow)
         .await
@@ -532,7 +544,7 @@ async fn server_and_client_disconnects_mid_query() {
         .unwrap()
         .get(0);
     let slow = tokio::spawn(async move { c.query_one("SELECT pg_sleep(2)", &[]).await });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    crate::support::wait_running(&db, "SELECT pg_sleep(2)").await;
     slow.abort();
     let direct = connect(&db.url()).await;
     crate::support::eventually(Duration::from_secs(15), "the backend to end", || async {

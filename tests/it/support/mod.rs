@@ -193,3 +193,27 @@ pub fn init_logs() {
         }
     });
 }
+
+/// Wait until a query matching `pattern` (SQL LIKE) runs in the test database, as
+/// `pg_stat_activity` shows it.
+pub async fn wait_running(db: &TestDb, pattern: &str) {
+    let c = db.client().await;
+    eventually(
+        Duration::from_secs(10),
+        &format!("a query like {pattern:?} to run"),
+        || async {
+            let n: i64 = c
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity
+                      WHERE datname = current_database() AND state = 'active'
+                        AND query LIKE $1 AND pid <> pg_backend_pid()",
+                    &[&pattern],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            (n > 0).then_some(())
+        },
+    )
+    .await
+}
