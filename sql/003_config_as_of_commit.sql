@@ -92,7 +92,8 @@ BEGIN
         SELECT DISTINCT s.table_name
           FROM pg_event_trigger_ddl_commands() d
           JOIN pgfire.sources s ON s.table_name = coalesce(pg_partition_root(d.objid), d.objid)
-         WHERE d.classid = 'pg_class'::regclass
+          JOIN pg_class r ON r.oid = s.table_name
+         WHERE d.classid = 'pg_class'::regclass AND r.relkind = 'p'
     LOOP
         BEGIN
             PERFORM pgfire.full_identity(root);

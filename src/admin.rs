@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::dispatch::DispatchStats;
 use crate::event::Lsn;
+use crate::executions::Progress;
 use crate::replication::ConsumerHealth;
 
 /// Metric names, in one place.
@@ -34,6 +35,8 @@ pub struct AdminState {
     /// `None` when the consumer is not running (`--no-consumer`).
     pub consumer: Option<Arc<ConsumerHealth>>,
     pub dispatch: Arc<DispatchStats>,
+    /// The execution history and what the slot may confirm (`None` without a consumer).
+    pub history: Option<Arc<Progress>>,
 }
 
 pub async fn serve(
@@ -78,7 +81,14 @@ async fn healthz(State(s): State<AdminState>) -> impl IntoResponse {
             "confirmed_lsn": Lsn(c.confirmed_lsn.load(Ordering::Relaxed)).to_string(),
             "reconnects": c.reconnects.load(Ordering::Relaxed),
             "error": c.last_error(),
-        }
+        },
+        "dispatch": {
+            "error": s.dispatch.stopped.lock().ok().and_then(|e| e.clone()),
+        },
+        "history": s.history.as_ref().map(|h| serde_json::json!({
+            "stored_lsn": Lsn(h.stored.load(Ordering::Relaxed)).to_string(),
+            "error": h.error.lock().ok().and_then(|e| e.clone()),
+        })),
     });
     let code = if connected {
         StatusCode::OK

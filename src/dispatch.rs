@@ -31,6 +31,8 @@ pub struct DispatchStats {
     pub events: AtomicU64,
     pub runs: AtomicU64,
     pub failures: AtomicU64,
+    /// Why dispatch stopped by itself (the consumer then stops too), if it did.
+    pub stopped: std::sync::Mutex<Option<String>>,
 }
 
 pub struct Dispatcher {
@@ -38,8 +40,6 @@ pub struct Dispatcher {
     pub database_url: String,
     /// The slot read (configuration snapshots older than its position are pruned).
     pub slot: String,
-    /// Why dispatch stopped by itself, if it did.
-    pub failed: Option<String>,
     /// Sources already warned about for lacking REPLICA IDENTITY FULL.
     pub warned_identity: std::collections::HashSet<u32>,
     pub kinds: Kinds,
@@ -177,7 +177,11 @@ impl Dispatcher {
             Err(err) => {
                 // Not something retrying fixes, and nothing after it may be settled: stop.
                 tracing::error!(error = %err, lsn = %at, "cannot apply a configuration change; dispatch stops");
-                self.failed = Some(err.to_string());
+                if let Ok(mut e) = self.stats.stopped.lock() {
+                    *e = Some(format!(
+                        "cannot apply the configuration change at {at}: {err}"
+                    ));
+                }
                 return false;
             }
         };

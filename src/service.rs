@@ -98,21 +98,19 @@ impl Service {
         let mut tasks = Vec::new();
         let mut history = None;
         let mut dispatch = None;
+        let mut progress = None;
         if let Some((slot, catalog)) = installation {
             let settled = health.settled_lsn.clone();
-            let progress = Arc::new(Progress::new(settled.clone()));
-            let (recorder, writer) = executions::start(
-                cfg.database_url.clone(),
-                progress.clone(),
-                history_abandon.clone(),
-            );
+            let shared = Arc::new(Progress::new(settled.clone()));
+            progress = Some(shared.clone());
+            let (recorder, writer) =
+                executions::start(cfg.database_url.clone(), shared, history_abandon.clone());
             history = Some(writer);
             let (tx, rx) = tokio::sync::mpsc::channel(16);
             let dispatcher = Dispatcher {
                 catalog: Arc::new(catalog),
                 database_url: cfg.database_url.clone(),
                 slot: slot.clone(),
-                failed: None,
                 warned_identity: Default::default(),
                 kinds: Kinds::new(&cfg.database_url)?,
                 recorder,
@@ -167,6 +165,7 @@ impl Service {
             let state = AdminState {
                 consumer: cfg.consumer.then(|| health.clone()),
                 dispatch: stats.clone(),
+                history: progress.clone(),
             };
             let token = shutdown.clone();
             tasks.push(tokio::spawn(async move {
@@ -462,6 +461,30 @@ pub async fn status_cmd(url: &str, admin_url: &str) -> anyhow::Result<()> {
         println!("publication {PUBLICATION} missing: run pgfire install");
     }
     println!("service: {}", service_state(admin_url).await);
+    // Sources (and their partitions) whose changes lack old values.
+    let lacking = client
+        .query(
+            "SELECT s.table_name::text, c.oid::regclass::text
+               FROM pgfire.sources s
+               JOIN pg_class c ON c.oid = s.table_name
+                               OR c.oid IN (SELECT relid FROM pg_partition_tree(s.table_name))
+              WHERE c.relkind = 'r' AND c.relreplident <> 'f'
+              ORDER BY 1, 2",
+            &[],
+        )
+        .await
+        .map_err(q)?;
+    for r in lacking {
+        let (source, table): (String, String) = (r.get(0), r.get(1));
+        let which = if source == table {
+            source.clone()
+        } else {
+            format!("{source} (partition {table})")
+        };
+        println!(
+            "warning: source {which} lacks REPLICA IDENTITY FULL: old values are missing from its events (fix: ALTER TABLE {table} REPLICA IDENTITY FULL)"
+        );
+    }
     let rows = client
         .query(
             "SELECT function_name, status, count(*)::bigint, max(started_at)::text, (array_agg(error ORDER BY id DESC))[1]

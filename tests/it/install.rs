@@ -395,6 +395,20 @@ async fn events_and_status_commands_show_the_catalog_and_the_slot() {
         "{out}"
     );
     assert!(out.contains("no failed runs in the last hour"), "{out}");
+    assert!(!out.contains("REPLICA IDENTITY"), "{out}");
+    // A source that lost its replica identity is pointed out, with the fix.
+    db.psql(
+        "CREATE TABLE people (id int PRIMARY KEY);
+         INSERT INTO pgfire.sources (table_name, kind) VALUES ('people', 'user');
+         ALTER TABLE people REPLICA IDENTITY DEFAULT;",
+    );
+    let (ok, out, _) = run(&["status"]);
+    assert!(ok);
+    assert!(
+        out.contains("warning: source people lacks REPLICA IDENTITY FULL")
+            && out.contains("ALTER TABLE people REPLICA IDENTITY FULL"),
+        "{out}"
+    );
 }
 
 /// The database error of `sql`, which must fail.
