@@ -6,6 +6,7 @@ mod support;
 mod dev;
 mod embedded;
 mod events;
+mod functions;
 mod install;
 mod proxy;
 mod resilience;
