@@ -1,11 +1,13 @@
 //! Function kinds in isolation: each `sql` run starts from a clean session, a runaway `sql` run
-//! is ended without holding up others.
+//! is ended without holding up others, webhooks handle redirects and response bodies safely.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use crate::support::webhook::{RawServer, Reply};
 use crate::support::{caught_up, eventually, install_pgfire, start_service, texts, TestDb};
 
 const WAIT: Duration = Duration::from_secs(30);
+const SECRET: &str = "whsec_dGVzdC1zZWNyZXQta2V5LTEyMzQ1Njc4OTBhYmNk";
 
 /// Runs recorded for `function`, as `attempt status duration_ms error` in order.
 async fn runs_of(c: &tokio_postgres::Client, function: &str) -> Vec<(i32, String, i64, String)> {
@@ -201,5 +203,174 @@ async fn a_runaway_sql_run_is_ended_and_never_holds_up_another_function() {
     )
     .await;
     assert!(sessions[0].parse::<i32>().unwrap() <= 4, "{sessions:?}");
+    service.stop().await;
+}
+
+fn route(path: &str) -> Reply {
+    match path {
+        "/moved" => Reply::Status(301, vec![("location", "/elsewhere?token=secret".into())]),
+        "/see-other" => Reply::Status(303, vec![("location", "/elsewhere".into())]),
+        "/temporary" => Reply::Status(307, vec![("location", "/permanent".into())]),
+        "/permanent" => Reply::Status(308, vec![("location", "/target".into())]),
+        "/loop" => Reply::Status(307, vec![("location", "/loop".into())]),
+        "/endless-error" => Reply::Endless(500),
+        "/endless-ok" => Reply::Endless(200),
+        "/trickle" => Reply::Trickle(200, 1000, Duration::from_millis(20)),
+        "/trickle-error" => Reply::Trickle(503, 1000, Duration::from_millis(20)),
+        _ => Reply::Status(200, vec![]),
+    }
+}
+
+#[tokio::test]
+async fn webhook_redirects_fail_unless_they_keep_the_post() {
+    let db = TestDb::new();
+    install_pgfire(&db).await;
+    let server = RawServer::start(route).await;
+    let c = db.client().await;
+    c.batch_execute(&format!(
+        "CREATE TABLE t (id int PRIMARY KEY);
+         UPDATE pgfire.settings SET value = '1' WHERE key = 'delivery.max_attempts';
+         INSERT INTO pgfire.sources (table_name, kind) VALUES ('t', 'record');
+         INSERT INTO pgfire.functions (name, kind, target, secret) VALUES
+           ('moved', 'webhook', '{}', NULL), ('see_other', 'webhook', '{}', NULL),
+           ('temporary', 'webhook', '{}', '{SECRET}'), ('loop', 'webhook', '{}', NULL);
+         INSERT INTO pgfire.subscriptions (event_type, function_name, priority) VALUES
+           ('POST_RECORD_CREATE', 'moved', 0), ('POST_RECORD_CREATE', 'see_other', 1),
+           ('POST_RECORD_CREATE', 'temporary', 2), ('POST_RECORD_CREATE', 'loop', 3);",
+        server.url("/moved"),
+        server.url("/see-other"),
+        server.url("/temporary"),
+        server.url("/loop"),
+    ))
+    .await
+    .unwrap();
+    let service = start_service(&db).await;
+    c.batch_execute("INSERT INTO t VALUES (1)").await.unwrap();
+    let loop_runs = wait_runs(&c, "loop", 1).await;
+    let base = format!("http://{}", server.addr);
+
+    let moved = runs_of(&c, "moved").await;
+    assert_eq!(moved.len(), 1);
+    assert_eq!(moved[0].1, "dead");
+    assert_eq!(
+        moved[0].3,
+        format!("POST {base}/moved answered 301 Moved Permanently, a redirect to {base}/elsewhere: not followed (pgfire follows only 307 and 308, at most 5 hops, never from https to http); set the function's target to the final URL")
+    );
+    let see_other = runs_of(&c, "see_other").await;
+    assert!(
+        see_other[0]
+            .3
+            .contains("answered 303 See Other, a redirect to"),
+        "{see_other:?}"
+    );
+    let temporary = runs_of(&c, "temporary").await;
+    assert_eq!(temporary[0].1, "ok", "{temporary:?}");
+    assert!(
+        loop_runs[0].3.contains("more than 5 redirects"),
+        "{loop_runs:?}"
+    );
+
+    let got = server.received();
+    assert!(
+        got.iter().all(|r| r.method == "POST"),
+        "never a GET: {got:?}"
+    );
+    assert!(
+        !got.iter().any(|r| r.path.starts_with("/elsewhere")),
+        "{got:?}"
+    );
+    // 307 then 308: the same POST, body and signature reach the final URL.
+    let hops: Vec<_> = got
+        .iter()
+        .filter(|r| ["/temporary", "/permanent", "/target"].contains(&r.path.as_str()))
+        .collect();
+    assert_eq!(hops.len(), 3, "{got:?}");
+    for r in &hops[1..] {
+        assert_eq!(r.body, hops[0].body);
+        for h in [
+            "content-type",
+            "webhook-id",
+            "webhook-timestamp",
+            "webhook-signature",
+        ] {
+            assert!(r.header(h).is_some(), "{h} on {}", r.path);
+            assert_eq!(r.header(h), hops[0].header(h), "{h} on {}", r.path);
+        }
+    }
+    let loops = got.iter().filter(|r| r.path == "/loop").count();
+    assert_eq!(loops, 6, "the first request and five hops");
+    service.stop().await;
+}
+
+fn rss_kb() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[tokio::test]
+async fn webhook_response_bodies_are_read_only_up_to_a_cap_and_within_the_timeout() {
+    let db = TestDb::new();
+    install_pgfire(&db).await;
+    let server = RawServer::start(route).await;
+    let c = db.client().await;
+    c.batch_execute(&format!(
+        "CREATE TABLE t (id int PRIMARY KEY);
+         UPDATE pgfire.settings SET value = '2' WHERE key = 'delivery.max_attempts';
+         UPDATE pgfire.settings SET value = '10' WHERE key = 'delivery.retry_base_ms';
+         INSERT INTO pgfire.sources (table_name, kind) VALUES ('t', 'record');
+         INSERT INTO pgfire.functions (name, kind, target, timeout_ms) VALUES
+           ('endless_error', 'webhook', '{}', 2000), ('endless_ok', 'webhook', '{}', 2000),
+           ('trickle', 'webhook', '{}', 400), ('trickle_error', 'webhook', '{}', 400);
+         INSERT INTO pgfire.subscriptions (event_type, function_name, priority) VALUES
+           ('POST_RECORD_CREATE', 'endless_error', 0), ('POST_RECORD_CREATE', 'endless_ok', 1),
+           ('POST_RECORD_CREATE', 'trickle', 2), ('POST_RECORD_CREATE', 'trickle_error', 3);",
+        server.url("/endless-error"),
+        server.url("/endless-ok"),
+        server.url("/trickle"),
+        server.url("/trickle-error"),
+    ))
+    .await
+    .unwrap();
+    let service = start_service(&db).await;
+    let rss_before = rss_kb();
+    let t0 = Instant::now();
+    c.batch_execute("INSERT INTO t VALUES (1)").await.unwrap();
+    let trickle_error = wait_runs(&c, "trickle_error", 2).await;
+    let elapsed = t0.elapsed();
+    let rss_growth_mb = rss_kb().saturating_sub(rss_before) / 1024;
+
+    let endless_error = runs_of(&c, "endless_error").await;
+    let base = format!("http://{}", server.addr);
+    for (_, status, ms, error) in &endless_error {
+        assert!(status == "error" || status == "dead", "{endless_error:?}");
+        assert_eq!(
+            error,
+            &format!(
+                "POST {base}/endless-error answered 500 Internal Server Error: {}",
+                "x".repeat(200)
+            )
+        );
+        assert!(*ms < 2000, "{endless_error:?}");
+    }
+    let endless_ok = runs_of(&c, "endless_ok").await;
+    assert_eq!(endless_ok.len(), 1);
+    assert_eq!(endless_ok[0].1, "ok", "{endless_ok:?}");
+    assert!(endless_ok[0].2 < 2000, "{endless_ok:?}");
+    for runs in [runs_of(&c, "trickle").await, trickle_error] {
+        assert_eq!(runs.len(), 2, "{runs:?}");
+        assert_eq!(
+            (runs[0].1.as_str(), runs[0].3.as_str()),
+            ("timeout", "timed out after 400 ms")
+        );
+        assert_eq!(runs[1].1, "dead");
+        assert!(runs.iter().all(|r| r.2 < 1000), "{runs:?}");
+    }
+    // Two endless bodies and four timed-out trickles: a few seconds, not the bodies' length.
+    assert!(elapsed < Duration::from_secs(10), "{elapsed:?}");
+    assert!(rss_growth_mb < 200, "RSS grew by {rss_growth_mb} MB");
     service.stop().await;
 }
