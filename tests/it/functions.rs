@@ -67,6 +67,7 @@ async fn every_sql_run_starts_from_a_clean_session() {
              EXECUTE 'PREPARE leftover AS SELECT 1';
            END IF;
            PERFORM set_config('work_mem', '77kB', false);
+           PERFORM set_config('default_transaction_read_only', 'on', false);
            PERFORM set_config('search_path', 'nowhere', false);
            PERFORM set_config('role', '{low}', false);
            PERFORM public.observe('dirty');
