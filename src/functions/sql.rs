@@ -100,7 +100,11 @@ impl Sql {
                     })
                     .await;
                     match ended {
-                        Ok((_, reset)) => Outcome::Ended(Err(timed_out()), reset.is_ok()),
+                        // A call that completed as the timer fired did its work: it is ok.
+                        Ok((result, reset)) => Outcome::Ended(
+                            result.map(|_| ()).map_err(|_| timed_out()),
+                            reset.is_ok(),
+                        ),
                         Err(_) => Outcome::Stuck,
                     }
                 }
