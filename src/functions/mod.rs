@@ -78,7 +78,8 @@ impl Kinds {
         })
     }
 
-    /// Run `def` for `delivery`, bounded by the function's timeout.
+    /// Run `def` for `delivery`, bounded by the function's timeout (a `sql` run may take up to a
+    /// second more to end one that ignores its cancel).
     pub async fn post(
         &self,
         def: &FunctionDef,
@@ -86,7 +87,9 @@ impl Kinds {
     ) -> Result<(), FunctionError> {
         let kind: &dyn Kind = match def.kind {
             FunctionKind::Webhook => &self.webhook,
-            FunctionKind::Sql => &self.sql,
+            // A sql run bounds itself: at its timeout it cancels, then ends a run that ignores
+            // the cancel, before its session can be reused.
+            FunctionKind::Sql => return self.sql.post(def, delivery).await,
             // A log line cannot hang: no timer needed.
             FunctionKind::Log => return self.log.post(def, delivery).await,
             FunctionKind::Nats => {

@@ -1,30 +1,145 @@
-//! `sql` functions: `SELECT fn($1::jsonb)` on a pooled connection to the served database.
+//! `sql` functions: `SELECT fn($1::jsonb)` on a pooled session to the served database.
+//!
+//! Every run starts from a clean session: the call is pipelined with a reset (what `DISCARD ALL`
+//! does, cached plans aside; one round trip), and a session goes back to the pool only once that
+//! succeeded. A run is bounded by the
+//! function's timeout: then its query is cancelled, and if it has not ended within a short grace
+//! (it caught the cancel, say) its backend is terminated and its session dropped, never reused.
+//! A run never waits for a session another run holds: the pool opens a new one when none is idle.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use futures_util::future::BoxFuture;
+use tokio::time::Instant;
+use tokio_postgres::types::Type;
 
 use super::{Delivery, FunctionError, Kind};
 use crate::catalog::FunctionDef;
 
+/// Idle sessions kept for later runs; more are opened when runs overlap, and closed after.
+const KEEP_IDLE: usize = 4;
+/// How long a cancelled run may take to end before its backend is terminated.
+const CANCEL_GRACE: Duration = Duration::from_secs(1);
+/// Resets everything a function can leave in its session: cursors, session authorization and
+/// role, every setting (`search_path` included), prepared statements, LISTEN, advisory locks,
+/// temporary tables and sequence state. This is `DISCARD ALL` without its `DISCARD PLANS`: cached
+/// plans are no session state a function can observe (PostgreSQL replans when the search_path or
+/// role a plan depends on changes), and keeping them makes a run of a PL/pgSQL function about a
+/// third cheaper (measured: ≈370 µs against ≈510 µs for a one-INSERT function). Any failure of it
+/// drops the session instead of returning it to the pool.
+const RESET: &str = "CLOSE ALL; SET SESSION AUTHORIZATION DEFAULT; RESET ALL; DEALLOCATE ALL; \
+                     UNLISTEN *; SELECT pg_advisory_unlock_all(); DISCARD TEMP; DISCARD SEQUENCES";
+
 pub struct Sql {
-    pool: deadpool_postgres::Pool,
+    sessions: Arc<Sessions>,
 }
 
 impl Sql {
     pub fn new(database_url: &str) -> anyhow::Result<Sql> {
         let mut config: tokio_postgres::Config = database_url.parse()?;
         config.application_name("pgfire function");
-        let manager = deadpool_postgres::Manager::from_config(
-            config,
-            tokio_postgres::NoTls,
-            deadpool_postgres::ManagerConfig {
-                recycling_method: deadpool_postgres::RecyclingMethod::Fast,
-            },
-        );
-        let pool = deadpool_postgres::Pool::builder(manager)
-            .max_size(4)
-            .build()?;
-        Ok(Sql { pool })
+        Ok(Sql {
+            sessions: Arc::new(Sessions {
+                config,
+                idle: Mutex::new(Vec::new()),
+            }),
+        })
     }
+
+    /// One run of `callable` with `envelope`, bounded by `timeout` (plus the cancel grace).
+    async fn run(
+        &self,
+        callable: &str,
+        envelope: &str,
+        timeout: Duration,
+    ) -> Result<(), FunctionError> {
+        let deadline = Instant::now() + timeout;
+        let timed_out = || FunctionError::Timeout(timeout.as_millis());
+        let session = match tokio::time::timeout_at(deadline, self.sessions.get()).await {
+            Err(_) => return Err(timed_out()),
+            Ok(Err(e)) => {
+                return Err(FunctionError::Failed(format!(
+                    "no database connection: {}",
+                    crate::db::describe(&e)
+                )))
+            }
+            Ok(Ok(s)) => s,
+        };
+        // If this future is dropped mid-run, the guard ends the backend: its session is gone.
+        let mut guard = TerminateOnDrop {
+            pid: Some(session.pid),
+            sessions: self.sessions.clone(),
+        };
+        let sql = format!("SELECT {callable}($1::text::jsonb)::text");
+        let outcome = {
+            let client = &session.client;
+            // Both go out together; the reset runs after the call's implicit transaction, whether
+            // the call succeeded or failed.
+            let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 1] =
+                [(&envelope, Type::TEXT)];
+            let call = futures_util::future::join(
+                client.query_typed(&sql, &params),
+                client.batch_execute(RESET),
+            );
+            tokio::pin!(call);
+            match tokio::time::timeout_at(deadline, &mut call).await {
+                Ok((result, reset)) => Outcome::Ended(
+                    result
+                        .map(|_| ())
+                        .map_err(|e| FunctionError::Failed(crate::db::describe(&e))),
+                    reset.is_ok(),
+                ),
+                Err(_) => {
+                    // The cancel is delivered before anything else is sent on this session; a
+                    // run that ends within the grace leaves a clean session for the pool.
+                    let token = client.cancel_token();
+                    let ended = tokio::time::timeout(timeout.min(CANCEL_GRACE), async {
+                        let _ = token.cancel_query(tokio_postgres::NoTls).await;
+                        (&mut call).await
+                    })
+                    .await;
+                    match ended {
+                        // A call that completed as the timer fired did its work: it is ok.
+                        Ok((result, reset)) => Outcome::Ended(
+                            result.map(|_| ()).map_err(|_| timed_out()),
+                            reset.is_ok(),
+                        ),
+                        Err(_) => Outcome::Stuck,
+                    }
+                }
+            }
+        };
+        match outcome {
+            Outcome::Ended(result, clean) => {
+                guard.pid = None;
+                if clean {
+                    self.sessions.put(session);
+                }
+                result
+            }
+            Outcome::Stuck => {
+                guard.pid = None;
+                let pid = session.pid;
+                tracing::warn!(
+                    pid,
+                    timeout_ms = timeout.as_millis() as u64,
+                    "sql function ignored its cancel; terminating its backend"
+                );
+                // Dropped, not returned: the session is never reused.
+                drop(session);
+                terminate(&self.sessions, pid).await;
+                Err(timed_out())
+            }
+        }
+    }
+}
+
+enum Outcome {
+    /// The call ended: its result, and whether the session is clean again.
+    Ended(Result<(), FunctionError>, bool),
+    /// The call is still running after the cancel and the grace.
+    Stuck,
 }
 
 impl Kind for Sql {
@@ -40,38 +155,114 @@ impl Kind for Sql {
                     def.target.as_deref().unwrap_or("")
                 ))
             })?;
-            let client = self
-                .pool
-                .get()
-                .await
-                .map_err(|e| FunctionError::Failed(format!("no database connection: {e}")))?;
             let envelope = std::str::from_utf8(d.envelope())
                 .map_err(|e| FunctionError::Failed(e.to_string()))?;
-            let sql = format!("SELECT {callable}($1::text::jsonb)::text");
-            let stmt = client
-                .prepare_cached(&sql)
-                .await
-                .map_err(|e| FunctionError::Failed(crate::db::describe(&e)))?;
-            let cancel = client.cancel_token();
-            let mut guard = CancelOnDrop(Some(cancel));
-            let result = client.query_one(&stmt, &[&envelope]).await;
-            guard.0 = None;
-            result
-                .map(|_| ())
-                .map_err(|e| FunctionError::Failed(crate::db::describe(&e)))
+            self.run(callable, envelope, def.timeout).await
         })
     }
 }
 
-/// Cancels the running query if the call is dropped (timeout), so it does not hold the connection.
-struct CancelOnDrop(Option<tokio_postgres::CancelToken>);
+/// A session of the pool: a connection and its backend's process id.
+struct Session {
+    client: tokio_postgres::Client,
+    pid: i32,
+}
 
-impl Drop for CancelOnDrop {
-    fn drop(&mut self) {
-        if let Some(token) = self.0.take() {
-            tokio::spawn(async move {
-                let _ = token.cancel_query(tokio_postgres::NoTls).await;
-            });
+/// The pool: idle, clean sessions; a run takes one or opens a new one, never waits.
+struct Sessions {
+    config: tokio_postgres::Config,
+    idle: Mutex<Vec<Session>>,
+}
+
+impl Sessions {
+    async fn get(&self) -> Result<Session, tokio_postgres::Error> {
+        loop {
+            let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+            match idle {
+                Some(s) if !s.client.is_closed() => return Ok(s),
+                Some(_) => continue,
+                None => return self.connect().await,
+            }
         }
+    }
+
+    async fn connect(&self) -> Result<Session, tokio_postgres::Error> {
+        let (client, conn) = self.config.connect(tokio_postgres::NoTls).await?;
+        tokio::spawn(async move {
+            if let Err(err) = conn.await {
+                tracing::debug!(error = %err, "function session closed");
+            }
+        });
+        let pid = client
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await?
+            .get(0);
+        Ok(Session { client, pid })
+    }
+
+    /// Return a clean session; past `KEEP_IDLE` idle ones it is closed instead.
+    fn put(&self, session: Session) {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.len() < KEEP_IDLE && !session.client.is_closed() {
+            idle.push(session);
+        }
+    }
+}
+
+/// End the backend `pid` from another session (the role that connected may signal its own
+/// backends), waiting at most the cancel grace for a session to do it with.
+async fn terminate(sessions: &Sessions, pid: i32) {
+    let helper = match tokio::time::timeout(CANCEL_GRACE, sessions.get()).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            let error = crate::db::describe(&e);
+            tracing::warn!(pid, %error, "cannot terminate a runaway sql function: no database connection");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(
+                pid,
+                "cannot terminate a runaway sql function: no database connection in time"
+            );
+            return;
+        }
+    };
+    match helper
+        .client
+        .query_typed("SELECT pg_terminate_backend($1)", &[(&pid, Type::INT4)])
+        .await
+    {
+        Ok(rows) => {
+            if !rows.first().is_some_and(|r| r.get::<_, bool>(0)) {
+                tracing::warn!(
+                    pid,
+                    "pg_terminate_backend did not signal the runaway sql function"
+                );
+            }
+            // Nothing here changed the helper's session: it is still clean.
+            sessions.put(helper);
+        }
+        Err(e) => {
+            let error = crate::db::describe(&e);
+            tracing::warn!(pid, %error, "cannot terminate a runaway sql function");
+        }
+    }
+}
+
+/// Ends the backend of a run whose future was dropped before it settled its session (the
+/// session itself is dropped with the future, so it never goes back to the pool).
+struct TerminateOnDrop {
+    pid: Option<i32>,
+    sessions: Arc<Sessions>,
+}
+
+impl Drop for TerminateOnDrop {
+    fn drop(&mut self) {
+        let Some(pid) = self.pid.take() else { return };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let sessions = self.sessions.clone();
+        rt.spawn(async move { terminate(&sessions, pid).await });
     }
 }

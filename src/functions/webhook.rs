@@ -1,6 +1,11 @@
 //! `webhook` functions: an HTTP POST of the envelope, signed per Standard Webhooks
 //! (`webhook-id`, `webhook-timestamp`, `webhook-signature: v1,<base64 HMAC-SHA256>` over
 //! `id.timestamp.body` with the function's `whsec_` secret). Any 2xx answer is success.
+//!
+//! A 307 or 308 is followed with the same method, body and headers (a few hops, never from https
+//! to http); any other redirect is a failure, since following it would turn the POST into a GET.
+//! Only the first bytes of a response body are read: a body is never buffered whole, and the
+//! function's timeout bounds the whole exchange, reading the body included.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -12,6 +17,17 @@ use sha2::Sha256;
 use super::{Delivery, FunctionError, Kind};
 use crate::catalog::FunctionDef;
 
+/// Redirects (307/308) followed for one POST.
+const MAX_REDIRECTS: usize = 5;
+/// Bytes of a response body read at most: enough for the error snippet and to drain a small
+/// body so the connection is kept alive; past it the rest is not read and the connection is
+/// dropped.
+const BODY_READ_LIMIT: usize = 64 * 1024;
+/// Bytes of a failed response's body kept for its error message.
+const SNIPPET_BYTES: usize = 4096;
+/// Characters of that body shown in the recorded error.
+const SNIPPET_CHARS: usize = 200;
+
 pub struct Webhook {
     http: reqwest::Client,
 }
@@ -21,8 +37,28 @@ impl Webhook {
         let http = reqwest::Client::builder()
             .user_agent(concat!("pgfire/", env!("CARGO_PKG_VERSION")))
             .pool_max_idle_per_host(8)
+            .tcp_nodelay(true)
+            .redirect(reqwest::redirect::Policy::custom(redirect_policy))
             .build()?;
         Ok(Webhook { http })
+    }
+}
+
+/// Follow only what keeps the request as it is (307, 308), a few hops, never to plain http from
+/// https; stop at anything else, so the redirect itself is the answer (and a failure).
+fn redirect_policy(attempt: reqwest::redirect::Attempt<'_>) -> reqwest::redirect::Action {
+    let keeps_method = matches!(attempt.status().as_u16(), 307 | 308);
+    let downgrade = attempt.url().scheme() != "https"
+        && attempt
+            .previous()
+            .last()
+            .is_some_and(|u| u.scheme() == "https");
+    if !keeps_method || downgrade {
+        attempt.stop()
+    } else if attempt.previous().len() > MAX_REDIRECTS {
+        attempt.error(format!("more than {MAX_REDIRECTS} redirects"))
+    } else {
+        attempt.follow()
     }
 }
 
@@ -79,17 +115,72 @@ impl Kind for Webhook {
                 }
             })?;
             let status = resp.status();
+            let location = status
+                .is_redirection()
+                .then(|| redirect_target(&resp))
+                .flatten();
+            let body = read_head(resp, SNIPPET_BYTES).await.map_err(|e| {
+                if e.is_timeout() {
+                    FunctionError::Timeout(def.timeout.as_millis())
+                } else {
+                    FunctionError::Failed(format!(
+                        "POST {} answered {status}, then reading its body failed: {}",
+                        redact(url),
+                        error_chain(&e)
+                    ))
+                }
+            });
             if status.is_success() {
-                return Ok(());
+                // Accepted; only a body still arriving at the deadline makes it a timeout.
+                return match body {
+                    Err(e @ FunctionError::Timeout(_)) => Err(e),
+                    _ => Ok(()),
+                };
             }
-            let text = resp.text().await.unwrap_or_default();
-            let snippet: String = text.chars().take(200).collect();
+            let body = body?;
+            if status.is_redirection() {
+                return Err(FunctionError::Failed(format!(
+                    "POST {} answered {status}, a redirect to {}: not followed (pgfire follows only 307 and 308, at most {MAX_REDIRECTS} hops, never from https to http); set the function's target to the final URL",
+                    redact(url),
+                    location.as_deref().unwrap_or("no Location header")
+                )));
+            }
+            let snippet: String = String::from_utf8_lossy(&body)
+                .chars()
+                .take(SNIPPET_CHARS)
+                .collect();
             Err(FunctionError::Failed(format!(
                 "POST {} answered {status}: {snippet}",
                 redact(url)
             )))
         })
     }
+}
+
+/// Read a response body up to `BODY_READ_LIMIT` bytes, keeping the first `keep`; the rest is
+/// never read (dropping the response then closes its connection).
+async fn read_head(mut resp: reqwest::Response, keep: usize) -> Result<Vec<u8>, reqwest::Error> {
+    let mut kept = Vec::new();
+    let mut read = 0usize;
+    while read < BODY_READ_LIMIT {
+        let Some(chunk) = resp.chunk().await? else {
+            break;
+        };
+        read += chunk.len();
+        let room = keep.saturating_sub(kept.len());
+        kept.extend_from_slice(&chunk[..chunk.len().min(room)]);
+    }
+    Ok(kept)
+}
+
+/// Where a redirect points, resolved against the request's URL and redacted.
+fn redirect_target(resp: &reqwest::Response) -> Option<String> {
+    let location = resp.headers().get(reqwest::header::LOCATION)?;
+    let location = String::from_utf8_lossy(location.as_bytes());
+    Some(match resp.url().join(&location) {
+        Ok(u) => redact(u.as_str()),
+        Err(_) => "<invalid Location header>".to_string(),
+    })
 }
 
 /// The URL without its query string and credentials, for error messages.

@@ -7,6 +7,7 @@ mod consumer;
 mod dev;
 mod embedded;
 mod events;
+mod functions;
 mod install;
 mod proxy;
 mod resilience;
