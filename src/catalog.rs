@@ -327,3 +327,44 @@ pub async fn events_cmd(url: &str) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snapshot(limit: Option<&str>, timeout_ms: i64) -> String {
+        let settings = match limit {
+            Some(l) => format!(r#"{{"limits.timeout_ms": "{l}"}}"#),
+            None => "{}".into(),
+        };
+        format!(
+            r#"{{"version": 1, "database": "app", "settings": {settings},
+                 "functions": [{{"name": "f", "kind": "log", "target": null, "timeout_ms": {timeout_ms},
+                                 "secret": null, "on_error": "allow", "active": true, "sql_callable": null}}],
+                 "subscriptions": [{{"event_type": "E", "function_name": "f", "priority": 0, "active": true}}],
+                 "sources": [{{"oid": 16384, "table": "users", "kind": "user", "id_column": "id"}}]}}"#
+        )
+    }
+
+    fn timeout(cat: &Catalog) -> Duration {
+        cat.subscribers("E")[0].function.timeout
+    }
+
+    #[test]
+    fn a_function_gets_its_own_timeout_up_to_the_limit() {
+        let cat = Catalog::from_snapshot(&snapshot(Some("20000"), 15_000)).unwrap();
+        assert_eq!(timeout(&cat), Duration::from_secs(15));
+        let cat = Catalog::from_snapshot(&snapshot(Some("5000"), 15_000)).unwrap();
+        assert_eq!(timeout(&cat), Duration::from_secs(5));
+        let cat = Catalog::from_snapshot(&snapshot(None, 15_000)).unwrap();
+        assert_eq!(timeout(&cat), Duration::from_secs(10), "10 s by default");
+        assert_eq!(cat.sources[&16384].kind, SourceKind::User);
+    }
+
+    #[test]
+    fn a_malformed_snapshot_is_an_error() {
+        for bad in ["", "{}", "[]", r#"{"database": 1}"#, "not json"] {
+            assert!(Catalog::from_snapshot(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -7,7 +7,7 @@
 //! (it caught the cancel, say) its backend is terminated and its session dropped, never reused.
 //! A run never waits for a session another run holds: the pool opens a new one when none is idle.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
@@ -17,8 +17,8 @@ use tokio_postgres::types::Type;
 use super::{Delivery, FunctionError, Kind};
 use crate::catalog::FunctionDef;
 
-/// Idle sessions kept for later runs; more are opened when runs overlap, and closed after.
-const KEEP_IDLE: usize = 4;
+/// Sessions open at most (runs and the sessions that terminate runaway ones).
+const MAX_SESSIONS: usize = 32;
 /// How long a cancelled run may take to end before its backend is terminated.
 const CANCEL_GRACE: Duration = Duration::from_secs(1);
 /// Resets everything a function can leave in its session: cursors, session authorization and
@@ -39,11 +39,12 @@ impl Sql {
     pub fn new(database_url: &str) -> anyhow::Result<Sql> {
         let mut config: tokio_postgres::Config = database_url.parse()?;
         config.application_name("pgfire function");
+        let pool = deadpool::managed::Pool::builder(Connector { config })
+            .max_size(MAX_SESSIONS)
+            .runtime(deadpool::Runtime::Tokio1)
+            .build()?;
         Ok(Sql {
-            sessions: Arc::new(Sessions {
-                config,
-                idle: Mutex::new(Vec::new()),
-            }),
+            sessions: Arc::new(Sessions { pool }),
         })
     }
 
@@ -60,8 +61,7 @@ impl Sql {
             Err(_) => return Err(timed_out()),
             Ok(Err(e)) => {
                 return Err(FunctionError::Failed(format!(
-                    "no database connection: {}",
-                    crate::db::describe(&e)
+                    "no database connection: {e}"
                 )))
             }
             Ok(Ok(s)) => s,
@@ -126,7 +126,7 @@ impl Sql {
                     timeout_ms = timeout.as_millis() as u64,
                     "sql function ignored its cancel; terminating its backend"
                 );
-                // Dropped, not returned: the session is never reused.
+                // Dropped, not returned: the session is taken out of the pool, never reused.
                 drop(session);
                 terminate(&self.sessions, pid).await;
                 Err(timed_out())
@@ -168,25 +168,17 @@ struct Session {
     pid: i32,
 }
 
-/// The pool: idle, clean sessions; a run takes one or opens a new one, never waits.
-struct Sessions {
+/// Opens sessions for deadpool's managed pool, remembering each backend's pid (to terminate a
+/// runaway run from another session); a closed session is not recycled.
+struct Connector {
     config: tokio_postgres::Config,
-    idle: Mutex<Vec<Session>>,
 }
 
-impl Sessions {
-    async fn get(&self) -> Result<Session, tokio_postgres::Error> {
-        loop {
-            let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
-            match idle {
-                Some(s) if !s.client.is_closed() => return Ok(s),
-                Some(_) => continue,
-                None => return self.connect().await,
-            }
-        }
-    }
+impl deadpool::managed::Manager for Connector {
+    type Type = Session;
+    type Error = tokio_postgres::Error;
 
-    async fn connect(&self) -> Result<Session, tokio_postgres::Error> {
+    async fn create(&self) -> Result<Session, tokio_postgres::Error> {
         let (client, conn) = self.config.connect(tokio_postgres::NoTls).await?;
         tokio::spawn(async move {
             if let Err(err) = conn.await {
@@ -200,11 +192,61 @@ impl Sessions {
         Ok(Session { client, pid })
     }
 
-    /// Return a clean session; past `KEEP_IDLE` idle ones it is closed instead.
-    fn put(&self, session: Session) {
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        if idle.len() < KEEP_IDLE && !session.client.is_closed() {
-            idle.push(session);
+    async fn recycle(
+        &self,
+        session: &mut Session,
+        _: &deadpool::managed::Metrics,
+    ) -> deadpool::managed::RecycleResult<tokio_postgres::Error> {
+        match session.client.is_closed() {
+            true => Err(deadpool::managed::RecycleError::message("session closed")),
+            false => Ok(()),
+        }
+    }
+}
+
+/// The pool: clean sessions, up to [`MAX_SESSIONS`] at once (far more than runs overlap today,
+/// so a run does not wait for a session another run holds).
+struct Sessions {
+    pool: deadpool::managed::Pool<Connector>,
+}
+
+type Pooled = deadpool::managed::Object<Connector>;
+
+impl Sessions {
+    /// A clean session; the error says why none could be had.
+    async fn get(&self) -> Result<Lease, String> {
+        match self.pool.get().await {
+            Ok(s) => Ok(Lease(Some(s))),
+            Err(deadpool::managed::PoolError::Backend(e)) => Err(crate::db::describe(&e)),
+            Err(other) => Err(other.to_string()),
+        }
+    }
+
+    /// Return a clean session to the pool.
+    fn put(&self, mut session: Lease) {
+        drop(session.0.take());
+    }
+}
+
+/// A session taken from the pool. It goes back only through [`Sessions::put`] (once known to be
+/// clean); dropped any other way (a failed reset, a runaway run, a run abandoned midway) it is
+/// taken out of the pool and closed, never reused.
+struct Lease(Option<Pooled>);
+
+impl std::ops::Deref for Lease {
+    type Target = Session;
+    fn deref(&self) -> &Session {
+        // Some until put or dropped.
+        self.0
+            .as_deref()
+            .expect("a lease holds its session until released")
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if let Some(s) = self.0.take() {
+            drop(Pooled::take(s));
         }
     }
 }
@@ -214,8 +256,7 @@ impl Sessions {
 async fn terminate(sessions: &Sessions, pid: i32) {
     let helper = match tokio::time::timeout(CANCEL_GRACE, sessions.get()).await {
         Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            let error = crate::db::describe(&e);
+        Ok(Err(error)) => {
             tracing::warn!(pid, %error, "cannot terminate a runaway sql function: no database connection");
             return;
         }
