@@ -162,10 +162,7 @@ impl Catalog {
 
     /// Today's configuration, read in one statement (one snapshot).
     pub async fn load(client: &Client) -> Result<Catalog, CatalogError> {
-        let row = client
-            .query_one("SELECT pgfire.config_snapshot()::text", &[])
-            .await?;
-        Catalog::from_snapshot(row.get::<_, &str>(0))
+        Catalog::from_snapshot(&current_snapshot(client).await?)
     }
 
     /// The configuration in force where slot `slot` stands: the last one pgfire applied from a
@@ -293,6 +290,38 @@ impl Catalog {
             s.timeout_limit = Duration::from_millis(v.max(1));
         }
     }
+}
+
+/// Today's configuration as `pgfire.config_snapshot()` writes it (one statement, one snapshot).
+pub async fn current_snapshot(client: &Client) -> Result<String, CatalogError> {
+    let row = client
+        .query_one("SELECT pgfire.config_snapshot()::text", &[])
+        .await?;
+    Ok(row.get(0))
+}
+
+/// Record that `snapshot` is the configuration from the change committed at `at` on (the last
+/// change of a transaction wins), and prune the snapshots no restart can need: those older than
+/// the one in force at slot `slot`'s confirmed position.
+pub async fn record_applied(
+    client: &Client,
+    slot: &str,
+    at: crate::event::Lsn,
+    snapshot: &str,
+) -> Result<(), CatalogError> {
+    client
+        .execute(
+            "WITH applied AS (
+                 INSERT INTO pgfire.config_applied (commit_lsn, snapshot)
+                 VALUES ($1::text::pg_lsn, $2::text::jsonb)
+                 ON CONFLICT (commit_lsn) DO UPDATE SET snapshot = EXCLUDED.snapshot, applied_at = now())
+             DELETE FROM pgfire.config_applied
+              WHERE commit_lsn < (SELECT max(a.commit_lsn) FROM pgfire.config_applied a
+                                   WHERE a.commit_lsn < (SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = $3))",
+            &[&at.to_string(), &snapshot, &slot],
+        )
+        .await?;
+    Ok(())
 }
 
 /// `pgfire events`: every event type with its description and subscriber count.

@@ -15,7 +15,7 @@ use chrono::{DateTime, TimeDelta, Utc};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::catalog::{Catalog, Subscription};
+use crate::catalog::{self, Catalog, Subscription};
 use crate::event::{Event, Lsn};
 use crate::executions::{Execution, Recorder, Status};
 use crate::functions::{Delivery, FunctionError, Kinds};
@@ -151,10 +151,9 @@ impl Dispatcher {
                     let c = crate::db::connect(&url)
                         .await
                         .map_err(|e| crate::db::describe(&e))?;
-                    c.query_one("SELECT pgfire.config_snapshot()::text", &[])
+                    catalog::current_snapshot(&c)
                         .await
-                        .map(|r| r.get::<_, String>(0))
-                        .map_err(|e| crate::db::describe(&e))
+                        .map_err(|e| e.to_string())
                 })
                 .await
             {
@@ -191,19 +190,12 @@ impl Dispatcher {
             .retry(shutdown, "record the applied configuration", |url| {
                 let (slot, text) = (slot.clone(), text.clone());
                 async move {
-                    let c = crate::db::connect(&url).await.map_err(|e| crate::db::describe(&e))?;
-                    c.execute(
-                        "WITH applied AS (
-                             INSERT INTO pgfire.config_applied (commit_lsn, snapshot)
-                             VALUES ($1::text::pg_lsn, $2::text::jsonb)
-                             ON CONFLICT (commit_lsn) DO UPDATE SET snapshot = EXCLUDED.snapshot, applied_at = now())
-                         DELETE FROM pgfire.config_applied
-                          WHERE commit_lsn < (SELECT max(a.commit_lsn) FROM pgfire.config_applied a
-                                               WHERE a.commit_lsn < (SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = $3))",
-                        &[&at.to_string(), &text, &slot],
-                    )
-                    .await
-                    .map_err(|e| crate::db::describe(&e))
+                    let c = crate::db::connect(&url)
+                        .await
+                        .map_err(|e| crate::db::describe(&e))?;
+                    catalog::record_applied(&c, &slot, at, &text)
+                        .await
+                        .map_err(|e| e.to_string())
                 }
             })
             .await;

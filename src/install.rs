@@ -116,10 +116,10 @@ async fn apply(
     let mut report = InstallReport::default();
     for m in migrations.iter().filter(|m| m.version > found) {
         let sql = format!(
-            "BEGIN; {}\n; INSERT INTO pgfire.migrations (version, name) VALUES ({}, '{}'); COMMIT;",
+            "BEGIN; {}\n; INSERT INTO pgfire.migrations (version, name) VALUES ({}, {}); COMMIT;",
             m.sql,
             m.version,
-            m.name.replace('\'', "''")
+            postgres_protocol::escape::escape_literal(m.name)
         );
         if let Err(source) = client.batch_execute(&sql).await {
             let _ = client.batch_execute("ROLLBACK").await;

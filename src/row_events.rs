@@ -7,7 +7,7 @@ use serde_json::{Map, Value};
 
 use crate::catalog::{Source, SourceKind};
 use crate::event::{Event, EventData, EventId, EventSource};
-use crate::replication::decode::{Cell, Op, RowChange};
+use crate::replication::decode::{Cell, Column, Op, PgfireKey, RowChange};
 use crate::replication::values::{json_string, may_hold_objects, TypeClass};
 
 /// The POST event type of a change to a source, if that kind of source has row events (shared:
@@ -73,13 +73,13 @@ fn id_key(kind: SourceKind) -> &'static str {
 
 /// Whether a column's name is one of the keys pgfire adds to `event_data`: such a column is
 /// written under `columns` instead, so pgfire's keys keep their meaning.
-fn reserved(kind: SourceKind, name: &str) -> bool {
-    name == id_key(kind)
-        || matches!(
-            name,
-            "changes" | "old" | "unchanged_toast" | "old_missing" | "columns"
-        )
-        || (kind != SourceKind::User && name == "table")
+fn reserved(kind: SourceKind, col: &Column) -> bool {
+    match col.pgfire_key {
+        PgfireKey::None => false,
+        PgfireKey::All => true,
+        PgfireKey::User => kind == SourceKind::User,
+        PgfireKey::Record => kind != SourceKind::User,
+    }
 }
 
 /// `event_data` of a row change, written as JSON straight from the rendered cells: `user_id` or
@@ -115,7 +115,7 @@ pub fn event_data(change: &RowChange, source: &Source) -> EventData {
     let mut colliding = Vec::new();
     for (i, col) in rel.columns[..columns].iter().enumerate() {
         match value(i) {
-            Some(_) if reserved(source.kind, &col.name) => colliding.push(i),
+            Some(_) if reserved(source.kind, col) => colliding.push(i),
             Some(v) => {
                 out.push(b',');
                 out.extend_from_slice(&col.json_name);
@@ -318,7 +318,7 @@ fn object(change: &RowChange, source: &Source) -> Map<String, Value> {
                 changes.insert(col.name.to_string(), Value::Object(c));
             }
         }
-        if reserved(source.kind, &col.name) {
+        if reserved(source.kind, col) {
             colliding.insert(col.name.to_string(), v);
         } else {
             data.insert(col.name.to_string(), v);

@@ -369,12 +369,19 @@ pub async fn dev_cmd(data_dir: PathBuf, pg_port: u16, args: ServiceArgs) -> anyh
         if no_proxy { "(proxy off)".to_string() } else { app_url.clone() },
         data_dir.display()
     );
-    terminated().await;
+    let stopped = service.health.stopped.clone();
+    let fatal = tokio::select! {
+        _ = terminated() => None,
+        _ = stopped.cancelled() => Some(service.health.last_error().unwrap_or_default()),
+    };
     println!("pgfire dev: stopping ...");
     service.stop().await;
     tokio::task::spawn_blocking(move || cluster.stop()).await?;
     println!("pgfire dev: stopped.");
-    Ok(())
+    match fatal {
+        Some(reason) => anyhow::bail!("the replication consumer stopped: {reason}"),
+        None => Ok(()),
+    }
 }
 
 /// What the running service says about its consumer: `/healthz` of `admin_url`.

@@ -32,6 +32,10 @@ pub struct Column {
     pub class: TypeClass,
     /// Part of the replica identity's key.
     pub is_key: bool,
+    /// Named like one of the keys pgfire adds to `event_data` (see `row_events`): for sources
+    /// of every kind (`changes`, `old`, ...), of user sources (`user_id`), of other sources
+    /// (`record_id`, `table`). Worked out once per relation, not per row.
+    pub pgfire_key: PgfireKey,
     /// The name as a JSON string, written once for every event of the table.
     pub json_name: Box<[u8]>,
 }
@@ -44,6 +48,7 @@ impl Column {
             class: classify(type_oid),
             type_oid,
             is_key: false,
+            pgfire_key: PgfireKey::of(&name),
             json_name: json_name.into_boxed_slice(),
             name,
         }
@@ -53,6 +58,29 @@ impl Column {
     pub fn key(mut self, is_key: bool) -> Column {
         self.is_key = is_key;
         self
+    }
+}
+
+/// Which sources a column's name collides with a pgfire key for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PgfireKey {
+    None,
+    /// `changes`, `old`, `unchanged_toast`, `old_missing`, `columns`.
+    All,
+    /// `user_id`.
+    User,
+    /// `record_id`, `table`.
+    Record,
+}
+
+impl PgfireKey {
+    fn of(name: &str) -> PgfireKey {
+        match name {
+            "changes" | "old" | "unchanged_toast" | "old_missing" | "columns" => PgfireKey::All,
+            "user_id" => PgfireKey::User,
+            "record_id" | "table" => PgfireKey::Record,
+            _ => PgfireKey::None,
+        }
     }
 }
 

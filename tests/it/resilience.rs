@@ -109,15 +109,8 @@ async fn kill_9_loses_no_event_and_redelivers_with_the_same_id() {
 #[tokio::test]
 async fn postgres_restarts_and_pgfire_reconnects_without_losing_events() {
     let dir = tempfile::tempdir().unwrap();
-    let mut opts: ClusterOptions = test_cluster_options();
-    std::fs::remove_dir_all(&opts.data_dir).ok();
-    opts.data_dir = dir.path().join("data");
-    opts.ephemeral = false;
-    opts.port = Some(pgfire::embedded::free_port().unwrap());
     // Commits must survive the crash below.
-    opts.settings
-        .push(("synchronous_commit".into(), "on".into()));
-    opts.settings.push(("fsync".into(), "on".into()));
+    let opts = durable_cluster(dir.path());
     let cluster = Cluster::start(&opts).unwrap();
     cluster.psql("postgres", "CREATE DATABASE app").unwrap();
     let url = cluster.url("app");
