@@ -135,8 +135,9 @@ impl Dispatcher {
     }
 
     /// Apply the configuration a change committed at `at` carries, and record it in
-    /// `pgfire.config_applied` before going on (the last change of a transaction wins there) (so a restart resumes with it once the slot has
-    /// moved past). False when shutdown came first: then nothing after the change is settled.
+    /// `pgfire.config_applied` before going on, so a restart resumes with it once the slot has
+    /// moved past. False when shutdown came first or the snapshot cannot be applied: then
+    /// nothing after the change is settled.
     async fn apply_config(
         &mut self,
         content: &[u8],
