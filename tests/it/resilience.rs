@@ -383,3 +383,41 @@ async fn no_run_record_is_dropped_across_a_database_outage() {
     service.stop().await;
     cluster.stop();
 }
+
+/// The slot never moves past an event before the record of its dead run is stored: once the slot
+/// has confirmed a backlog of failing events, every one of their `dead` runs is already in
+/// pgfire.executions (nothing left only in memory for a kill -9 to lose).
+#[tokio::test]
+async fn dead_runs_are_stored_before_the_slot_moves_past_them() {
+    let db = TestDb::new();
+    install_pgfire(&db).await;
+    let c = db.client().await;
+    c.batch_execute(
+        "CREATE TABLE users (id int PRIMARY KEY);
+         CREATE FUNCTION refuse(e jsonb) RETURNS void LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'no'; END $$;
+         INSERT INTO pgfire.sources (table_name, kind) VALUES ('users', 'user');
+         INSERT INTO pgfire.functions (name, kind, target) VALUES ('refuse', 'sql', 'refuse');
+         INSERT INTO pgfire.subscriptions (event_type, function_name) VALUES ('POST_USER_CREATE', 'refuse');
+         UPDATE pgfire.settings SET value = '1' WHERE key = 'delivery.max_attempts';",
+    )
+    .await
+    .unwrap();
+    let service = start_service(&db).await;
+    for i in 0..200 {
+        c.batch_execute(&format!("INSERT INTO users VALUES ({i})"))
+            .await
+            .unwrap();
+    }
+    crate::support::caught_up(&db).await;
+    // No waiting here: what the slot has confirmed must already be recorded.
+    let dead: i64 = c
+        .query_one(
+            "SELECT count(DISTINCT event_id) FROM pgfire.executions WHERE status = 'dead'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(dead, 200);
+    service.stop().await;
+}
