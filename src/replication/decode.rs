@@ -124,6 +124,19 @@ pub enum Item {
     Checkpoint(Lsn),
 }
 
+impl Item {
+    /// Whether this item was already handed over before a reconnect: everything up to the
+    /// checkpoint `handed` was, and the server resends from an earlier transaction boundary.
+    pub fn handed_before(&self, handed: Lsn) -> bool {
+        match self {
+            Item::Row(r) => r.commit.lsn < handed,
+            Item::Truncate { commit, .. } => commit.lsn < handed,
+            Item::Message { commit, .. } => commit.as_ref().is_some_and(|c| c.lsn < handed),
+            Item::Checkpoint(lsn) => *lsn <= handed,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
     #[error("malformed pgoutput message: {0}")]

@@ -135,8 +135,21 @@ pub async fn run(
 ) {
     let mut decoder = Decoder::new();
     let mut delay = FIRST_RETRY;
+    // The last checkpoint handed to dispatch: after a reconnect the server resends from the
+    // slot's confirmed position, and what dispatch already has is not handed over twice (nor
+    // routed again by a configuration applied after it).
+    let mut handed = Lsn(0);
     while !shutdown.is_cancelled() {
-        let result = session(&config, &mut decoder, &tx, &settled, &health, &shutdown).await;
+        let result = session(
+            &config,
+            &mut decoder,
+            &tx,
+            &settled,
+            &health,
+            &shutdown,
+            &mut handed,
+        )
+        .await;
         let was_streaming = health.connected.swap(false, Ordering::SeqCst);
         let err = match result {
             Ok(()) => return,
@@ -220,6 +233,7 @@ async fn session(
     settled: &AtomicU64,
     health: &ConsumerHealth,
     shutdown: &CancellationToken,
+    handed: &mut Lsn,
 ) -> Result<(), ConsumerError> {
     let mut conn = tokio::select! {
         _ = shutdown.cancelled() => return Ok(()),
@@ -254,6 +268,7 @@ async fn session(
         health,
         shutdown,
         dispatch_stopping: &config.dispatch_stopping,
+        handed,
         server_down: shutdown_watch(&config.database_url),
         received: start,
         ticker: tokio::time::interval(config.status_interval),
@@ -381,6 +396,7 @@ struct Stream<'a> {
     health: &'a ConsumerHealth,
     shutdown: &'a CancellationToken,
     dispatch_stopping: &'a CancellationToken,
+    handed: &'a mut Lsn,
     server_down: Pin<Box<dyn Future<Output = ConsumerError> + Send>>,
     received: Lsn,
     ticker: tokio::time::Interval,
@@ -414,7 +430,16 @@ impl Stream<'_> {
 
     /// Give a batch to dispatch, waiting while it pushes back but still sending status updates
     /// so the server does not time us out. False when shutting down.
-    async fn hand_over(&mut self, items: Vec<Item>) -> Result<bool, ConsumerError> {
+    async fn hand_over(&mut self, mut items: Vec<Item>) -> Result<bool, ConsumerError> {
+        let before = *self.handed;
+        items.retain(|i| !i.handed_before(before));
+        let last = items.iter().rev().find_map(|i| match i {
+            Item::Checkpoint(lsn) => Some(*lsn),
+            _ => None,
+        });
+        if items.is_empty() {
+            return Ok(true);
+        }
         let handed = loop {
             tokio::select! {
                 biased;
@@ -439,6 +464,9 @@ impl Stream<'_> {
                 _ = self.ticker.tick() => self.status(false).await?,
             }
         };
+        if let (true, Some(lsn)) = (handed, last) {
+            *self.handed = (*self.handed).max(lsn);
+        }
         // pgfire was not reading meanwhile: the server's silence counts from now.
         self.silence.restart(Instant::now());
         Ok(handed)
