@@ -5,7 +5,9 @@
 -- snapshot). The consumer applies it where it sits in the stream, so every row change is routed by
 -- the configuration of its own commit, whatever today's tables say. pgfire.config_applied keeps the
 -- snapshots pgfire applied, by the commit LSN of the change, so a restart resumes with the
--- configuration in force where the slot stands.
+-- configuration in force where the slot stands. Webhook secrets stay out of it (logical messages
+-- reach every logical decoding consumer of the database): pgfire reads them from
+-- pgfire.functions when it applies a snapshot.
 
 CREATE FUNCTION pgfire.config_snapshot() RETURNS jsonb
 LANGUAGE sql STABLE AS $$
@@ -16,7 +18,7 @@ SELECT jsonb_build_object(
     'functions', coalesce((
         SELECT jsonb_agg(jsonb_build_object(
                    'name', f.name, 'kind', f.kind, 'target', f.target, 'timeout_ms', f.timeout_ms,
-                   'secret', f.secret, 'on_error', f.on_error, 'active', f.active,
+                   'on_error', f.on_error, 'active', f.active,
                    'sql_callable', CASE WHEN f.kind = 'sql' THEN (
                        SELECT format('%I.%I', n.nspname, p.proname)
                          FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace

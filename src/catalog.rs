@@ -123,7 +123,6 @@ struct FunctionRow {
     kind: String,
     target: Option<String>,
     timeout_ms: i64,
-    secret: Option<String>,
     active: bool,
     sql_callable: Option<String>,
 }
@@ -162,7 +161,8 @@ impl Catalog {
 
     /// Today's configuration, read in one statement (one snapshot).
     pub async fn load(client: &Client) -> Result<Catalog, CatalogError> {
-        Catalog::from_snapshot(&current_snapshot(client).await?)
+        let snapshot = current_snapshot(client).await?;
+        Catalog::from_snapshot(&snapshot, &secrets(client).await?)
     }
 
     /// The configuration in force where slot `slot` stands: the last one pgfire applied from a
@@ -177,7 +177,7 @@ impl Catalog {
             )
             .await?;
         match row {
-            Some(r) => Catalog::from_snapshot(r.get::<_, &str>(0)),
+            Some(r) => Catalog::from_snapshot(r.get::<_, &str>(0), &secrets(client).await?),
             None => {
                 tracing::warn!(
                     slot,
@@ -188,9 +188,13 @@ impl Catalog {
         }
     }
 
-    /// A catalog from the JSON of `pgfire.config_snapshot()`. Rows the database accepted but
-    /// this pgfire cannot use are skipped with a warning rather than failing the whole load.
-    pub fn from_snapshot(json: &str) -> Result<Catalog, CatalogError> {
+    /// A catalog from the JSON of `pgfire.config_snapshot()` and the functions' signing secrets
+    /// (which the snapshot leaves out). Rows the database accepted but this pgfire cannot use are
+    /// skipped with a warning rather than failing the whole load.
+    pub fn from_snapshot(
+        json: &str,
+        secrets: &HashMap<String, String>,
+    ) -> Result<Catalog, CatalogError> {
         let snap: Snapshot =
             serde_json::from_str(json).map_err(|e| CatalogError::Malformed(e.to_string()))?;
         let mut cat = Catalog {
@@ -217,6 +221,7 @@ impl Catalog {
                 ));
             }
             let timeout_ms = (f.timeout_ms.max(1) as u64).min(timeout_limit.as_millis() as u64);
+            let secret = secrets.get(&f.name).cloned();
             functions.insert(
                 f.name.clone(),
                 Arc::new(FunctionDef {
@@ -224,7 +229,7 @@ impl Catalog {
                     kind,
                     target: f.target,
                     timeout: Duration::from_millis(timeout_ms),
-                    secret: f.secret,
+                    secret,
                     sql_callable: f.sql_callable,
                 }),
             );
@@ -290,6 +295,21 @@ impl Catalog {
             s.timeout_limit = Duration::from_millis(v.max(1));
         }
     }
+}
+
+/// The functions' signing secrets, by function name. They are not in the snapshots (logical
+/// messages reach every logical decoding consumer of the database): a webhook is signed with its
+/// function's secret as it is when the snapshot is applied.
+pub async fn secrets(client: &Client) -> Result<HashMap<String, String>, CatalogError> {
+    Ok(client
+        .query(
+            "SELECT name, secret FROM pgfire.functions WHERE secret IS NOT NULL",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect())
 }
 
 /// Today's configuration as `pgfire.config_snapshot()` writes it (one statement, one snapshot).
@@ -369,7 +389,7 @@ mod tests {
         format!(
             r#"{{"version": 1, "database": "app", "settings": {settings},
                  "functions": [{{"name": "f", "kind": "log", "target": null, "timeout_ms": {timeout_ms},
-                                 "secret": null, "on_error": "allow", "active": true, "sql_callable": null}}],
+                                 "on_error": "allow", "active": true, "sql_callable": null}}],
                  "subscriptions": [{{"event_type": "E", "function_name": "f", "priority": 0, "active": true}}],
                  "sources": [{{"oid": 16384, "table": "users", "kind": "user", "id_column": "id"}}]}}"#
         )
@@ -381,11 +401,12 @@ mod tests {
 
     #[test]
     fn a_function_gets_its_own_timeout_up_to_the_limit() {
-        let cat = Catalog::from_snapshot(&snapshot(Some("20000"), 15_000)).unwrap();
+        let cat =
+            Catalog::from_snapshot(&snapshot(Some("20000"), 15_000), &HashMap::new()).unwrap();
         assert_eq!(timeout(&cat), Duration::from_secs(15));
-        let cat = Catalog::from_snapshot(&snapshot(Some("5000"), 15_000)).unwrap();
+        let cat = Catalog::from_snapshot(&snapshot(Some("5000"), 15_000), &HashMap::new()).unwrap();
         assert_eq!(timeout(&cat), Duration::from_secs(5));
-        let cat = Catalog::from_snapshot(&snapshot(None, 15_000)).unwrap();
+        let cat = Catalog::from_snapshot(&snapshot(None, 15_000), &HashMap::new()).unwrap();
         assert_eq!(timeout(&cat), Duration::from_secs(10), "10 s by default");
         assert_eq!(cat.sources[&16384].kind, SourceKind::User);
     }
@@ -393,7 +414,10 @@ mod tests {
     #[test]
     fn a_malformed_snapshot_is_an_error() {
         for bad in ["", "{}", "[]", r#"{"database": 1}"#, "not json"] {
-            assert!(Catalog::from_snapshot(bad).is_err(), "{bad}");
+            assert!(
+                Catalog::from_snapshot(bad, &HashMap::new()).is_err(),
+                "{bad}"
+            );
         }
     }
 }

@@ -172,22 +172,23 @@ impl Dispatcher {
         at: Lsn,
         shutdown: &CancellationToken,
     ) -> bool {
-        let catalog = match Catalog::from_snapshot(snapshot) {
-            Ok(c) => c,
-            Err(err) => {
-                // Not something retrying fixes, and nothing after it may be settled: stop.
-                tracing::error!(error = %err, lsn = %at, "cannot apply a configuration change; dispatch stops");
-                if let Ok(mut e) = self.stats.stopped.lock() {
-                    *e = Some(format!(
-                        "cannot apply the configuration change at {at}: {err}"
-                    ));
-                }
-                return false;
+        let stop = |stats: &DispatchStats, err: catalog::CatalogError| {
+            // Not something retrying fixes, and nothing after it may be settled: stop.
+            tracing::error!(error = %err, lsn = %at, "cannot apply a configuration change; dispatch stops");
+            if let Ok(mut e) = stats.stopped.lock() {
+                *e = Some(format!(
+                    "cannot apply the configuration change at {at}: {err}"
+                ));
             }
         };
+        // Checked before anything is written for it.
+        if let Err(err) = Catalog::from_snapshot(snapshot, &Default::default()) {
+            stop(&self.stats, err);
+            return false;
+        }
         let slot = self.slot.clone();
         let text = snapshot.to_string();
-        let stored = self
+        let secrets = self
             .retry(shutdown, "record the applied configuration", |url| {
                 let (slot, text) = (slot.clone(), text.clone());
                 async move {
@@ -196,13 +197,21 @@ impl Dispatcher {
                         .map_err(|e| crate::db::describe(&e))?;
                     catalog::record_applied(&c, &slot, at, &text)
                         .await
-                        .map_err(|e| e.to_string())
+                        .map_err(|e| e.to_string())?;
+                    catalog::secrets(&c).await.map_err(|e| e.to_string())
                 }
             })
             .await;
-        if stored.is_none() {
+        let Some(secrets) = secrets else {
             return false;
-        }
+        };
+        let catalog = match Catalog::from_snapshot(snapshot, &secrets) {
+            Ok(c) => c,
+            Err(err) => {
+                stop(&self.stats, err);
+                return false;
+            }
+        };
         self.catalog = Arc::new(catalog);
         tracing::info!(lsn = %at, "configuration applied");
         true

@@ -101,12 +101,18 @@ impl Kind for Webhook {
                 .header("content-type", "application/json")
                 .header("webhook-id", &id)
                 .header("webhook-timestamp", ts.to_string());
-            if let Some(secret) = &def.secret {
-                req = req.header(
-                    "webhook-signature",
-                    sign(secret, &id, ts, &body).map_err(FunctionError::Failed)?,
-                );
-            }
+            // Every webhook function has a secret (generated when none is given); without one
+            // its row is gone from pgfire.functions: never send an unsigned request.
+            let secret = def.secret.as_deref().ok_or_else(|| {
+                FunctionError::Failed(format!(
+                    "webhook function {} has no signing secret any more (its row is gone from pgfire.functions)",
+                    def.name
+                ))
+            })?;
+            req = req.header(
+                "webhook-signature",
+                sign(secret, &id, ts, &body).map_err(FunctionError::Failed)?,
+            );
             let resp = req.body(body).send().await.map_err(|e| {
                 if e.is_timeout() {
                     FunctionError::Timeout(def.timeout.as_millis())

@@ -378,6 +378,46 @@ async fn a_backlog_is_routed_by_the_configuration_of_its_commit() {
     assert!(kept <= 3, "{kept} snapshots kept");
 }
 
+/// The configuration travels in logical messages, which every logical decoding consumer of the
+/// database sees (publications filter tables, not messages): webhook secrets stay out of them.
+#[tokio::test]
+async fn webhook_secrets_never_travel_in_the_stream() {
+    let db = TestDb::new();
+    install_pgfire(&db).await;
+    let c = db.client().await;
+    c.batch_execute(
+        "SELECT pg_create_logical_replication_slot(current_database() || '_peek', 'test_decoding')",
+    )
+    .await
+    .unwrap();
+    c.batch_execute(&format!(
+        "INSERT INTO pgfire.functions (name, kind, target, secret) VALUES ('w', 'webhook', 'http://127.0.0.1:9/x', '{SECRET}');
+         UPDATE pgfire.functions SET timeout_ms = 500 WHERE name = 'w';"
+    ))
+    .await
+    .unwrap();
+    // The test cluster commits asynchronously: decoding sees a commit once its WAL is flushed.
+    let seen = eventually(WAIT, "the change in the stream", || async {
+        let seen = texts(
+            &c,
+            "SELECT data FROM pg_logical_slot_peek_changes(current_database() || '_peek', NULL, NULL)",
+        )
+        .await;
+        (seen.iter().filter(|d| d.contains("pgfire.config")).count() >= 2).then_some(seen)
+    })
+    .await;
+    c.batch_execute("SELECT pg_drop_replication_slot(current_database() || '_peek')")
+        .await
+        .unwrap();
+    // (test_decoding shows every table's rows, pgfire.functions' too; a publication-based
+    // consumer such as pgoutput does not, and the messages are what it would see of pgfire.)
+    let messages: Vec<&String> = seen.iter().filter(|d| d.starts_with("message:")).collect();
+    assert!(
+        !messages.iter().any(|d| d.contains("whsec_")),
+        "a secret in the stream: {messages:?}"
+    );
+}
+
 #[tokio::test]
 async fn a_failing_webhook_is_retried_and_recorded_attempt_by_attempt() {
     let db = TestDb::new();
