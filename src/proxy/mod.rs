@@ -3,6 +3,7 @@
 //! through unchanged; pgfire looks only at Query, Parse and Bind (for PRE hooks) and at the
 //! server's ReadyForQuery.
 
+pub mod classify;
 mod in_flight;
 mod session;
 
