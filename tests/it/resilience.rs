@@ -111,13 +111,7 @@ async fn postgres_restarts_and_pgfire_reconnects_without_losing_events() {
     let dir = tempfile::tempdir().unwrap();
     // Commits must survive the crash below.
     let opts = durable_cluster(dir.path());
-    let cluster = Cluster::start(&opts).unwrap();
-    cluster.psql("postgres", "CREATE DATABASE app").unwrap();
-    let url = cluster.url("app");
-    let c = pgfire::db::connect(&url).await.unwrap();
-    pgfire::install::install(&c, None, pgfire::install::MIGRATIONS)
-        .await
-        .unwrap();
+    let (cluster, url, c) = installed_app(&opts).await;
     c.batch_execute(SETUP).await.unwrap();
     let mut cfg = pgfire::service::ServiceConfig::new(url.clone());
     cfg.status_interval = Duration::from_millis(100);
@@ -286,6 +280,18 @@ async fn healthz_and_metrics_report_the_stream() {
     service.stop().await;
 }
 
+/// Start the cluster of `opts`, create database `app` and install pgfire in it.
+async fn installed_app(opts: &ClusterOptions) -> (Cluster, String, tokio_postgres::Client) {
+    let cluster = Cluster::start(opts).unwrap();
+    cluster.psql("postgres", "CREATE DATABASE app").unwrap();
+    let url = cluster.url("app");
+    let c = pgfire::db::connect(&url).await.unwrap();
+    pgfire::install::install(&c, None, pgfire::install::MIGRATIONS)
+        .await
+        .unwrap();
+    (cluster, url, c)
+}
+
 /// A private cluster whose data survives a restart (commits durable), for outage tests.
 fn durable_cluster(dir: &std::path::Path) -> ClusterOptions {
     let mut opts: ClusterOptions = test_cluster_options();
@@ -306,13 +312,7 @@ fn durable_cluster(dir: &std::path::Path) -> ClusterOptions {
 async fn no_run_record_is_dropped_across_a_database_outage() {
     let dir = tempfile::tempdir().unwrap();
     let opts = durable_cluster(dir.path());
-    let cluster = Cluster::start(&opts).unwrap();
-    cluster.psql("postgres", "CREATE DATABASE app").unwrap();
-    let url = cluster.url("app");
-    let c = pgfire::db::connect(&url).await.unwrap();
-    pgfire::install::install(&c, None, pgfire::install::MIGRATIONS)
-        .await
-        .unwrap();
+    let (cluster, url, c) = installed_app(&opts).await;
     c.batch_execute(
         "CREATE TABLE users (id int PRIMARY KEY);
          INSERT INTO pgfire.sources (table_name, kind) VALUES ('users', 'user');
