@@ -7,7 +7,7 @@ use std::time::Duration;
 use pgfire::embedded::{Cluster, ClusterOptions};
 
 use crate::support::{
-    eventually, install_pgfire, start_service, test_cluster_options, texts, TestDb,
+    count, eventually, install_pgfire, start_service, test_cluster_options, texts, TestDb,
 };
 
 const SETUP: &str = "
@@ -58,11 +58,7 @@ async fn kill_9_loses_no_event_and_redelivers_with_the_same_id() {
         })
     };
     eventually(Duration::from_secs(60), "some deliveries", || async {
-        let n: i64 = c
-            .query_one("SELECT count(*) FROM delivered", &[])
-            .await
-            .unwrap()
-            .get(0);
+        let n = count(&c, "SELECT count(*) FROM delivered").await;
         (n >= 200).then_some(())
     })
     .await;
@@ -81,11 +77,7 @@ async fn kill_9_loses_no_event_and_redelivers_with_the_same_id() {
 
     let mut child = spawn_pgfire(&db.url());
     eventually(Duration::from_secs(60), "every row delivered", || async {
-        let n: i64 = c
-            .query_one("SELECT count(DISTINCT user_id) FROM delivered", &[])
-            .await
-            .unwrap()
-            .get(0);
+        let n = count(&c, "SELECT count(DISTINCT user_id) FROM delivered").await;
         (n == total as i64).then_some(())
     })
     .await;
@@ -119,16 +111,11 @@ async fn postgres_restarts_and_pgfire_reconnects_without_losing_events() {
     c.batch_execute("INSERT INTO users VALUES (1)")
         .await
         .unwrap();
-    let count = |c: tokio_postgres::Client| async move {
-        let n: i64 = c
-            .query_one("SELECT count(DISTINCT user_id) FROM delivered", &[])
-            .await
-            .unwrap()
-            .get(0);
-        n
+    let delivered = |c: tokio_postgres::Client| async move {
+        count(&c, "SELECT count(DISTINCT user_id) FROM delivered").await
     };
     eventually(Duration::from_secs(30), "first delivery", || async {
-        (count(pgfire::db::connect(&url).await.unwrap()).await == 1).then_some(())
+        (delivered(pgfire::db::connect(&url).await.unwrap()).await == 1).then_some(())
     })
     .await;
 
@@ -151,7 +138,7 @@ async fn postgres_restarts_and_pgfire_reconnects_without_losing_events() {
     eventually(
         Duration::from_secs(60),
         "deliveries after the restart",
-        || async { (count(pgfire::db::connect(&url).await.unwrap()).await == 3).then_some(()) },
+        || async { (delivered(pgfire::db::connect(&url).await.unwrap()).await == 3).then_some(()) },
     )
     .await;
     assert!(service.health.reconnects.load(Ordering::SeqCst) >= 1);
@@ -410,14 +397,11 @@ async fn dead_runs_are_stored_before_the_slot_moves_past_them() {
     }
     crate::support::caught_up(&db).await;
     // No waiting here: what the slot has confirmed must already be recorded.
-    let dead: i64 = c
-        .query_one(
-            "SELECT count(DISTINCT event_id) FROM pgfire.executions WHERE status = 'dead'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let dead = count(
+        &c,
+        "SELECT count(DISTINCT event_id) FROM pgfire.executions WHERE status = 'dead'",
+    )
+    .await;
     assert_eq!(dead, 200);
     service.stop().await;
 }
@@ -447,11 +431,7 @@ async fn a_reconnect_does_not_deliver_what_dispatch_already_has() {
     .await
     .unwrap();
     eventually(Duration::from_secs(30), "some deliveries", || async {
-        let n: i64 = c
-            .query_one("SELECT count(*) FROM delivered", &[])
-            .await
-            .unwrap()
-            .get(0);
+        let n = count(&c, "SELECT count(*) FROM delivered").await;
         (n >= 50).then_some(())
     })
     .await;
@@ -462,11 +442,7 @@ async fn a_reconnect_does_not_deliver_what_dispatch_already_has() {
     .await
     .unwrap();
     eventually(Duration::from_secs(60), "every row delivered", || async {
-        let n: i64 = c
-            .query_one("SELECT count(DISTINCT user_id) FROM delivered", &[])
-            .await
-            .unwrap()
-            .get(0);
+        let n = count(&c, "SELECT count(DISTINCT user_id) FROM delivered").await;
         (n == 600).then_some(())
     })
     .await;

@@ -158,6 +158,15 @@ pub async fn texts(client: &tokio_postgres::Client, sql: &str) -> Vec<String> {
         .collect()
 }
 
+/// The single `bigint` a query returns (a count, for compact assertions and waits).
+pub async fn count(client: &tokio_postgres::Client, sql: &str) -> i64 {
+    client
+        .query_one(sql, &[])
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .get(0)
+}
+
 /// Wait until pgfire has settled everything committed so far: the slot's confirmed position
 /// reaches the current WAL position.
 pub async fn caught_up(db: &TestDb) {
