@@ -229,7 +229,7 @@ fn run_recvlogical(cluster: &Cluster, db: &str, slot: &str, end: &str) -> anyhow
 /// Run `pgfire run` on `slot` until it has settled `end`; seconds taken and peak RSS in kB.
 fn run_pgfire(bin: &str, url: &str, slot: &str, end: &str) -> anyhow::Result<(f64, u64)> {
     let admin = free_port()?;
-    let target: pgfire::event::Lsn = end.parse().map_err(anyhow::Error::msg)?;
+    let target: pgfire::events::Lsn = end.parse().map_err(anyhow::Error::msg)?;
     let t0 = Instant::now();
     let mut child = Command::new(bin)
         .args([

@@ -13,7 +13,7 @@ use axum::Router;
 use tokio_util::sync::CancellationToken;
 
 use crate::dispatch::DispatchStats;
-use crate::event::Lsn;
+use crate::events::Lsn;
 use crate::executions::Progress;
 use crate::replication::ConsumerHealth;
 

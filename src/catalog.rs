@@ -326,7 +326,7 @@ pub async fn current_snapshot(client: &Client) -> Result<String, CatalogError> {
 pub async fn record_applied(
     client: &Client,
     slot: &str,
-    at: crate::event::Lsn,
+    at: crate::replication::position::Lsn,
     snapshot: &str,
 ) -> Result<(), CatalogError> {
     client

@@ -16,11 +16,11 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::{self, Catalog, Subscription};
-use crate::event::{Event, Lsn};
+use crate::events::{self, row as row_events};
+use crate::events::{Event, Lsn};
 use crate::executions::{Execution, Recorder, Status};
 use crate::functions::{Delivery, FunctionError, Kinds};
 use crate::replication::decode::Item;
-use crate::row_events;
 
 /// The prefix of the logical messages that announce a configuration change.
 pub const CONFIG_MESSAGE_PREFIX: &str = "pgfire.config";
@@ -42,6 +42,8 @@ pub struct Dispatcher {
     pub slot: String,
     /// Sources already warned about for lacking REPLICA IDENTITY FULL.
     pub warned_identity: std::collections::HashSet<u32>,
+    /// Turns decoded items into events.
+    pub builder: events::Builder,
     pub kinds: Kinds,
     pub recorder: Recorder,
     /// Runs not yet handed to the history writer (sent once per batch of items).
@@ -90,11 +92,9 @@ impl Dispatcher {
         shutdown: &CancellationToken,
     ) -> bool {
         match item {
-            Item::Row(change) => {
-                let Some(source) = self.catalog.sources.get(&change.relation.oid) else {
-                    return true;
-                };
-                if row_events::lacks_old_values(&change)
+            Item::Row(ref change) => {
+                if self.catalog.sources.contains_key(&change.relation.oid)
+                    && row_events::lacks_old_values(change)
                     && self.warned_identity.insert(change.relation.oid)
                 {
                     let rel = &change.relation;
@@ -103,17 +103,7 @@ impl Dispatcher {
                         "source lacks REPLICA IDENTITY FULL: old values are missing from its events (named in old_missing); run ALTER TABLE ... REPLICA IDENTITY FULL, or SELECT pgfire.full_identity('table') for a partitioned one"
                     );
                 }
-                let Some(event_type) = row_events::event_type(source.kind, change.op) else {
-                    return true;
-                };
-                // The snapshot in use for this event, even if a reload swaps it meanwhile.
-                let catalog = self.catalog.clone();
-                let subs = catalog.subscribers(event_type);
-                if subs.is_empty() {
-                    return true;
-                }
-                let event = row_events::row_event(change, source, event_type, &catalog.database);
-                self.deliver(&event, subs, &catalog, clock, shutdown).await
+                self.deliver_item(item, clock, shutdown).await
             }
             Item::Message {
                 prefix,
@@ -125,13 +115,35 @@ impl Dispatcher {
                 let at = commit.map(|c| c.lsn).unwrap_or(lsn);
                 self.apply_config(&content, at, shutdown).await
             }
-            Item::Message { .. } | Item::Truncate { .. } => true,
+            Item::Message { .. } | Item::Truncate { .. } => {
+                self.deliver_item(item, clock, shutdown).await
+            }
             Item::Checkpoint(lsn) => {
                 self.checkpoint = Some(lsn);
                 self.recorder.settle(lsn, self.pending_must_store);
                 true
             }
         }
+    }
+
+    /// Deliver the events of one item, as of the configuration in force.
+    async fn deliver_item(
+        &mut self,
+        item: Item,
+        clock: &WallClock,
+        shutdown: &CancellationToken,
+    ) -> bool {
+        // The snapshot in use for these events, even if a reload swaps it meanwhile.
+        let catalog = self.catalog.clone();
+        let mut events = Vec::new();
+        self.builder.push(item, &catalog, &mut events);
+        for event in &events {
+            let subs = catalog.subscribers(&event.event_type);
+            if !self.deliver(event, subs, &catalog, clock, shutdown).await {
+                return false;
+            }
+        }
+        true
     }
 
     /// Apply the configuration a change committed at `at` carries, and record it in

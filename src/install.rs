@@ -30,6 +30,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "config as of commit",
         sql: include_str!("../sql/003_config_as_of_commit.sql"),
     },
+    Migration {
+        version: 4,
+        name: "snapshot of whole rows",
+        sql: include_str!("../sql/004_snapshot_whole_rows.sql"),
+    },
 ];
 
 /// The publication pgfire's consumer reads; source tables are added to it.

@@ -112,6 +112,7 @@ impl Service {
                 database_url: cfg.database_url.clone(),
                 slot: slot.clone(),
                 warned_identity: Default::default(),
+                builder: Default::default(),
                 kinds: Kinds::new(&cfg.database_url)?,
                 recorder,
                 pending: Vec::new(),

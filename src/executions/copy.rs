@@ -4,7 +4,7 @@
 use bytes::{BufMut, Bytes, BytesMut};
 
 use super::Execution;
-use crate::event::EventId;
+use crate::events::EventId;
 
 /// Microseconds from the Unix epoch to the PostgreSQL epoch (2000-01-01).
 const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
@@ -78,7 +78,7 @@ fn event_id(id: EventId, out: &mut [u8; 32]) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::Lsn;
+    use crate::events::Lsn;
     use crate::executions::Status;
     use std::sync::Arc;
 

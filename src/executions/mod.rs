@@ -11,7 +11,7 @@ use futures_util::SinkExt;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::event::{EventId, Lsn};
+use crate::events::{EventId, Lsn};
 
 mod copy;
 

@@ -14,7 +14,7 @@ use std::sync::OnceLock;
 use futures_util::future::BoxFuture;
 
 use crate::catalog::{FunctionDef, FunctionKind};
-use crate::event::Event;
+use crate::events::Event;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FunctionError {

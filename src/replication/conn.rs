@@ -14,7 +14,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_postgres::config::Host;
 use tokio_postgres::error::SqlState;
 
-use crate::event::Lsn;
+use crate::replication::position::Lsn;
 
 /// Microseconds from the Unix epoch to the PostgreSQL epoch (2000-01-01).
 const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;

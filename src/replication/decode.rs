@@ -9,7 +9,7 @@ use super::row::{render_tuple, ARENA_CHUNK};
 pub use super::row::{Cell, Cells, EncodedRow, Tuple};
 use super::streamed::{PendingChange, PendingMessage, Replay, StreamedTxn};
 use super::values::{classify, json_string, TypeClass};
-use crate::event::{Commit, Lsn};
+use crate::replication::position::{Commit, Lsn};
 use bytes::{Bytes, BytesMut};
 use chrono::{DateTime, Utc};
 use pg_walstream::{LogicalReplicationMessage as Msg, LogicalReplicationParser, TupleData};

@@ -5,6 +5,7 @@
 
 pub mod conn;
 pub mod decode;
+pub mod position;
 mod row;
 mod streamed;
 pub mod values;
@@ -23,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use self::conn::{ConnError, ReplicationConn, ReplicationMessage};
 use self::decode::{DecodeError, Decoder, Item};
-use crate::event::Lsn;
+use crate::replication::position::Lsn;
 
 /// Items per batch handed to dispatch.
 const BATCH: usize = 1024;

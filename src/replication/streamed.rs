@@ -10,7 +10,7 @@ use bytes::{Bytes, BytesMut};
 
 use super::decode::{EncodedRow, Item, Op, OpenTxn, Relation, RowChange};
 use super::row::ARENA_CHUNK;
-use crate::event::Lsn;
+use crate::replication::position::Lsn;
 
 /// Changes are kept in blocks of this many (no reallocation of one huge list as it grows).
 const BLOCK: usize = 4096;

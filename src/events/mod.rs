@@ -2,53 +2,55 @@
 //! Dispatch and function kinds see nothing of pgoutput or the wire.
 
 use std::fmt;
-use std::str::FromStr;
 use std::sync::Arc;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-/// A WAL position.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
-pub struct Lsn(pub u64);
+pub use crate::replication::position::{Commit, Lsn};
 
-impl fmt::Display for Lsn {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:X}/{:X}", self.0 >> 32, self.0 & 0xFFFF_FFFF)
+use crate::catalog::Catalog;
+use crate::replication::decode::Item;
+
+pub mod row;
+
+/// Builds the events of the stream from decoded items: pure, no IO. One builder follows one
+/// stream, so events that depend on more than one change of a transaction can be told apart.
+#[derive(Debug, Default)]
+pub struct Builder {}
+
+impl Builder {
+    pub fn new() -> Builder {
+        Builder::default()
     }
-}
 
-impl FromStr for Lsn {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (hi, lo) = s
-            .split_once('/')
-            .ok_or_else(|| format!("invalid LSN {s:?}"))?;
-        let hi = u64::from_str_radix(hi, 16).map_err(|_| format!("invalid LSN {s:?}"))?;
-        let lo = u64::from_str_radix(lo, 16).map_err(|_| format!("invalid LSN {s:?}"))?;
-        if hi > u32::MAX as u64 || lo > u32::MAX as u64 {
-            return Err(format!("invalid LSN {s:?}"));
+    /// Append to `out` the events one decoded item produces under `catalog` (the configuration
+    /// in force at its commit), in the order they are to be delivered. Only events with
+    /// subscribers are built. Configuration messages and checkpoints are not events: the caller
+    /// handles them (and applies a configuration before the items after it).
+    pub fn push(&mut self, item: Item, catalog: &Catalog, out: &mut Vec<Event>) {
+        match item {
+            Item::Row(change) => {
+                let Some(source) = catalog.sources.get(&change.relation.oid) else {
+                    return;
+                };
+                let Some(event_type) = row::event_type(source.kind, change.op) else {
+                    return;
+                };
+                if catalog.subscribers(event_type).is_empty() {
+                    return;
+                }
+                out.push(row::row_event(
+                    change,
+                    source,
+                    event_type,
+                    &catalog.database,
+                ));
+            }
+            Item::Message { .. } | Item::Truncate { .. } | Item::Checkpoint(_) => {}
         }
-        Ok(Lsn(hi << 32 | lo))
     }
-}
-
-impl Serialize for Lsn {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-/// The transaction an event belongs to.
-#[derive(Debug, Clone)]
-pub struct Commit {
-    /// LSN of the commit record; with the position in the transaction, it makes the event id.
-    pub lsn: Lsn,
-    /// LSN just past the commit: the slot may advance here once the transaction is settled.
-    pub end_lsn: Lsn,
-    pub time: DateTime<Utc>,
-    pub xid: u32,
 }
 
 /// Where an event came from.

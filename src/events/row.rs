@@ -6,7 +6,7 @@ use std::sync::{Arc, LazyLock};
 use serde_json::{Map, Value};
 
 use crate::catalog::{Source, SourceKind};
-use crate::event::{Event, EventData, EventId, EventSource};
+use crate::events::{Event, EventData, EventId, EventSource};
 use crate::replication::decode::{Cell, Column, Op, PgfireKey, RowChange};
 use crate::replication::values::{json_string, may_hold_objects, TypeClass};
 
@@ -364,7 +364,7 @@ fn cell_value(cell: Cell<'_>, old: Option<Cell<'_>>) -> Option<Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{Commit, Lsn};
+    use crate::events::{Commit, Lsn};
     use crate::replication::decode::{Column, EncodedRow, Relation};
     use serde_json::json;
 
