@@ -1,6 +1,6 @@
 //! pgfire: a Postgres-native trigger service.
 //!
-//! Layers, data flowing one way: `wire` (codec) → `replication` / `proxy` (IO) → `event` (domain)
+//! Layers, data flowing one way: `wire` (codec) → `replication` / `proxy` (IO) → `events` (domain)
 //! → `dispatch` → `functions` (kinds). `catalog` holds the SQL configuration snapshot, `install`
 //! the migrations, `service` wires everything for `pgfire run`, `embedded` runs a private
 //! PostgreSQL for `pgfire dev` and the tests.
@@ -14,6 +14,7 @@ pub mod embedded;
 pub mod events;
 pub mod executions;
 pub mod functions;
+pub mod fuzz;
 pub mod install;
 pub mod proxy;
 pub mod replication;
