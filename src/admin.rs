@@ -28,6 +28,7 @@ pub mod metric {
     pub const RECONNECTS: &str = "pgfire_replication_reconnects_total";
     pub const CONNECTED: &str = "pgfire_replication_connected";
     pub const STREAMED_BYTES: &str = "pgfire_streamed_transaction_bytes";
+    pub const SPILLED_BYTES: &str = "pgfire_spilled_transaction_bytes_total";
 }
 
 #[derive(Clone)]
@@ -117,6 +118,7 @@ async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {
             (metric::SETTLED_LSN, "gauge", load(&c.settled_lsn)),
             (metric::RECONNECTS, "counter", load(&c.reconnects)),
             (metric::STREAMED_BYTES, "gauge", load(&c.streamed_bytes)),
+            (metric::SPILLED_BYTES, "counter", load(&c.spilled_bytes)),
         ]);
     }
     let out: String = values

@@ -44,6 +44,15 @@ pub struct ServiceArgs {
     /// with no answer within as many seconds again, the connection is dead and pgfire reconnects.
     #[arg(long, default_value_t = 30, env = "PGFIRE_REPLICATION_TIMEOUT")]
     pub replication_timeout: u64,
+    /// Memory the streamed transactions not yet committed may hold together (e.g. 256MiB, 1GiB);
+    /// beyond it their changes are written to files under --spill-dir and read back at commit.
+    #[arg(long, default_value = crate::replication::spill::DEFAULT_BUDGET,
+          value_parser = crate::replication::spill::parse_size, env = "PGFIRE_MAX_TRANSACTION_MEMORY")]
+    pub max_transaction_memory: usize,
+    /// Directory of the spill files of large transactions (default: `pgfire` in the system's
+    /// temp directory). Files are deleted once their transaction is delivered or aborted.
+    #[arg(long, env = "PGFIRE_SPILL_DIR")]
+    pub spill_dir: Option<PathBuf>,
     #[command(flatten)]
     pub proxy: ProxyArgs,
 }

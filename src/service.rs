@@ -18,6 +18,7 @@ use crate::executions::{self, Progress};
 use crate::functions::Kinds;
 use crate::install::{self, PUBLICATION};
 use crate::proxy::{self, ProxyArgs, ProxyConfig};
+use crate::replication::spill::SpillConfig;
 use crate::replication::{self, ConsumerConfig, ConsumerHealth};
 use crate::{catalog::Catalog, db};
 
@@ -34,6 +35,8 @@ pub struct ServiceConfig {
     /// Silence from the replication server after which it is pinged, and after as long again
     /// considered dead (`--replication-timeout`).
     pub replication_timeout: Duration,
+    /// Where large streamed transactions are spilled, and beyond how much memory.
+    pub spill: SpillConfig,
 }
 
 impl ServiceConfig {
@@ -46,6 +49,7 @@ impl ServiceConfig {
             proxy: None,
             status_interval: Duration::from_secs(1),
             replication_timeout: Duration::from_secs(30),
+            spill: SpillConfig::default(),
         }
     }
 
@@ -58,6 +62,10 @@ impl ServiceConfig {
             proxy: (!args.proxy.no_proxy).then_some(args.proxy),
             status_interval: Duration::from_secs(1),
             replication_timeout: Duration::from_secs(args.replication_timeout.max(1)),
+            spill: SpillConfig {
+                dir: args.spill_dir.unwrap_or_else(SpillConfig::default_dir),
+                budget: args.max_transaction_memory,
+            },
         }
     }
 }
@@ -129,6 +137,7 @@ impl Service {
                 connect_timeout: Duration::from_secs(10),
                 server_timeout: cfg.replication_timeout,
                 dispatch_stopping: dispatch_stop.clone(),
+                spill: Some(cfg.spill.clone()),
             };
             tasks.push(tokio::spawn(replication::run(
                 consumer,

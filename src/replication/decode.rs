@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use super::row::{render_tuple, ARENA_CHUNK};
 pub use super::row::{Cell, Cells, EncodedRow, Tuple};
+use super::spill::SpillDir;
 use super::streamed::{PendingChange, PendingMessage, Replay, StreamedTxn};
 use super::values::{classify, json_string, TypeClass};
 use crate::replication::position::{Commit, Lsn};
@@ -143,6 +144,10 @@ pub enum DecodeError {
     Malformed(String),
     #[error("change for relation {0} before its Relation message")]
     UnknownRelation(u32),
+    /// A spill file could not be written or read back (the disk is full, say): the
+    /// transaction is received again after a reconnect.
+    #[error("cannot spill a streamed transaction to {dir}: {error}")]
+    Spill { dir: String, error: std::io::Error },
 }
 
 /// A transaction whose changes are being numbered: its commit, and the next change's position.
@@ -178,8 +183,13 @@ pub struct Decoder {
     scratch: Vec<u8>,
     /// The chunk rendered rows are stored in.
     arena: BytesMut,
-    /// Bytes held for streamed transactions not yet handed over.
+    /// Bytes held in memory for streamed transactions not yet handed over.
     pub streamed_bytes: usize,
+    /// Where streamed transactions go beyond `budget` bytes in memory; without it they stay
+    /// in memory whatever their size.
+    spill: Option<(SpillDir, usize)>,
+    /// Bytes written to spill files since the decoder was made.
+    pub spilled_bytes: u64,
 }
 
 impl Default for Decoder {
@@ -200,7 +210,52 @@ impl Decoder {
             scratch: Vec::new(),
             arena: BytesMut::new(),
             streamed_bytes: 0,
+            spill: None,
+            spilled_bytes: 0,
         }
+    }
+
+    /// A decoder that writes streamed transactions to files in `dir` once they hold more than
+    /// `budget` bytes of memory together.
+    pub fn with_spill(dir: SpillDir, budget: usize) -> Decoder {
+        Decoder {
+            spill: Some((dir, budget)),
+            ..Decoder::new()
+        }
+    }
+
+    fn spill_error(&self, error: std::io::Error) -> DecodeError {
+        let dir = self
+            .spill
+            .as_ref()
+            .map(|(d, _)| d.path().display().to_string())
+            .unwrap_or_default();
+        DecodeError::Spill { dir, error }
+    }
+
+    /// Over the budget: write every streamed transaction's changes held in memory to its file.
+    fn spill_if_over(&mut self) -> Result<(), DecodeError> {
+        let Some((dir, budget)) = &mut self.spill else {
+            return Ok(());
+        };
+        if self.streamed_bytes <= *budget {
+            return Ok(());
+        }
+        let mut result = Ok(());
+        for (xid, t) in self.streamed.iter_mut() {
+            let before = t.spilled_bytes();
+            match t.spill(dir, *xid) {
+                Ok(freed) => {
+                    self.streamed_bytes = self.streamed_bytes.saturating_sub(freed);
+                    self.spilled_bytes += t.spilled_bytes() - before;
+                }
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        result.map_err(|e| self.spill_error(e))
     }
 
     /// Forget transaction state after a reconnect: the server resends from a transaction boundary.
@@ -236,7 +291,11 @@ impl Decoder {
         };
         let mut handed = 0;
         while handed < limit.max(1) {
-            let Some((size, item)) = r.replay.next_change() else {
+            let next = match r.replay.next_change() {
+                Ok(next) => next,
+                Err(e) => return Err(self.spill_error(e)),
+            };
+            let Some((size, item)) = next else {
                 tracing::debug!(elapsed = ?r.started.elapsed(), "streamed transaction handed over");
                 out.push(Item::Checkpoint(r.end_lsn));
                 return Ok(());
@@ -282,7 +341,7 @@ impl Decoder {
                 let relations = self.relations(relation_ids)?;
                 let p = StreamedTxn::new_pending(sub, PendingChange::Truncate(relations));
                 self.streamed_bytes += self.streamed.entry(top).or_default().push(p);
-                return Ok(());
+                return self.spill_if_over();
             }
             Msg::Message {
                 flags,
@@ -298,7 +357,7 @@ impl Decoder {
                 };
                 let p = StreamedTxn::new_pending(sub, PendingChange::Message(Box::new(m)));
                 self.streamed_bytes += self.streamed.entry(top).or_default().push(p);
-                return Ok(());
+                return self.spill_if_over();
             }
             // A row change; types and origins carry nothing pgfire delivers.
             _ => match row_parts(msg) {
@@ -317,7 +376,7 @@ impl Decoder {
             old_len,
             parts.new.is_some(),
         );
-        Ok(())
+        self.spill_if_over()
     }
 
     /// Apply one message (by reference: pgoutput messages are large, moving them costs).
@@ -437,6 +496,7 @@ impl Decoder {
                     xid,
                     changes = t.changes(),
                     bytes = t.bytes,
+                    spilled_bytes = t.spilled_bytes(),
                     "streamed transaction committed"
                 );
                 let commit = Arc::new(Commit {
@@ -445,11 +505,14 @@ impl Decoder {
                     time: pg_time(timestamp),
                     xid,
                 });
-                self.replay = Some(Replaying {
-                    replay: t.commit(OpenTxn {
+                let replay = t
+                    .commit(OpenTxn {
                         commit,
                         position: 0,
-                    }),
+                    })
+                    .map_err(|e| self.spill_error(e))?;
+                self.replay = Some(Replaying {
+                    replay,
                     end_lsn: Lsn(end_lsn),
                     started: std::time::Instant::now(),
                 });
@@ -755,6 +818,132 @@ mod tests {
         );
         assert_eq!(d.streamed_bytes, 0);
         assert!(matches!(out.last(), Some(Item::Checkpoint(Lsn(320)))));
+    }
+
+    /// Two interleaved streamed transactions, one with a subtransaction aborted after its rows
+    /// were written out, one aborted whole; in several segments, with a message and a truncate.
+    fn streamed_workload(d: &mut Decoder) -> Vec<Item> {
+        let mut out = Vec::new();
+        for seg in 0..4u32 {
+            for xid in [50u32, 60] {
+                d.decode(stream_start(xid), &mut out).unwrap();
+                if seg == 0 {
+                    let mut rel = BytesMut::new();
+                    rel.put_u8(b'R');
+                    rel.put_u32(xid);
+                    rel.put_slice(&relation_msg(1, "public", "t", &[("id", 23), ("t", 25)])[1..]);
+                    d.decode(rel.freeze(), &mut out).unwrap();
+                }
+                for i in 0..300u32 {
+                    let sub = if xid == 50 && seg == 1 && i % 3 == 0 {
+                        51
+                    } else {
+                        xid
+                    };
+                    let id = format!("{}", seg * 1000 + i);
+                    let text = "y".repeat((i % 50) as usize);
+                    d.decode(
+                        insert_msg(Some(sub), 1, &[Some(&id), Some(&text)]),
+                        &mut out,
+                    )
+                    .unwrap();
+                }
+                if seg == 2 {
+                    let mut m = BytesMut::new();
+                    m.put_u8(b'M');
+                    m.put_u32(xid);
+                    m.put_u8(1);
+                    m.put_u64(0x900);
+                    m.put_slice(b"app.note\0");
+                    m.put_u32(5);
+                    m.put_slice(b"hello");
+                    d.decode(m.freeze(), &mut out).unwrap();
+                    let mut t = BytesMut::new();
+                    t.put_u8(b'T');
+                    t.put_u32(xid);
+                    t.put_u32(1);
+                    t.put_u8(0);
+                    t.put_u32(1);
+                    d.decode(t.freeze(), &mut out).unwrap();
+                }
+                d.decode(Bytes::from_static(b"E"), &mut out).unwrap();
+            }
+            if seg == 1 {
+                d.decode(stream_abort(50, 51), &mut out).unwrap();
+            }
+        }
+        d.decode(stream_abort(60, 60), &mut out).unwrap();
+        assert!(out.is_empty(), "nothing before the commit");
+        d.decode(stream_commit(50, 0x1000, 0x1010), &mut out)
+            .unwrap();
+        while d.replaying() {
+            d.drain(&mut out, 100).unwrap();
+        }
+        out
+    }
+
+    fn describe(items: &[Item]) -> Vec<String> {
+        items
+            .iter()
+            .map(|i| match i {
+                Item::Row(r) => format!("row {:?} {:?}", r.position, rows(std::slice::from_ref(i))),
+                Item::Message {
+                    prefix,
+                    content,
+                    position,
+                    ..
+                } => {
+                    format!("message {prefix} {content:?} {position}")
+                }
+                Item::Truncate {
+                    relations,
+                    position,
+                    ..
+                } => {
+                    format!("truncate {} {position}", relations.len())
+                }
+                Item::Checkpoint(l) => format!("checkpoint {l}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_spilled_transaction_is_handed_over_as_if_it_had_stayed_in_memory() {
+        let in_memory = describe(&streamed_workload(&mut Decoder::new()));
+        let dir = tempfile::tempdir().unwrap();
+        let spill = SpillDir::open(dir.path(), "slot").unwrap();
+        let mut d = Decoder::with_spill(spill, 4096);
+        let spilled = describe(&streamed_workload(&mut d));
+        assert!(d.spilled_bytes > 100_000, "spilled {}", d.spilled_bytes);
+        assert_eq!(spilled, in_memory);
+        assert_eq!(
+            spilled.iter().filter(|r| r.starts_with("row")).count(),
+            1200 - 100
+        );
+        assert!(spilled.iter().any(|r| r.starts_with("message app.note")));
+        assert_eq!(d.streamed_bytes, 0);
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert!(left.is_empty(), "files left: {left:?}");
+    }
+
+    #[test]
+    fn a_reset_deletes_the_spill_files_of_unfinished_transactions() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut d = Decoder::with_spill(SpillDir::open(dir.path(), "slot").unwrap(), 100);
+        let mut out = Vec::new();
+        d.decode(stream_start(70), &mut out).unwrap();
+        let mut rel = BytesMut::new();
+        rel.put_u8(b'R');
+        rel.put_u32(70);
+        rel.put_slice(&relation_msg(1, "public", "t", &[("id", 23)])[1..]);
+        d.decode(rel.freeze(), &mut out).unwrap();
+        for i in 0..100 {
+            d.decode(insert_msg(Some(70), 1, &[Some(&i.to_string())]), &mut out)
+                .unwrap();
+        }
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+        d.reset();
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 
     #[test]

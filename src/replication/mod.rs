@@ -7,6 +7,7 @@ pub mod conn;
 pub mod decode;
 pub mod position;
 mod row;
+pub mod spill;
 mod streamed;
 pub mod values;
 
@@ -45,6 +46,9 @@ pub struct ConsumerConfig {
     /// Cancelled when pgfire stops dispatch on purpose (its graceful stop): dispatch gone is
     /// then no failure, the consumer waits for its own shutdown to confirm what was settled.
     pub dispatch_stopping: CancellationToken,
+    /// Where streamed transactions beyond their memory budget are written; `None` keeps them
+    /// in memory whatever their size.
+    pub spill: Option<spill::SpillConfig>,
 }
 
 /// Why a replication session ended.
@@ -67,6 +71,8 @@ impl ConsumerError {
     pub fn is_fatal(&self) -> bool {
         match self {
             ConsumerError::Conn(e) => !e.is_transient(),
+            // Disk trouble may pass (space freed): the transaction is received again.
+            ConsumerError::Decode(DecodeError::Spill { .. }) => false,
             ConsumerError::Decode(_) | ConsumerError::DispatchGone => true,
             ConsumerError::Silent(_) | ConsumerError::ServerShutdown { .. } => false,
         }
@@ -93,6 +99,8 @@ pub struct ConsumerHealth {
     pub settled_lsn: Arc<AtomicU64>,
     pub reconnects: AtomicU64,
     pub streamed_bytes: AtomicU64,
+    /// Bytes of streamed transactions written to spill files so far.
+    pub spilled_bytes: AtomicU64,
     pub last_error: Mutex<Option<String>>,
     /// Cancelled when the consumer stopped for good on an error retrying cannot fix (the
     /// reason is in `last_error`); `pgfire run` exits non-zero on it.
@@ -134,7 +142,22 @@ pub async fn run(
     health: Arc<ConsumerHealth>,
     shutdown: CancellationToken,
 ) {
-    let mut decoder = Decoder::new();
+    let mut decoder = match &config.spill {
+        None => Decoder::new(),
+        Some(c) => match spill::SpillDir::open(&c.dir, &config.slot) {
+            Ok(dir) => Decoder::with_spill(dir, c.budget),
+            Err(e) => {
+                let reason = format!(
+                    "cannot use {} for spill files: {e} (give a writable directory with --data-dir)",
+                    c.dir.display()
+                );
+                tracing::error!(error = %reason, "replication consumer stopped: retrying cannot fix this");
+                health.set_error(Some(reason));
+                health.stopped.cancel();
+                return;
+            }
+        },
+    };
     let mut delay = FIRST_RETRY;
     // The last checkpoint handed to dispatch: after a reconnect the server resends from the
     // slot's confirmed position, and what dispatch already has is not handed over twice (nor
@@ -314,6 +337,7 @@ async fn session(
                     }
                     s.health.received_lsn.store(s.received.0, Ordering::Relaxed);
                     s.health.streamed_bytes.store(decoder.streamed_bytes as u64, Ordering::Relaxed);
+                    s.health.spilled_bytes.store(decoder.spilled_bytes, Ordering::Relaxed);
                 }
                 ReplicationMessage::Keepalive { wal_end, reply } => {
                     s.received = s.received.max(wal_end);

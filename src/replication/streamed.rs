@@ -1,7 +1,8 @@
 //! A streamed transaction's changes between their arrival and its commit: decoded as they arrive
 //! (values rendered), stored compactly (rendered rows packed in shared chunks, a few words per
 //! change), each with the subtransaction that made it, so that an aborted subtransaction's
-//! changes are never delivered.
+//! changes are never delivered. Beyond the memory budget they go to a spill file (`spill`),
+//! read back first at the commit.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -10,6 +11,7 @@ use bytes::{Bytes, BytesMut};
 
 use super::decode::{EncodedRow, Item, Op, OpenTxn, Relation, RowChange};
 use super::row::ARENA_CHUNK;
+use super::spill::{SpillDir, SpillReader, SpillWriter, Spilled};
 use crate::replication::position::Lsn;
 
 /// Changes are kept in blocks of this many (no reallocation of one huge list as it grows).
@@ -71,13 +73,55 @@ pub(super) struct StreamedTxn {
     arena: BytesMut,
     /// Subtransactions that aborted; their changes are not delivered.
     aborted: HashSet<u32>,
-    /// Bytes held for its changes.
+    /// Bytes held in memory for its changes.
     pub bytes: usize,
+    /// Its earlier changes, written out when memory ran short.
+    spilled: Option<SpillWriter>,
 }
 
 impl StreamedTxn {
     pub fn changes(&self) -> usize {
-        self.blocks.iter().map(Vec::len).sum()
+        self.blocks.iter().map(Vec::len).sum::<usize>()
+            + self.spilled.as_ref().map_or(0, |w| w.changes)
+    }
+
+    /// Bytes written to its spill file.
+    pub fn spilled_bytes(&self) -> u64 {
+        self.spilled.as_ref().map_or(0, |w| w.bytes)
+    }
+
+    /// Write the changes held in memory to the transaction's spill file (created under `dir` the
+    /// first time) and free them. Returns the bytes freed.
+    pub fn spill(&mut self, dir: &mut SpillDir, xid: u32) -> std::io::Result<usize> {
+        if self.blocks.is_empty() {
+            return Ok(0);
+        }
+        let mut w = match self.spilled.take() {
+            Some(w) => w,
+            None => dir.create(xid)?,
+        };
+        for p in self.blocks.iter().flatten() {
+            match &p.change {
+                PendingChange::Row { op, relation, at } => {
+                    let chunk = match self.chunks.get(at.chunk as usize) {
+                        Some(c) => &c[..],
+                        None => &self.arena[..],
+                    };
+                    let (start, end) = (at.offset as usize, at.offset as usize + at.len as usize);
+                    let rendered = chunk.get(start..end).unwrap_or_default();
+                    let old_len = (at.old_len != u32::MAX).then_some(at.old_len);
+                    w.row(p.sub, *op, relation, old_len, at.has_new, rendered)?;
+                }
+                PendingChange::Truncate(relations) => w.truncate(p.sub, relations)?,
+                PendingChange::Message(m) => w.message(p.sub, m)?,
+            }
+        }
+        w.flush()?;
+        self.spilled = Some(w);
+        self.blocks = Vec::new();
+        self.chunks = Vec::new();
+        self.arena = BytesMut::new();
+        Ok(std::mem::take(&mut self.bytes))
     }
 
     /// Keep a row change rendered as `rendered`: an old tuple of `old_len` bytes (if any), then
@@ -151,24 +195,27 @@ impl StreamedTxn {
         freed
     }
 
-    /// The transaction committed: hand its changes over in order.
-    pub fn commit(mut self, txn: OpenTxn) -> Replay {
+    /// The transaction committed: hand its changes over in order (the spilled ones first).
+    pub fn commit(mut self, txn: OpenTxn) -> std::io::Result<Replay> {
         let last = std::mem::take(&mut self.arena);
         self.chunks.push(last.freeze());
-        Replay {
+        Ok(Replay {
+            spilled: self.spilled.map(SpillWriter::finish).transpose()?,
             blocks: self.blocks.into_iter(),
             block: Vec::new().into_iter(),
             chunks: self.chunks,
             released: 0,
             aborted: self.aborted,
             txn,
-        }
+        })
     }
 }
 
 /// A committed streamed transaction's changes, in order, each chunk of rendered rows released
 /// once its rows are handed over.
 pub(super) struct Replay {
+    /// The changes written to the spill file, read back before those in memory.
+    spilled: Option<SpillReader>,
     blocks: std::vec::IntoIter<Vec<Pending>>,
     block: std::vec::IntoIter<Pending>,
     chunks: Vec<Bytes>,
@@ -179,18 +226,28 @@ pub(super) struct Replay {
 }
 
 impl Replay {
-    /// The next change kept: the bytes it held, and its item unless its subtransaction aborted.
-    /// `None` once all are handed over.
-    pub fn next_change(&mut self) -> Option<(usize, Option<Item>)> {
+    /// The next change kept: the bytes of memory it held, and its item unless its
+    /// subtransaction aborted. `None` once all are handed over.
+    pub fn next_change(&mut self) -> std::io::Result<Option<(usize, Option<Item>)>> {
+        if let Some(reader) = &mut self.spilled {
+            match reader.next()? {
+                Some((sub, change)) => return Ok(Some((0, self.spilled_item(sub, change)))),
+                // Deletes the file.
+                None => self.spilled = None,
+            }
+        }
         let p = loop {
             match self.block.next() {
                 Some(p) => break p,
-                None => self.block = self.blocks.next()?.into_iter(),
+                None => match self.blocks.next() {
+                    Some(b) => self.block = b.into_iter(),
+                    None => return Ok(None),
+                },
             }
         };
         let size = p.size();
         if self.aborted.contains(&p.sub) {
-            return Some((size, None));
+            return Ok(Some((size, None)));
         }
         let item = match p.change {
             PendingChange::Row { op, relation, at } => {
@@ -225,23 +282,59 @@ impl Replay {
                     position,
                 }
             }
-            PendingChange::Message(m) => {
-                let (commit, position) = match m.transactional {
-                    true => {
-                        let (c, p) = self.txn.next_position();
-                        (Some(c), p)
-                    }
-                    false => (None, 0),
-                };
-                Item::Message {
-                    prefix: m.prefix,
-                    content: m.content,
-                    lsn: m.lsn,
+            PendingChange::Message(m) => self.message_item(*m),
+        };
+        Ok(Some((size, Some(item))))
+    }
+
+    /// The item of a change read back from the spill file, unless its subtransaction aborted.
+    fn spilled_item(&mut self, sub: u32, change: Spilled) -> Option<Item> {
+        if self.aborted.contains(&sub) {
+            return None;
+        }
+        Some(match change {
+            Spilled::Row {
+                op,
+                relation,
+                old_len,
+                has_new,
+                rendered,
+            } => {
+                let (commit, position) = self.txn.next_position();
+                Item::Row(RowChange {
+                    op,
+                    relation,
+                    row: EncodedRow::from_parts(rendered, old_len, has_new),
+                    commit,
+                    position,
+                })
+            }
+            Spilled::Truncate(relations) => {
+                let (commit, position) = self.txn.next_position();
+                Item::Truncate {
+                    relations,
                     commit,
                     position,
                 }
             }
+            Spilled::Message(m) => self.message_item(*m),
+        })
+    }
+
+    fn message_item(&mut self, m: PendingMessage) -> Item {
+        let (commit, position) = match m.transactional {
+            true => {
+                let (c, p) = self.txn.next_position();
+                (Some(c), p)
+            }
+            false => (None, 0),
         };
-        Some((size, Some(item)))
+        Item::Message {
+            prefix: m.prefix,
+            content: m.content,
+            lsn: m.lsn,
+            commit,
+            position,
+        }
     }
 }

@@ -328,6 +328,7 @@ async fn the_consumer_stops_when_dispatch_is_gone() {
         connect_timeout: Duration::from_secs(10),
         server_timeout: Duration::from_secs(30),
         dispatch_stopping: Default::default(),
+        spill: None,
     };
     let consumer = tokio::spawn(run(
         config,
@@ -345,4 +346,49 @@ async fn the_consumer_stops_when_dispatch_is_gone() {
     assert!(!health.connected.load(Ordering::SeqCst));
     let state = health.state();
     assert!(state.starts_with("stopped: dispatch stopped"), "{state}");
+}
+
+#[tokio::test]
+async fn a_transaction_beyond_the_memory_budget_is_spilled_to_files_and_delivered_whole() {
+    let db = TestDb::new();
+    install_pgfire(&db).await;
+    db.psql(SETUP);
+    let spill_dir = tempfile::tempdir().unwrap();
+    let mut cfg = service_config(db.url());
+    cfg.spill = pgfire::replication::spill::SpillConfig {
+        dir: spill_dir.path().to_path_buf(),
+        budget: 64 << 10,
+    };
+    let service = Service::start(cfg).await.unwrap();
+    let c = db.client().await;
+    // logical_decoding_work_mem is 64kB on the test cluster: these stream while in progress,
+    // and pgfire holds at most 64 KiB of them in memory.
+    c.batch_execute(
+        "BEGIN; INSERT INTO users SELECT i, repeat('a', 200) FROM generate_series(100001, 105000) i; ROLLBACK;
+         BEGIN;
+         INSERT INTO users SELECT i, repeat('b', 200) FROM generate_series(1, 6000) i;
+         SAVEPOINT s; INSERT INTO users SELECT i, 'gone' FROM generate_series(6001, 8000) i; ROLLBACK TO SAVEPOINT s;
+         INSERT INTO users SELECT i, repeat('c', 200) FROM generate_series(8001, 10000) i;
+         COMMIT;",
+    )
+    .await
+    .unwrap();
+    eventually(Duration::from_secs(120), "8000 users delivered", || async {
+        (delivered(&c).await == 8000).then_some(())
+    })
+    .await;
+    let wrong = texts(
+        &c,
+        "SELECT count(*)::text FROM delivered WHERE user_id BETWEEN 6001 AND 8000 OR user_id > 10000",
+    )
+    .await;
+    assert_eq!(wrong, ["0"], "nothing rolled back is delivered");
+    let spilled = service.health.spilled_bytes.load(Ordering::Relaxed);
+    assert!(
+        spilled > 1_000_000,
+        "the transaction was spilled: {spilled} bytes"
+    );
+    let left: Vec<_> = std::fs::read_dir(spill_dir.path()).unwrap().collect();
+    assert!(left.is_empty(), "spill files left behind: {left:?}");
+    service.stop().await;
 }
