@@ -50,6 +50,7 @@ pub fn row_event(
         id: EventId {
             commit_lsn: change.commit.lsn,
             position: change.position,
+            sub: 0,
         },
         event_type: event_type.clone(),
         data,
@@ -417,6 +418,7 @@ mod tests {
             oid: 42,
             kind: SourceKind::User,
             id_column: Some("id".into()),
+            ..Source::default()
         }
     }
 
@@ -425,6 +427,7 @@ mod tests {
             oid: 42,
             kind: SourceKind::Record,
             id_column: Some("id".into()),
+            ..Source::default()
         }
     }
 

@@ -1,0 +1,181 @@
+//! Custom events: `pgfire.emit(type, data)` delivers a committed event with the envelope of every
+//! event, in commit order with row changes; a rolled-back emit delivers nothing; an undeclared,
+//! built-in or invalid name, or data that is not an object, is an error at emit time.
+
+use serde_json::json;
+
+use crate::capture::{exactly, refused, setup, types};
+use crate::support::{start_service, texts, TestDb};
+
+#[tokio::test]
+async fn an_emitted_event_reaches_its_subscribers_once_committed() {
+    let db = TestDb::new();
+    // Subscribing to a new name declares it; so does a row of pgfire.event_types.
+    let c = setup(&db, &["ORDER_SHIPPED", "POST_RECORD_CREATE"]).await;
+    c.batch_execute(
+        "INSERT INTO pgfire.event_types (name, description) VALUES ('invoice.paid', 'An invoice was paid');
+         CREATE TABLE orders (id int PRIMARY KEY, total numeric);
+         INSERT INTO pgfire.sources (table_name, kind) VALUES ('orders', 'record');",
+    )
+    .await
+    .unwrap();
+    crate::capture::subscribe(&c, &["invoice.paid"]).await;
+    assert_eq!(
+        texts(
+            &c,
+            "SELECT name || ' ' || phase || ' ' || custom || ' ' || description FROM pgfire.events WHERE custom ORDER BY name"
+        )
+        .await,
+        [
+            "ORDER_SHIPPED post true Custom event emitted with pgfire.emit",
+            "invoice.paid post true An invoice was paid"
+        ]
+    );
+    let service = start_service(&db).await;
+    c.batch_execute(
+        "BEGIN;
+         INSERT INTO orders VALUES (1, 10);
+         SELECT pgfire.emit('ORDER_SHIPPED', '{\"order\": 1, \"total\": 12345678901234567890.5, \"items\": [{\"sku\": \"a\"}], \"note\": null}');
+         INSERT INTO orders VALUES (2, 20);
+         COMMIT;
+         BEGIN;
+         SELECT pgfire.emit('ORDER_SHIPPED', '{\"order\": 3}');
+         ROLLBACK;
+         BEGIN;
+         INSERT INTO orders VALUES (4, 40);
+         SAVEPOINT s;
+         SELECT pgfire.emit('ORDER_SHIPPED', '{\"order\": 4}');
+         ROLLBACK TO s;
+         SELECT pgfire.emit('invoice.paid', NULL);
+         COMMIT;",
+    )
+    .await
+    .unwrap();
+    let events = exactly(&db, &c, 5).await;
+    assert_eq!(
+        types(&events),
+        [
+            "POST_RECORD_CREATE",
+            "ORDER_SHIPPED",
+            "POST_RECORD_CREATE",
+            "POST_RECORD_CREATE",
+            "invoice.paid"
+        ]
+    );
+    let shipped = &events[1];
+    let row = &events[0];
+    assert_eq!(
+        shipped["event_data"],
+        serde_json::from_str::<serde_json::Value>(
+            r#"{"order": 1, "total": 12345678901234567890.5, "items": [{"sku": "a"}], "note": null}"#
+        )
+        .unwrap()
+    );
+    // The same envelope as a row event of the same transaction: commit LSN, xid, commit time;
+    // the id is the commit LSN and the message's position.
+    assert_eq!(
+        shipped["source"],
+        json!({"database": db.name, "lsn": row["source"]["lsn"], "xid": row["source"]["xid"]})
+    );
+    assert_eq!(shipped["occurred_at"], row["occurred_at"]);
+    let row_id = row["id"].as_str().unwrap();
+    assert_eq!(
+        shipped["id"].as_str().unwrap(),
+        format!("{}-0000000001", &row_id[..16])
+    );
+    let mut keys: Vec<_> = shipped.as_object().unwrap().keys().collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        ["event_data", "event_type", "id", "occurred_at", "source"]
+    );
+    // The text of a numeric is kept exactly.
+    let text: Vec<String> = texts(
+        &c,
+        "SELECT envelope->'event_data'->>'total' FROM capture.events WHERE envelope->>'event_type' = 'ORDER_SHIPPED'",
+    )
+    .await;
+    assert_eq!(text, ["12345678901234567890.5"]);
+    assert_eq!(events[4]["event_data"], json!({}));
+    service.stop().await;
+}
+
+#[tokio::test]
+async fn bad_names_and_data_are_errors_at_emit_time() {
+    let db = TestDb::new();
+    let c = setup(&db, &["ORDER_SHIPPED"]).await;
+    for (sql, code, message, hint) in [
+        (
+            "SELECT pgfire.emit('ORDER_LOST', '{}')",
+            "42704",
+            "event type \"ORDER_LOST\" is not declared",
+            "declare it first: INSERT INTO pgfire.event_types (name, description) VALUES ('ORDER_LOST', 'what it means'); subscribing a function to it declares it too",
+        ),
+        (
+            "SELECT pgfire.emit('POST_USER_CREATE', '{}')",
+            "22023",
+            "\"POST_USER_CREATE\" is a built-in event type: pgfire.emit sends custom events only",
+            "pgfire emits built-in events itself from committed changes; declare a custom event type with a name of its own",
+        ),
+        (
+            "SELECT pgfire.emit('order shipped', '{}')",
+            "22023",
+            "invalid event type \"order shipped\"",
+            "use letters, digits, _ . : -, starting with a letter: SELECT pgfire.emit('ORDER_SHIPPED', '{\"id\": 1}')",
+        ),
+        (
+            "SELECT pgfire.emit(NULL, '{}')",
+            "22023",
+            "invalid event type NULL",
+            "use letters, digits, _ . : -, starting with a letter: SELECT pgfire.emit('ORDER_SHIPPED', '{\"id\": 1}')",
+        ),
+        (
+            "SELECT pgfire.emit('ORDER_SHIPPED', '[1, 2]')",
+            "22023",
+            "the data of event \"ORDER_SHIPPED\" must be a JSON object, not array",
+            "it becomes event_data: wrap the value, for example jsonb_build_object('value', ...)",
+        ),
+        (
+            "INSERT INTO pgfire.event_types (name) VALUES ('auth.user_mine')",
+            "22023",
+            "event type \"auth.user_mine\" uses a prefix reserved for built-in events",
+            "custom event types may not start with PRE_, POST_, auth. or api.; SELECT name FROM pgfire.events lists the built-in ones",
+        ),
+        (
+            "INSERT INTO pgfire.event_types (name, phase) VALUES ('CHECKED', 'pre')",
+            "22023",
+            "custom event type \"CHECKED\" must have phase post, not pre",
+            "custom events are emitted once committed, with pgfire.emit; there are no custom PRE events",
+        ),
+        (
+            "INSERT INTO pgfire.event_types (name) VALUES ('1st')",
+            "22023",
+            "invalid custom event type \"1st\"",
+            "use letters, digits, _ . : - (at most 128 characters), starting with a letter, for example ORDER_SHIPPED",
+        ),
+        (
+            "UPDATE pgfire.event_types SET phase = 'pre' WHERE name = 'POST_LOGIN'",
+            "42501",
+            "event type \"POST_LOGIN\" is built in: only its description can change",
+            "",
+        ),
+    ] {
+        assert_eq!(
+            refused(&c, sql).await,
+            (code.to_string(), message.to_string(), hint.to_string()),
+            "{sql}"
+        );
+    }
+    // pgfire's own event (a message forged with pgfire's prefix) is no event.
+    let service = start_service(&db).await;
+    c.batch_execute(
+        "SELECT pg_logical_emit_message(true, 'pgfire.emit', '{\"event_type\": \"POST_LOGIN\", \"data\": {}}');
+         SELECT pg_logical_emit_message(true, 'pgfire.emit', 'garbage');
+         SELECT pgfire.emit('ORDER_SHIPPED', '{\"after\": true}');",
+    )
+    .await
+    .unwrap();
+    let events = exactly(&db, &c, 1).await;
+    assert_eq!(events[0]["event_data"], json!({"after": true}));
+    service.stop().await;
+}
