@@ -451,7 +451,7 @@ BEGIN
             ip         inet
         );
         PERFORM pgfire.preset_needs('generic', 'public.users',
-            ARRAY['id', 'password_hash', 'email_verified_at', 'verification_token', 'reset_token', 'last_sign_in_at']);
+            ARRAY['id', 'email', 'password_hash', 'email_verified_at', 'verification_token', 'reset_token', 'last_sign_in_at']);
         PERFORM pgfire.preset_needs('generic', 'public.sessions', ARRAY['user_id']);
         PERFORM pgfire.preset_source('public.users', 'user', jsonb_build_object(
             'id_column', 'id', 'password_column', 'password_hash', 'email_verified_column', 'email_verified_at',

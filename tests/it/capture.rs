@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::support::{caught_up, eventually, install_pgfire, TestDb};
+use crate::support::{caught_up, install_pgfire, TestDb};
 
 const CAPTURE: &str = "
 CREATE SCHEMA capture;
@@ -50,10 +50,18 @@ pub async fn captured(c: &tokio_postgres::Client) -> Vec<Value> {
 /// Wait for `n` envelopes; then, once pgfire has settled everything committed, check there are
 /// no more than that.
 pub async fn exactly(db: &TestDb, c: &tokio_postgres::Client, n: usize) -> Vec<Value> {
-    eventually(Duration::from_secs(30), &format!("{n} events"), || async {
-        (captured(c).await.len() >= n).then_some(())
-    })
-    .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while captured(c).await.len() < n {
+        if std::time::Instant::now() > deadline {
+            let events = captured(c).await;
+            panic!(
+                "timed out waiting for {n} events; {} captured: {}",
+                events.len(),
+                serde_json::to_string_pretty(&types_and_data(&events)).unwrap()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     caught_up(db).await;
     let events = captured(c).await;
     assert_eq!(
