@@ -482,3 +482,21 @@ BEGIN
             USING ERRCODE = '22023', HINT = 'the presets are generic (tables public.users and public.sessions, created if absent) and supabase (Supabase Auth''s auth.users and auth.sessions)';
     END CASE;
 END $$;
+
+-- What `pgfire events` says of the events this migration makes fire.
+UPDATE pgfire.event_types AS t SET description = d.description FROM (VALUES
+    ('api.dataTable_created', 'A table was created in a datahub schema (setting datahub_schemas); carries its columns and constraints'),
+    ('api.dataTable_updated', 'A datahub table was altered (columns added, dropped, renamed or retyped, constraints, the table renamed); carries what changed'),
+    ('api.dataTable_emptied', 'A datahub table was emptied (TRUNCATE)'),
+    ('api.dataTable_deleted', 'A datahub table was dropped (or moved out of the datahub schemas)'),
+    ('POST_LOGIN', 'After successful login: a session row inserted, or the last sign-in column advanced (once per user and transaction)'),
+    ('POST_LOGOUT', 'After user logout: a session row deleted'),
+    ('POST_PASSWORD_RESET', 'After password reset: the password changed while a reset was pending (an admin setting it is none)'),
+    ('auth.user_loggedIn', 'Emitted whenever a user logs in (with POST_LOGIN)'),
+    ('auth.user_signedUp', 'Emitted whenever a user signs up: a user row inserted'),
+    ('auth.email_verificationRequested', 'Emitted whenever the email verification is requested (a verification token set); carries token, link and expires_at (one day)'),
+    ('auth.email_verified', 'Emitted whenever the email verification is successful (the verified flag or timestamp set)'),
+    ('auth.password_resetRequested', 'Emitted whenever the password reset was requested (a reset token set); carries token, link and expires_at (one hour)'),
+    ('auth.password_reset', 'Emitted whenever the password reset was successful; changing the password as an admin does not trigger it')
+) AS d (name, description)
+WHERE t.name = d.name;

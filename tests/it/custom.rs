@@ -179,3 +179,51 @@ async fn bad_names_and_data_are_errors_at_emit_time() {
     assert_eq!(events[0]["event_data"], json!({"after": true}));
     service.stop().await;
 }
+
+/// `pgfire events` lists every event type with its description, custom ones after the built-in.
+#[tokio::test]
+async fn pgfire_events_lists_built_in_and_custom_events() {
+    let db = TestDb::new();
+    let c = setup(&db, &["ORDER_SHIPPED", "api.dataTable_created"]).await;
+    c.batch_execute("INSERT INTO pgfire.event_types (name, description) VALUES ('invoice.paid', 'An invoice was paid')")
+        .await
+        .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pgfire"))
+        .arg("events")
+        .env("DATABASE_URL", db.url())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let out = String::from_utf8_lossy(&out.stdout);
+    let line = |name: &str| {
+        out.lines()
+            .find(|l| l.starts_with(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("{name} not in {out}"))
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    assert_eq!(
+        line("api.dataTable_created"),
+        "api.dataTable_created post 1 A table was created in a datahub schema (setting datahub_schemas); carries its columns and constraints"
+    );
+    assert_eq!(
+        line("auth.password_resetRequested"),
+        "auth.password_resetRequested post 0 Emitted whenever the password reset was requested (a reset token set); carries token, link and expires_at (one hour)"
+    );
+    assert_eq!(
+        line("ORDER_SHIPPED"),
+        "ORDER_SHIPPED post 1 Custom event emitted with pgfire.emit"
+    );
+    assert_eq!(
+        line("invoice.paid"),
+        "invoice.paid post 0 An invoice was paid"
+    );
+    let names: Vec<&str> = out
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().next().unwrap())
+        .collect();
+    assert_eq!(names.len(), 27);
+    assert_eq!(&names[25..], ["ORDER_SHIPPED", "invoice.paid"]);
+}
