@@ -334,9 +334,11 @@ SELECT pgfire.track_datahub();
 
 -- Sources: auth role columns -------------------------------------------------------------------
 
-ALTER TABLE pgfire.sources ADD COLUMN reset_sent_at_column text;
+ALTER TABLE pgfire.sources ADD COLUMN reset_sent_at_column text, ADD COLUMN revoked_column text;
 COMMENT ON COLUMN pgfire.sources.reset_sent_at_column IS
     'user sources: when the reset was requested, for schemas that clear the reset token when its link is followed (GoTrue recovery_sent_at)';
+COMMENT ON COLUMN pgfire.sources.revoked_column IS
+    'session sources: a flag or timestamp set when the session is revoked (POST_LOGOUT), for schemas that revoke rather than delete';
 
 -- The role columns must exist, and fit the kind: user sources have the user's columns, session
 -- sources the column naming their user, record sources none. Runs before register_source.
@@ -346,20 +348,23 @@ DECLARE
         'password_column', NEW.password_column, 'email_verified_column', NEW.email_verified_column,
         'verification_token_column', NEW.verification_token_column, 'reset_token_column', NEW.reset_token_column,
         'reset_sent_at_column', NEW.reset_sent_at_column, 'last_sign_in_column', NEW.last_sign_in_column));
+    session_roles jsonb := jsonb_strip_nulls(jsonb_build_object(
+        'user_id_column', NEW.user_id_column, 'revoked_column', NEW.revoked_column));
     r record;
     known text;
 BEGIN
     IF NOT EXISTS (SELECT FROM pg_class WHERE oid = NEW.table_name) THEN
         RETURN NEW; -- register_source says what is wrong
     END IF;
-    IF NEW.kind = 'record' AND (user_roles <> '{}' OR NEW.user_id_column IS NOT NULL) THEN
+    IF NEW.kind = 'record' AND (user_roles || session_roles) <> '{}' THEN
         RAISE EXCEPTION 'source % is of kind record, which has no auth role columns (% set)', NEW.table_name,
-                (SELECT string_agg(k, ', ') FROM jsonb_object_keys(user_roles || jsonb_strip_nulls(jsonb_build_object('user_id_column', NEW.user_id_column))) k)
+                (SELECT string_agg(k, ', ') FROM jsonb_object_keys(user_roles || session_roles) k)
             USING ERRCODE = '22023',
                   HINT = 'auth events come from a users table of kind ''user'' (password, email-verified, token and last sign-in columns) and a sessions table of kind ''session'' (user_id_column): set kind, or set those columns to NULL';
     END IF;
-    IF NEW.kind = 'user' AND NEW.user_id_column IS NOT NULL THEN
-        RAISE EXCEPTION 'source % is of kind user, which has no user_id_column', NEW.table_name
+    IF NEW.kind = 'user' AND session_roles <> '{}' THEN
+        RAISE EXCEPTION 'source % is of kind user, which has no % (columns of a sessions table)', NEW.table_name,
+                (SELECT string_agg(k, ', ') FROM jsonb_object_keys(session_roles) k)
             USING ERRCODE = '22023',
                   HINT = 'a user source names its users with id_column; user_id_column is for a sessions table of kind ''session'', naming the user of each session';
     END IF;
@@ -382,7 +387,9 @@ BEGIN
     END IF;
     SELECT string_agg(quote_ident(attname), ', ' ORDER BY attnum) INTO known
       FROM pg_attribute WHERE attrelid = NEW.table_name AND attnum > 0 AND NOT attisdropped;
-    FOR r IN SELECT key, value #>> '{}' AS col FROM jsonb_each(user_roles || jsonb_strip_nulls(jsonb_build_object('user_id_column', NEW.user_id_column))) LOOP
+    FOR r IN SELECT key, value #>> '{}' AS col
+               FROM jsonb_each(user_roles || jsonb_strip_nulls(jsonb_build_object(
+                        'user_id_column', NEW.user_id_column, 'revoked_column', NEW.revoked_column))) LOOP
         IF NOT EXISTS (SELECT FROM pg_attribute WHERE attrelid = NEW.table_name AND attname = r.col AND attnum > 0 AND NOT attisdropped) THEN
             RAISE EXCEPTION '% "%" is not a column of %', r.key, r.col, NEW.table_name
                 USING ERRCODE = '42703',
@@ -401,16 +408,17 @@ CREATE TRIGGER check_source_roles BEFORE INSERT OR UPDATE ON pgfire.sources
 CREATE FUNCTION pgfire.preset_source(t regclass, kind text, roles jsonb) RETURNS void LANGUAGE sql AS $$
     INSERT INTO pgfire.sources (table_name, kind, id_column, password_column, email_verified_column,
                                 verification_token_column, reset_token_column, reset_sent_at_column,
-                                last_sign_in_column, user_id_column)
+                                last_sign_in_column, user_id_column, revoked_column)
     VALUES (t, kind, roles->>'id_column', roles->>'password_column', roles->>'email_verified_column',
             roles->>'verification_token_column', roles->>'reset_token_column', roles->>'reset_sent_at_column',
-            roles->>'last_sign_in_column', roles->>'user_id_column')
+            roles->>'last_sign_in_column', roles->>'user_id_column', roles->>'revoked_column')
     ON CONFLICT (table_name) DO UPDATE SET
         kind = EXCLUDED.kind, id_column = EXCLUDED.id_column, password_column = EXCLUDED.password_column,
         email_verified_column = EXCLUDED.email_verified_column,
         verification_token_column = EXCLUDED.verification_token_column,
         reset_token_column = EXCLUDED.reset_token_column, reset_sent_at_column = EXCLUDED.reset_sent_at_column,
-        last_sign_in_column = EXCLUDED.last_sign_in_column, user_id_column = EXCLUDED.user_id_column
+        last_sign_in_column = EXCLUDED.last_sign_in_column, user_id_column = EXCLUDED.user_id_column,
+        revoked_column = EXCLUDED.revoked_column
 $$;
 
 -- The columns a preset needs that an existing table lacks, as one error naming them.
@@ -448,16 +456,18 @@ BEGIN
             user_id    bigint NOT NULL REFERENCES public.users (id) ON DELETE CASCADE,
             created_at timestamptz NOT NULL DEFAULT now(),
             user_agent text,
-            ip         inet
+            ip         inet,
+            revoked_at timestamptz
         );
         PERFORM pgfire.preset_needs('generic', 'public.users',
             ARRAY['id', 'email', 'password_hash', 'email_verified_at', 'verification_token', 'reset_token', 'last_sign_in_at']);
-        PERFORM pgfire.preset_needs('generic', 'public.sessions', ARRAY['user_id']);
+        PERFORM pgfire.preset_needs('generic', 'public.sessions', ARRAY['user_id', 'revoked_at']);
         PERFORM pgfire.preset_source('public.users', 'user', jsonb_build_object(
             'id_column', 'id', 'password_column', 'password_hash', 'email_verified_column', 'email_verified_at',
             'verification_token_column', 'verification_token', 'reset_token_column', 'reset_token',
             'last_sign_in_column', 'last_sign_in_at'));
-        PERFORM pgfire.preset_source('public.sessions', 'session', jsonb_build_object('user_id_column', 'user_id'));
+        PERFORM pgfire.preset_source('public.sessions', 'session',
+            jsonb_build_object('user_id_column', 'user_id', 'revoked_column', 'revoked_at'));
         RETURN 'generic preset: public.users (user) and public.sessions (session) registered';
     WHEN 'supabase' THEN
         SELECT string_agg(t, ' and ') INTO missing FROM unnest(ARRAY['auth.users', 'auth.sessions']) t

@@ -80,6 +80,8 @@ pub struct Source {
     pub last_sign_in_column: Option<String>,
     /// Session sources: the column naming the session's user.
     pub user_id_column: Option<String>,
+    /// Session sources: a flag or timestamp set when the session is revoked (a logout).
+    pub revoked_column: Option<String>,
 }
 
 /// Delivery settings from `pgfire.settings`.
@@ -128,6 +130,9 @@ pub struct Catalog {
     pub subscriptions: HashMap<String, Vec<Subscription>>,
     pub sources: HashMap<u32, Source>,
     pub settings: Settings,
+    /// Some auth event (`auth.*`, `POST_LOGIN`, `POST_LOGOUT`, `POST_PASSWORD_RESET`) has
+    /// subscribers: without any, row changes of auth sources are not looked at for them.
+    pub auth_subscribed: bool,
     /// Problems found while loading (rows skipped), for logs and `pgfire status`.
     pub warnings: Vec<String>,
 }
@@ -184,6 +189,8 @@ struct SourceRow {
     last_sign_in_column: Option<String>,
     #[serde(default)]
     user_id_column: Option<String>,
+    #[serde(default)]
+    revoked_column: Option<String>,
 }
 
 /// Why a configuration could not be read.
@@ -299,6 +306,13 @@ impl Catalog {
             }
         }
 
+        cat.auth_subscribed = cat.subscriptions.keys().any(|t| {
+            t.starts_with("auth.")
+                || matches!(
+                    t.as_str(),
+                    "POST_LOGIN" | "POST_LOGOUT" | "POST_PASSWORD_RESET"
+                )
+        });
         for s in snap.sources {
             let kind = match s.kind.as_str() {
                 "user" => SourceKind::User,
@@ -318,6 +332,7 @@ impl Catalog {
                     reset_sent_at_column: s.reset_sent_at_column,
                     last_sign_in_column: s.last_sign_in_column,
                     user_id_column: s.user_id_column,
+                    revoked_column: s.revoked_column,
                 },
             );
         }
@@ -506,6 +521,7 @@ mod tests {
         assert_eq!(users.reset_sent_at_column, None);
         assert_eq!(cat.sources[&2].kind, SourceKind::Session);
         assert_eq!(cat.sources[&2].user_id_column.as_deref(), Some("uid"));
+        assert!(!cat.auth_subscribed);
     }
 
     #[test]

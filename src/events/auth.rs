@@ -8,8 +8,8 @@
 //!
 //! Each fires on a real transition only: a token set to a new non-empty value, a verified flag
 //! or timestamp going from unset (NULL, false) to set, a password changing while a reset is
-//! pending, the last sign-in changing to a new value, a session row inserted or deleted. Other
-//! updates of the same rows produce none.
+//! pending, the last sign-in changing to a new value, a session row inserted, revoked or deleted.
+//! Other updates of the same rows produce none.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -89,7 +89,9 @@ impl TxnState {
         catalog: &Catalog,
         out: &mut Vec<Event>,
     ) {
-        if !matches!(source.kind, SourceKind::User | SourceKind::Session) {
+        if !catalog.auth_subscribed
+            || !matches!(source.kind, SourceKind::User | SourceKind::Session)
+        {
             return;
         }
         self.enter(change.commit.lsn, change.position);
@@ -256,12 +258,21 @@ impl TxnState {
             d.insert("session".into(), Value::Object(row.object(&[])));
             d
         };
+        // With a revoked column, a session revoked is a logout, and one already revoked is
+        // neither a login (inserted so) nor a logout (deleted later).
+        let revoked = |v: Option<Value>| v.is_some_and(|v| is_set(&v));
+        let revoked_col = source.revoked_column.as_deref();
+        let was_revoked = revoked_col.is_some_and(|c| revoked(row.old_value(c)));
+        let is_revoked = revoked_col.is_some_and(|c| revoked(row.value(c)));
         match row.change.op {
-            Op::Insert if self.first_login(&user_id) => {
+            Op::Insert if !is_revoked && self.first_login(&user_id) => {
                 found.add(AuthEvent::PostLogin, data());
                 found.add(AuthEvent::LoggedIn, data());
             }
-            Op::Delete => found.add(AuthEvent::PostLogout, data()),
+            Op::Update if is_revoked && !was_revoked && row.old.is_some() => {
+                found.add(AuthEvent::PostLogout, data())
+            }
+            Op::Delete if !was_revoked => found.add(AuthEvent::PostLogout, data()),
             _ => {}
         }
     }

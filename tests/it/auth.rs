@@ -73,6 +73,10 @@ async fn the_generic_preset_gives_each_auth_event_once_per_transition() {
             "UPDATE sessions SET user_agent = 'firefox'",
             // logout
             "DELETE FROM sessions",
+            // another login, then that session revoked: a logout; deleting it later is none
+            "INSERT INTO sessions (id, user_id, created_at) VALUES (11, 1, '2025-01-02 06:00:00+00')",
+            "UPDATE sessions SET revoked_at = '2025-01-02 07:00:00+00' WHERE id = 11",
+            "DELETE FROM sessions WHERE id = 11",
             // a reset requested, then done
             "UPDATE users SET reset_token = 'r-1'",
             "UPDATE users SET password_hash = 'hash-2', reset_token = NULL",
@@ -81,7 +85,7 @@ async fn the_generic_preset_gives_each_auth_event_once_per_transition() {
         ],
     )
     .await;
-    let events = exactly(&db, &c, 9).await;
+    let events = exactly(&db, &c, 12).await;
     let user = |email: &str, verified: Value, signed_in: Value| {
         json!({"id": 1, "email": email, "email_verified_at": verified,
                "last_sign_in_at": signed_in, "created_at": "2025-01-02T03:04:05Z"})
@@ -89,8 +93,12 @@ async fn the_generic_preset_gives_each_auth_event_once_per_transition() {
     let verified = json!("2025-01-02T04:00:00Z");
     let signed_in = json!("2025-01-02T05:00:00Z");
     let session = json!({"id": 10, "user_id": 1, "created_at": "2025-01-02T05:00:00Z",
-                         "user_agent": "curl", "ip": "10.0.0.1"});
+                         "user_agent": "curl", "ip": "10.0.0.1", "revoked_at": null});
     let final_user = user("ada@lovelace.org", verified.clone(), signed_in.clone());
+    let second = json!({"id": 11, "user_id": 1, "created_at": "2025-01-02T06:00:00Z",
+                        "user_agent": null, "ip": null, "revoked_at": null});
+    let mut revoked = second.clone();
+    revoked["revoked_at"] = json!("2025-01-02T07:00:00Z");
     assert_eq!(
         types_and_data(&events),
         [
@@ -119,13 +127,25 @@ async fn the_generic_preset_gives_each_auth_event_once_per_transition() {
             (
                 "POST_LOGOUT".into(),
                 json!({"user_id": 1, "session": {"id": 10, "user_id": 1, "created_at": "2025-01-02T05:00:00Z",
-                                                 "user_agent": "firefox", "ip": "10.0.0.1"}})
+                                                 "user_agent": "firefox", "ip": "10.0.0.1", "revoked_at": null}})
+            ),
+            (
+                "POST_LOGIN".into(),
+                json!({"user_id": 1, "session": second})
+            ),
+            (
+                "auth.user_loggedIn".into(),
+                json!({"user_id": 1, "session": second})
+            ),
+            (
+                "POST_LOGOUT".into(),
+                json!({"user_id": 1, "session": revoked})
             ),
             (
                 "auth.password_resetRequested".into(),
                 json!({"user_id": 1, "user": final_user, "token": "r-1",
                        "link": "http://localhost:3000/reset-password?token=r-1",
-                       "expires_at": later(&events[6], 7200)})
+                       "expires_at": later(&events[9], 7200)})
             ),
             (
                 "POST_PASSWORD_RESET".into(),
@@ -148,6 +168,9 @@ async fn the_generic_preset_gives_each_auth_event_once_per_transition() {
             "0000000000-01",
             "0000000000-02",
             "0000000000-03",
+            "0000000000-07",
+            "0000000000-08",
+            "0000000000-09",
             "0000000000-07",
             "0000000000-08",
             "0000000000-09",
@@ -494,7 +517,7 @@ async fn bad_auth_configuration_names_the_problem_and_the_fix() {
         (
             "INSERT INTO pgfire.sources (table_name, kind, user_id_column) VALUES ('accounts', 'user', 'id')",
             "22023",
-            "source accounts is of kind user, which has no user_id_column",
+            "source accounts is of kind user, which has no user_id_column (columns of a sessions table)",
             "a user source names its users with id_column; user_id_column is for a sessions table of kind 'session', naming the user of each session",
         ),
         (

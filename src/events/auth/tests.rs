@@ -48,7 +48,7 @@ fn users() -> Source {
         reset_token_column: Some("rt".into()),
         reset_sent_at_column: Some("rt_sent".into()),
         last_sign_in_column: Some("seen".into()),
-        user_id_column: None,
+        ..Source::default()
     }
 }
 
@@ -151,10 +151,17 @@ impl Txn {
             );
             (r, row)
         } else {
-            let render = |v: &Value| vec![v["id"].to_string(), v["uid"].to_string()];
+            let render = |v: &Value| {
+                let revoked = v.get("revoked").cloned().unwrap_or(Value::Null);
+                vec![
+                    v["id"].to_string(),
+                    v["uid"].to_string(),
+                    revoked.to_string(),
+                ]
+            };
             let old = old.map(render);
             let new = new.map(render);
-            let r = rel(2, "sessions", &[("id", 23), ("uid", 20)]);
+            let r = rel(2, "sessions", &[("id", 23), ("uid", 20), ("revoked", 16)]);
             let row = EncodedRow::from_cells(
                 old.as_deref().map(cells).as_deref(),
                 new.as_deref().map(cells).as_deref(),
@@ -354,12 +361,12 @@ fn one_login_per_user_and_transaction() {
             (
                 "0000000000000100-0000000000-07".to_string(),
                 "POST_LOGIN".to_string(),
-                json!({"user_id": 1, "session": {"id": 5, "uid": 1}})
+                json!({"user_id": 1, "session": {"id": 5, "uid": 1, "revoked": null}})
             ),
             (
                 "0000000000000100-0000000000-08".to_string(),
                 "auth.user_loggedIn".to_string(),
-                json!({"user_id": 1, "session": {"id": 5, "uid": 1}})
+                json!({"user_id": 1, "session": {"id": 5, "uid": 1, "revoked": null}})
             ),
         ]
     );
@@ -399,8 +406,49 @@ fn one_login_per_user_and_transaction() {
     assert_eq!(e[0].id.to_string(), "0000000000000200-0000000002-09");
     assert_eq!(
         e[0].data.to_value(),
-        json!({"user_id": 1, "session": {"id": 5, "uid": 1}})
+        json!({"user_id": 1, "session": {"id": 5, "uid": 1, "revoked": null}})
     );
+}
+
+#[test]
+fn a_revoked_session_is_a_logout_once() {
+    let cat = catalog(&ALL);
+    let mut t = Txn::new();
+    let mut src = sessions();
+    src.revoked_column = Some("revoked".into());
+    let live = json!({"id": 5, "uid": 1, "revoked": false});
+    let revoked = json!({"id": 5, "uid": 1, "revoked": true});
+    let e = t.change(&src, &cat, Op::Update, Some(&live), Some(&revoked));
+    assert_eq!(names(&e), ["POST_LOGOUT"]);
+    assert_eq!(e[0].data.to_value()["session"]["revoked"], json!(true));
+    // Deleting it later, or updating it again, is no second logout.
+    assert!(t
+        .change(&src, &cat, Op::Update, Some(&revoked), Some(&revoked))
+        .is_empty());
+    assert!(t
+        .change(&src, &cat, Op::Delete, Some(&revoked), None)
+        .is_empty());
+    // A session inserted revoked is no login; a live one deleted is a logout.
+    t.next_transaction();
+    assert!(t
+        .change(&src, &cat, Op::Insert, None, Some(&revoked))
+        .is_empty());
+    assert_eq!(
+        names(&t.change(&src, &cat, Op::Delete, Some(&live), None)),
+        ["POST_LOGOUT"]
+    );
+}
+
+#[test]
+fn without_auth_subscribers_nothing_is_looked_at() {
+    let cat = catalog(&[]);
+    assert!(!cat.auth_subscribed);
+    let mut t = Txn::new();
+    let new = json!({"id": 1, "vt": "x"});
+    assert!(t
+        .change(&users(), &cat, Op::Insert, None, Some(&new))
+        .is_empty());
+    assert!(catalog(&[AuthEvent::PostLogout]).auth_subscribed);
 }
 
 #[test]
