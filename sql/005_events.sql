@@ -190,7 +190,12 @@ BEGIN
         ON CONFLICT (table_oid) DO UPDATE SET schema_name = EXCLUDED.schema_name, table_name = EXCLUDED.table_name,
                                               columns = EXCLUDED.columns, constraints = EXCLUDED.constraints;
     IF NOT EXISTS (SELECT FROM pg_trigger WHERE tgrelid = t AND tgname = 'pgfire_emptied') THEN
-        EXECUTE format('CREATE TRIGGER pgfire_emptied AFTER TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION pgfire.datahub_truncated()', t::regclass);
+        BEGIN
+            EXECUTE format('CREATE TRIGGER pgfire_emptied AFTER TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION pgfire.datahub_truncated()', t::regclass);
+        EXCEPTION WHEN OTHERS THEN
+            RAISE WARNING 'pgfire: cannot place the TRUNCATE trigger of datahub table %: %', t::regclass, SQLERRM
+                USING HINT = 'its TRUNCATE gives no api.dataTable_emptied until a superuser runs SELECT pgfire.track_datahub()';
+        END;
     END IF;
     RETURN d;
 END $$;
@@ -231,12 +236,7 @@ BEGIN
         PERFORM pgfire.datahub_unfollow(t);
     END LOOP;
     FOR t IN SELECT pgfire.datahub_candidates() LOOP
-        BEGIN
-            PERFORM pgfire.datahub_follow(t);
-        EXCEPTION WHEN OTHERS THEN
-            RAISE WARNING 'pgfire: cannot follow datahub table %: %', t::regclass, SQLERRM
-                USING HINT = 'its TRUNCATE gives no api.dataTable_emptied until a superuser runs SELECT pgfire.track_datahub()';
-        END;
+        PERFORM pgfire.datahub_follow(t);
     END LOOP;
 END $$;
 REVOKE ALL ON FUNCTION pgfire.datahub_sync() FROM PUBLIC;

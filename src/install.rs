@@ -225,6 +225,21 @@ async fn apply(
         report.created_slot = true;
     }
     report.slot = slot;
+    // Event triggers a role that was not a superuser could not create: a superuser running
+    // install again creates them.
+    for track in ["pgfire.track_dropped_sources()", "pgfire.track_datahub()"] {
+        let can: bool = client
+            .query_one(
+                "SELECT to_regprocedure($1) IS NOT NULL
+                    AND (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)",
+                &[&track],
+            )
+            .await?
+            .get(0);
+        if can {
+            client.batch_execute(&format!("SELECT {track}")).await?;
+        }
+    }
     let row = client
         .query_one(
             "SELECT EXISTS (SELECT 1 FROM pg_event_trigger WHERE evtname = 'pgfire_source_dropped'),

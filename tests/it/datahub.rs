@@ -343,7 +343,9 @@ async fn a_role_that_is_not_superuser_is_told_and_everything_else_works() {
         ["POST_USER_CREATE", "POST_LOGIN", "SHIPPED"]
     );
     service.stop().await;
-    // A superuser turns them on later.
+    // A superuser turns them on later: pgfire install again, or pgfire.track_datahub().
+    let report = install_pgfire(&db).await;
+    assert!(report.applied.is_empty() && report.tracks_datahub && report.tracks_dropped_sources);
     assert_eq!(db.psql("SELECT pgfire.track_datahub()").trim(), "t");
     assert_eq!(
         texts(
