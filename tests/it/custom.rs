@@ -227,3 +227,99 @@ async fn pgfire_events_lists_built_in_and_custom_events() {
     assert_eq!(names.len(), 27);
     assert_eq!(&names[25..], ["ORDER_SHIPPED", "invoice.paid"]);
 }
+
+/// kill -9 of pgfire in the middle of a transaction's events: after the restart, the custom,
+/// datahub, row and auth events of that transaction come again with the same ids and envelopes.
+#[tokio::test]
+async fn system_events_are_redelivered_with_the_same_ids() {
+    use std::process::{Command, Stdio};
+    let db = TestDb::new();
+    let c = setup(&db, &[]).await;
+    c.batch_execute("SELECT pgfire.use_preset('generic')")
+        .await
+        .unwrap();
+    crate::capture::subscribe(
+        &c,
+        &[
+            "POST_USER_CREATE",
+            "auth.user_signedUp",
+            "auth.email_verificationRequested",
+            "api.dataTable_created",
+            "GATE",
+        ],
+    )
+    .await;
+    c.batch_execute(
+        "CREATE FUNCTION capture.gate(e jsonb) RETURNS void LANGUAGE sql AS $$ SELECT pg_advisory_xact_lock_shared(4242) $$;
+         INSERT INTO pgfire.functions (name, kind, target) VALUES ('gate', 'sql', 'capture.gate');
+         INSERT INTO pgfire.subscriptions (event_type, function_name, priority) VALUES ('GATE', 'gate', 10);",
+    )
+    .await
+    .unwrap();
+    let spawn = || {
+        Command::new(env!("CARGO_BIN_EXE_pgfire"))
+            .args(["run", "--no-proxy", "--admin-listen", "127.0.0.1:0"])
+            .env("DATABASE_URL", db.url())
+            .env("PGFIRE_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn pgfire")
+    };
+    // The gate holds the last event of the transaction until the lock is released.
+    let locker = db.client().await;
+    locker
+        .batch_execute("SELECT pg_advisory_lock(4242)")
+        .await
+        .unwrap();
+    c.batch_execute(
+        "BEGIN;
+         CREATE TABLE widgets (id int);
+         INSERT INTO users (email, verification_token) VALUES ('ada@example.com', 'tok');
+         SELECT pgfire.emit('GATE', '{\"n\": 1}');
+         COMMIT;",
+    )
+    .await
+    .unwrap();
+    let mut first = spawn();
+    crate::support::wait_running(&db, "SELECT%gate%").await;
+    crate::support::eventually(
+        std::time::Duration::from_secs(30),
+        "the transaction's five events",
+        || async { (crate::capture::captured(&c).await.len() == 5).then_some(()) },
+    )
+    .await;
+    first.kill().expect("kill -9");
+    first.wait().unwrap();
+    locker
+        .batch_execute("SELECT pg_advisory_unlock(4242)")
+        .await
+        .unwrap();
+    let mut second = spawn();
+    crate::support::eventually(
+        std::time::Duration::from_secs(30),
+        "the transaction's events again",
+        || async { (crate::capture::captured(&c).await.len() >= 10).then_some(()) },
+    )
+    .await;
+    crate::support::caught_up(&db).await;
+    second.kill().ok();
+    second.wait().ok();
+    // Each id twice, with the same envelope both times; five distinct ids.
+    let per_id = texts(
+        &c,
+        "SELECT min(envelope->>'event_type') || ' ' || count(*) || ' ' || count(DISTINCT envelope)
+           FROM capture.events GROUP BY envelope->>'id' ORDER BY envelope->>'id'",
+    )
+    .await;
+    assert_eq!(
+        per_id,
+        [
+            "api.dataTable_created 2 1",
+            "POST_USER_CREATE 2 1",
+            "auth.user_signedUp 2 1",
+            "auth.email_verificationRequested 2 1",
+            "GATE 2 1"
+        ]
+    );
+}
