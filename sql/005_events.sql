@@ -291,6 +291,20 @@ BEGIN
             RAISE WARNING 'pgfire: no datahub event for table %: %', t, SQLERRM;
         END;
     END LOOP;
+    -- Tables whose standing changed without the command naming them: a table attached as a
+    -- partition leaves the datahub, one detached joins it.
+    BEGIN
+        FOR t IN SELECT c FROM pgfire.datahub_candidates() c
+                  WHERE c NOT IN (SELECT table_oid FROM pgfire.datahub_tables) LOOP
+            PERFORM pgfire.datahub_message('created', pgfire.datahub_follow(t));
+        END LOOP;
+        FOR t IN SELECT table_oid FROM pgfire.datahub_tables
+                  WHERE table_oid NOT IN (SELECT pgfire.datahub_candidates()) LOOP
+            PERFORM pgfire.datahub_message('deleted', pgfire.datahub_unfollow(t));
+        END LOOP;
+    EXCEPTION WHEN OTHERS THEN
+        RAISE WARNING 'pgfire: datahub tables not reconciled: %', SQLERRM;
+    END;
 END $$;
 REVOKE ALL ON FUNCTION pgfire.datahub_ddl() FROM PUBLIC;
 

@@ -356,3 +356,43 @@ async fn a_role_that_is_not_superuser_is_told_and_everything_else_works() {
         ["products", "users"]
     );
 }
+
+/// Partitions are not datahub tables: a table attached as one leaves the datahub, detached it
+/// comes back; TRUNCATE of the partitioned table is one emptied event.
+#[tokio::test]
+async fn partitions_are_part_of_their_table() {
+    let db = TestDb::new();
+    let c = setup(&db, &ALL).await;
+    let service = start_service(&db).await;
+    for step in [
+        "CREATE TABLE metrics (at date, v int) PARTITION BY RANGE (at)",
+        "CREATE TABLE metrics_2025 PARTITION OF metrics FOR VALUES FROM ('2025-01-01') TO ('2026-01-01')",
+        "CREATE TABLE metrics_2026 (at date, v int)",
+        "ALTER TABLE metrics ATTACH PARTITION metrics_2026 FOR VALUES FROM ('2026-01-01') TO ('2027-01-01')",
+        "TRUNCATE metrics",
+        "ALTER TABLE metrics DETACH PARTITION metrics_2026",
+    ] {
+        c.batch_execute(step).await.unwrap();
+    }
+    let events = exactly(&db, &c, 5).await;
+    let summary: Vec<(String, Value)> = events
+        .iter()
+        .map(|e| {
+            (
+                e["event_type"].as_str().unwrap().to_string(),
+                e["event_data"]["table"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("api.dataTable_created".into(), json!("metrics")),
+            ("api.dataTable_created".into(), json!("metrics_2026")),
+            ("api.dataTable_deleted".into(), json!("metrics_2026")),
+            ("api.dataTable_emptied".into(), json!("metrics")),
+            ("api.dataTable_created".into(), json!("metrics_2026")),
+        ]
+    );
+    service.stop().await;
+}
