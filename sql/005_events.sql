@@ -11,7 +11,8 @@
 --   statement-level TRUNCATE trigger (pgfire_emptied) that writes the emptied message. Event
 --   triggers need a superuser: without one all of this stays off, and a superuser can turn it
 --   on later with SELECT pgfire.track_datahub().
--- * Sources: the auth role columns must exist and fit the source's kind; reset_sent_at_column.
+-- * Sources: the auth role columns must exist and fit the source's kind; reset_sent_at_column
+--   (user sources) and revoked_column (session sources) are new.
 -- * Presets: pgfire.use_preset('generic' | 'supabase').
 
 -- Custom event types ---------------------------------------------------------------------------

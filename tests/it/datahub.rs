@@ -343,10 +343,22 @@ async fn a_role_that_is_not_superuser_is_told_and_everything_else_works() {
         ["POST_USER_CREATE", "POST_LOGIN", "SHIPPED"]
     );
     service.stop().await;
+    // pgfire status says so too.
+    let status = |url: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_pgfire"))
+            .args(["status", "--admin-url", "http://127.0.0.1:9"])
+            .env("DATABASE_URL", url)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let warning = "warning: datahub events (api.dataTable_*) are off: their event triggers need a superuser (fix: as a superuser, SELECT pgfire.track_datahub())";
+    assert!(status(&url).contains(warning), "{}", status(&url));
     // A superuser turns them on later: pgfire install again, or pgfire.track_datahub().
     let report = install_pgfire(&db).await;
     assert!(report.applied.is_empty() && report.tracks_datahub && report.tracks_dropped_sources);
     assert_eq!(db.psql("SELECT pgfire.track_datahub()").trim(), "t");
+    assert!(!status(&url).contains("datahub"));
     assert_eq!(
         texts(
             &c,
