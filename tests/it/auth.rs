@@ -43,9 +43,25 @@ fn later(envelope: &Value, seconds: i64) -> Value {
 async fn the_generic_preset_gives_each_auth_event_once_per_transition() {
     let db = TestDb::new();
     let c = setup(&db, &AUTH_EVENTS[..9]).await;
+    for _ in 0..2 {
+        // A preset can run again.
+        assert_eq!(
+            texts(&c, "SELECT pgfire.use_preset('generic')").await,
+            ["generic preset: public.users (user) and public.sessions (session) registered"]
+        );
+    }
     assert_eq!(
-        texts(&c, "SELECT pgfire.use_preset('generic')").await,
-        ["generic preset: public.users (user) and public.sessions (session) registered"]
+        texts(
+            &c,
+            "SELECT concat_ws(' ', table_name, kind, id_column, password_column, email_verified_column,
+                    verification_token_column, reset_token_column, last_sign_in_column, user_id_column, revoked_column)
+               FROM pgfire.sources ORDER BY 1"
+        )
+        .await,
+        [
+            "sessions session user_id revoked_at",
+            "users user id password_hash email_verified_at verification_token reset_token last_sign_in_at"
+        ]
     );
     c.batch_execute(
         "UPDATE pgfire.settings SET value = 'https://app.example.com/verify?token={token}' WHERE key = 'auth.verification_link';
