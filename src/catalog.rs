@@ -50,19 +50,38 @@ pub struct Subscription {
     pub priority: i32,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum SourceKind {
     User,
+    #[default]
     Record,
     Session,
 }
 
-/// A row of `pgfire.sources`.
-#[derive(Debug, Clone)]
+/// A row of `pgfire.sources`: the table, its kind, and the columns that play the auth roles
+/// (checked against the table when the row is written; see `sql/005_events.sql`).
+#[derive(Debug, Clone, Default)]
 pub struct Source {
     pub oid: u32,
     pub kind: SourceKind,
     pub id_column: Option<String>,
+    /// User sources: the password (hash); a change of it while a reset is pending is a reset.
+    pub password_column: Option<String>,
+    /// User sources: a flag or timestamp; unset to set is `auth.email_verified`.
+    pub email_verified_column: Option<String>,
+    /// User sources: a new value is `auth.email_verificationRequested`.
+    pub verification_token_column: Option<String>,
+    /// User sources: a new value is `auth.password_resetRequested`.
+    pub reset_token_column: Option<String>,
+    /// User sources: when the reset was requested, for schemas that clear the reset token when
+    /// its link is followed (GoTrue's `recovery_sent_at`).
+    pub reset_sent_at_column: Option<String>,
+    /// User sources: advancing is a login.
+    pub last_sign_in_column: Option<String>,
+    /// Session sources: the column naming the session's user.
+    pub user_id_column: Option<String>,
+    /// Session sources: a flag or timestamp set when the session is revoked (a logout).
+    pub revoked_column: Option<String>,
 }
 
 /// Delivery settings from `pgfire.settings`.
@@ -74,6 +93,14 @@ pub struct Settings {
     pub payload_limit: usize,
     /// The longest timeout a function may set (`limits.timeout_ms`).
     pub timeout_limit: Duration,
+    /// Link templates of the auth token events (`{token}` is replaced).
+    pub verification_link: String,
+    pub reset_link: String,
+    /// Validity of email verification and password reset tokens.
+    pub verification_ttl: Duration,
+    pub reset_ttl: Duration,
+    /// Schemas whose tables give `api.dataTable_*` events (`datahub_schemas`; never `pgfire`).
+    pub datahub_schemas: Vec<String>,
     pub all: HashMap<String, String>,
 }
 
@@ -85,6 +112,11 @@ impl Default for Settings {
             retry_max: Duration::from_secs(10),
             payload_limit: 1 << 20,
             timeout_limit: Duration::from_secs(10),
+            verification_link: "http://localhost:3000/verify?token={token}".into(),
+            reset_link: "http://localhost:3000/reset-password?token={token}".into(),
+            verification_ttl: Duration::from_secs(86_400),
+            reset_ttl: Duration::from_secs(3_600),
+            datahub_schemas: vec!["public".into()],
             all: HashMap::new(),
         }
     }
@@ -98,6 +130,9 @@ pub struct Catalog {
     pub subscriptions: HashMap<String, Vec<Subscription>>,
     pub sources: HashMap<u32, Source>,
     pub settings: Settings,
+    /// Some auth event (`auth.*`, `POST_LOGIN`, `POST_LOGOUT`, `POST_PASSWORD_RESET`) has
+    /// subscribers: without any, row changes of auth sources are not looked at for them.
+    pub auth_subscribed: bool,
     /// Problems found while loading (rows skipped), for logs and `pgfire status`.
     pub warnings: Vec<String>,
 }
@@ -140,6 +175,22 @@ struct SourceRow {
     oid: u32,
     kind: String,
     id_column: Option<String>,
+    #[serde(default)]
+    password_column: Option<String>,
+    #[serde(default)]
+    email_verified_column: Option<String>,
+    #[serde(default)]
+    verification_token_column: Option<String>,
+    #[serde(default)]
+    reset_token_column: Option<String>,
+    #[serde(default)]
+    reset_sent_at_column: Option<String>,
+    #[serde(default)]
+    last_sign_in_column: Option<String>,
+    #[serde(default)]
+    user_id_column: Option<String>,
+    #[serde(default)]
+    revoked_column: Option<String>,
 }
 
 /// Why a configuration could not be read.
@@ -255,6 +306,13 @@ impl Catalog {
             }
         }
 
+        cat.auth_subscribed = cat.subscriptions.keys().any(|t| {
+            t.starts_with("auth.")
+                || matches!(
+                    t.as_str(),
+                    "POST_LOGIN" | "POST_LOGOUT" | "POST_PASSWORD_RESET"
+                )
+        });
         for s in snap.sources {
             let kind = match s.kind.as_str() {
                 "user" => SourceKind::User,
@@ -267,6 +325,14 @@ impl Catalog {
                     oid: s.oid,
                     kind,
                     id_column: s.id_column,
+                    password_column: s.password_column,
+                    email_verified_column: s.email_verified_column,
+                    verification_token_column: s.verification_token_column,
+                    reset_token_column: s.reset_token_column,
+                    reset_sent_at_column: s.reset_sent_at_column,
+                    last_sign_in_column: s.last_sign_in_column,
+                    user_id_column: s.user_id_column,
+                    revoked_column: s.revoked_column,
                 },
             );
         }
@@ -293,6 +359,26 @@ impl Catalog {
         }
         if let Some(v) = num("limits.timeout_ms") {
             s.timeout_limit = Duration::from_millis(v.max(1));
+        }
+        if let Some(v) = num("auth.verification_ttl_seconds") {
+            s.verification_ttl = Duration::from_secs(v.max(1));
+        }
+        if let Some(v) = num("auth.reset_ttl_seconds") {
+            s.reset_ttl = Duration::from_secs(v.max(1));
+        }
+        if let Some(v) = s.all.get("auth.verification_link") {
+            s.verification_link = v.clone();
+        }
+        if let Some(v) = s.all.get("auth.reset_link") {
+            s.reset_link = v.clone();
+        }
+        if let Some(v) = s.all.get("datahub_schemas") {
+            s.datahub_schemas = v
+                .split(',')
+                .map(str::trim)
+                .filter(|n| !n.is_empty() && *n != "pgfire")
+                .map(str::to_string)
+                .collect();
         }
     }
 }
@@ -409,6 +495,33 @@ mod tests {
         let cat = Catalog::from_snapshot(&snapshot(None, 15_000), &HashMap::new()).unwrap();
         assert_eq!(timeout(&cat), Duration::from_secs(10), "10 s by default");
         assert_eq!(cat.sources[&16384].kind, SourceKind::User);
+        assert_eq!(cat.settings.datahub_schemas, ["public"]);
+        assert_eq!(cat.settings.reset_ttl, Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn auth_roles_and_settings_are_read() {
+        let json = r#"{"version": 2, "database": "app",
+            "settings": {"datahub_schemas": " app, pgfire,,crm ", "auth.reset_ttl_seconds": "600",
+                         "auth.verification_link": "https://x/v?t={token}"},
+            "sources": [{"oid": 1, "table": "users", "kind": "user", "id_column": "id",
+                         "password_column": "pw", "email_verified_column": "verified_at",
+                         "verification_token_column": "vt", "reset_token_column": "rt",
+                         "last_sign_in_column": "seen", "user_id_column": null, "future": 1},
+                        {"oid": 2, "table": "sessions", "kind": "session", "id_column": null,
+                         "user_id_column": "uid"}]}"#;
+        let cat = Catalog::from_snapshot(json, &HashMap::new()).unwrap();
+        assert_eq!(cat.settings.datahub_schemas, ["app", "crm"]);
+        assert_eq!(cat.settings.reset_ttl, Duration::from_secs(600));
+        assert_eq!(cat.settings.verification_ttl, Duration::from_secs(86400));
+        assert_eq!(cat.settings.verification_link, "https://x/v?t={token}");
+        let users = &cat.sources[&1];
+        assert_eq!(users.password_column.as_deref(), Some("pw"));
+        assert_eq!(users.last_sign_in_column.as_deref(), Some("seen"));
+        assert_eq!(users.reset_sent_at_column, None);
+        assert_eq!(cat.sources[&2].kind, SourceKind::Session);
+        assert_eq!(cat.sources[&2].user_id_column.as_deref(), Some("uid"));
+        assert!(!cat.auth_subscribed);
     }
 
     #[test]

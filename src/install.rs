@@ -35,6 +35,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "snapshot of whole rows",
         sql: include_str!("../sql/004_snapshot_whole_rows.sql"),
     },
+    Migration {
+        version: 5,
+        name: "events",
+        sql: include_str!("../sql/005_events.sql"),
+    },
 ];
 
 /// The publication pgfire's consumer reads; source tables are added to it.
@@ -74,6 +79,9 @@ pub struct InstallReport {
     /// The event trigger that deletes the `pgfire.sources` row of a dropped table is in place
     /// (it needs a superuser to create).
     pub tracks_dropped_sources: bool,
+    /// The event triggers of the datahub events (`api.dataTable_*`) are in place (they need a
+    /// superuser to create).
+    pub tracks_datahub: bool,
 }
 
 /// Install or upgrade: apply the migrations not yet applied, ensure the publication and slot.
@@ -121,7 +129,7 @@ async fn apply(
     let mut report = InstallReport::default();
     for m in migrations.iter().filter(|m| m.version > found) {
         let sql = format!(
-            "BEGIN; {}\n; INSERT INTO pgfire.migrations (version, name) VALUES ({}, {}); COMMIT;",
+            "BEGIN; SET LOCAL pgfire.migrating = 'on'; {}\n; INSERT INTO pgfire.migrations (version, name) VALUES ({}, {}); COMMIT;",
             m.sql,
             m.version,
             postgres_protocol::escape::escape_literal(m.name)
@@ -217,13 +225,30 @@ async fn apply(
         report.created_slot = true;
     }
     report.slot = slot;
-    report.tracks_dropped_sources = client
+    // Event triggers a role that was not a superuser could not create: a superuser running
+    // install again creates them.
+    for track in ["pgfire.track_dropped_sources()", "pgfire.track_datahub()"] {
+        let can: bool = client
+            .query_one(
+                "SELECT to_regprocedure($1) IS NOT NULL
+                    AND (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)",
+                &[&track],
+            )
+            .await?
+            .get(0);
+        if can {
+            client.batch_execute(&format!("SELECT {track}")).await?;
+        }
+    }
+    let row = client
         .query_one(
-            "SELECT EXISTS (SELECT 1 FROM pg_event_trigger WHERE evtname = 'pgfire_source_dropped')",
+            "SELECT EXISTS (SELECT 1 FROM pg_event_trigger WHERE evtname = 'pgfire_source_dropped'),
+                    EXISTS (SELECT 1 FROM pg_event_trigger WHERE evtname = 'pgfire_datahub_ddl')",
             &[],
         )
-        .await?
-        .get(0);
+        .await?;
+    report.tracks_dropped_sources = row.get(0);
+    report.tracks_datahub = row.get(1);
     Ok(report)
 }
 
@@ -324,6 +349,13 @@ pub async fn install_cmd(url: &str, slot: Option<&str>) -> anyhow::Result<()> {
             if report.created_slot { " (created)" } else { "" }
         );
         println!("Register a table:  INSERT INTO pgfire.sources (table_name, kind) VALUES ('public.users', 'user');");
+    }
+    if !report.tracks_datahub {
+        println!(
+            "Note: not installed as a superuser, so pgfire could not create the event triggers of the datahub \
+             events (api.dataTable_created/_updated/_deleted/_emptied): they stay off, everything else works; \
+             have a superuser run SELECT pgfire.track_datahub(); to turn them on."
+        );
     }
     if !report.tracks_dropped_sources {
         println!(

@@ -502,6 +502,21 @@ pub async fn status_cmd(url: &str, admin_url: &str) -> anyhow::Result<()> {
             "warning: source {which} lacks REPLICA IDENTITY FULL: old values are missing from its events (fix: ALTER TABLE {table} REPLICA IDENTITY FULL)"
         );
     }
+    // Datahub events need event triggers, which only a superuser can create.
+    let datahub_off: bool = client
+        .query_one(
+            "SELECT to_regprocedure('pgfire.track_datahub()') IS NOT NULL
+                AND NOT EXISTS (SELECT 1 FROM pg_event_trigger WHERE evtname = 'pgfire_datahub_ddl')",
+            &[],
+        )
+        .await
+        .map_err(q)?
+        .get(0);
+    if datahub_off {
+        println!(
+            "warning: datahub events (api.dataTable_*) are off: their event triggers need a superuser (fix: as a superuser, SELECT pgfire.track_datahub())"
+        );
+    }
     let rows = client
         .query(
             "SELECT function_name, status, count(*)::bigint, max(started_at)::text, (array_agg(error ORDER BY id DESC))[1]

@@ -13,12 +13,18 @@ pub use crate::replication::position::{Commit, Lsn};
 use crate::catalog::Catalog;
 use crate::replication::decode::Item;
 
+pub mod auth;
+pub mod custom;
+pub mod ddl;
 pub mod row;
 
 /// Builds the events of the stream from decoded items: pure, no IO. One builder follows one
-/// stream, so events that depend on more than one change of a transaction can be told apart.
+/// stream, so events that depend on more than one change of a transaction can be told apart
+/// (one login per user and transaction, see [`auth`]).
 #[derive(Debug, Default)]
-pub struct Builder {}
+pub struct Builder {
+    auth: auth::TxnState,
+}
 
 impl Builder {
     pub fn new() -> Builder {
@@ -35,22 +41,65 @@ impl Builder {
                 let Some(source) = catalog.sources.get(&change.relation.oid) else {
                     return;
                 };
-                let Some(event_type) = row::event_type(source.kind, change.op) else {
-                    return;
-                };
-                if catalog.subscribers(event_type).is_empty() {
-                    return;
+                // Auth events are worked out before the row event takes the change.
+                let mut auth_events = Vec::new();
+                self.auth.events(&change, source, catalog, &mut auth_events);
+                if let Some(event_type) = row::event_type(source.kind, change.op) {
+                    if !catalog.subscribers(event_type).is_empty() {
+                        out.push(row::row_event(
+                            change,
+                            source,
+                            event_type,
+                            &catalog.database,
+                        ));
+                    }
                 }
-                out.push(row::row_event(
-                    change,
-                    source,
-                    event_type,
-                    &catalog.database,
-                ));
+                out.append(&mut auth_events);
             }
+            // Only transactional messages are events: nothing rolled back produces one.
+            Item::Message {
+                prefix,
+                content,
+                commit: Some(commit),
+                position,
+                ..
+            } => {
+                let at = EventId {
+                    commit_lsn: commit.lsn,
+                    position,
+                    sub: 0,
+                };
+                let event = match prefix.as_str() {
+                    custom::MESSAGE_PREFIX => custom::event(&content, at, &commit, catalog),
+                    ddl::MESSAGE_PREFIX => ddl::event(&content, at, &commit, catalog),
+                    _ => return,
+                };
+                match event {
+                    Ok(Some(e)) => out.push(e),
+                    Ok(None) => {}
+                    // Not written by pgfire's own functions (pg_logical_emit_message called by
+                    // hand with pgfire's prefix): there is no event to deliver.
+                    Err(err) => {
+                        tracing::warn!(error = %err, prefix, lsn = %commit.lsn, "ignored a malformed pgfire message")
+                    }
+                }
+            }
+            // TRUNCATE of datahub tables arrives as a message of their TRUNCATE trigger.
             Item::Message { .. } | Item::Truncate { .. } | Item::Checkpoint(_) => {}
         }
     }
+}
+
+/// Why a logical message with one of pgfire's prefixes is no event (pgfire's own functions
+/// write them; `pg_logical_emit_message` called by hand can write anything).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum MessageError {
+    #[error("not the JSON pgfire writes: {0}")]
+    Json(String),
+    #[error("event type {0:?} is not a custom event type")]
+    NotCustom(String),
+    #[error("{0}")]
+    Invalid(String),
 }
 
 /// Where an event came from.
@@ -101,18 +150,26 @@ pub struct Event {
     pub source: EventSource,
 }
 
-/// The event id: the commit LSN and the change's position in its transaction. Written as
-/// `00000000016B3748-0000000002` (hex LSN, decimal position, both fixed width), so ids sort in
-/// commit order at any size of transaction.
+/// The event id: the commit LSN, the change's position in its transaction, and which of the
+/// events of that change it is. Written as `00000000016B3748-0000000002` (hex LSN, decimal
+/// position, both fixed width) for the first event of a change (row, DDL and custom events), and
+/// `00000000016B3748-0000000002-07` for the others (auth events: `sub` is fixed per event type,
+/// see [`auth::sub`]), so ids sort in commit order at any size of transaction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct EventId {
     pub commit_lsn: Lsn,
     pub position: u32,
+    /// 0 for the change's own event; 1-99 for the further events of the same change.
+    pub sub: u8,
 }
 
 impl fmt::Display for EventId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:016X}-{:010}", self.commit_lsn.0, self.position)
+        write!(f, "{:016X}-{:010}", self.commit_lsn.0, self.position)?;
+        if self.sub > 0 {
+            write!(f, "-{:02}", self.sub.min(99))?;
+        }
+        Ok(())
     }
 }
 
@@ -164,7 +221,21 @@ mod tests {
         let id = |l, p| EventId {
             commit_lsn: Lsn(l),
             position: p,
+            sub: 0,
         };
+        let sub = |l, p, s| EventId {
+            commit_lsn: Lsn(l),
+            position: p,
+            sub: s,
+        };
+        // Further events of one change: after it, before the next change, in `sub` order.
+        assert_eq!(
+            sub(0x16B3748, 3, 7).to_string(),
+            "00000000016B3748-0000000003-07"
+        );
+        assert!(id(0x10, 2).to_string() < sub(0x10, 2, 1).to_string());
+        assert!(sub(0x10, 2, 1).to_string() < sub(0x10, 2, 10).to_string());
+        assert!(sub(0x10, 2, 99).to_string() < id(0x10, 3).to_string());
         assert_eq!(id(0x16B3748, 3).to_string(), "00000000016B3748-0000000003");
         assert!(id(0x10, 2).to_string() < id(0x10, 10).to_string());
         assert!(id(0xF, 99).to_string() < id(0x10, 0).to_string());
@@ -183,6 +254,7 @@ mod tests {
             id: EventId {
                 commit_lsn: Lsn(0x16B3748),
                 position: 2,
+                sub: 0,
             },
             event_type: Arc::from("POST_USER_UPDATE"),
             data: EventData::from_object(&data),

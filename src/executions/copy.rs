@@ -44,8 +44,8 @@ fn copy_text(buf: &mut BytesMut, s: &str) {
     buf.put_slice(s.as_bytes());
 }
 
-/// The event id as [`EventId`]'s `Display` writes it (hex LSN, position), without the
-/// formatting machinery.
+/// The event id as [`EventId`]'s `Display` writes it (hex LSN, position, and `-NN` for the
+/// further events of a change), without the formatting machinery.
 fn event_id(id: EventId, out: &mut [u8; 32]) -> &str {
     const HEX: &[u8; 16] = b"0123456789ABCDEF";
     let lsn = id.commit_lsn.0;
@@ -72,7 +72,14 @@ fn event_id(id: EventId, out: &mut [u8; 32]) -> &str {
             digits[width - 1 - i]
         };
     }
-    std::str::from_utf8(&out[..17 + width]).unwrap_or_default()
+    let mut end = 17 + width;
+    if id.sub > 0 {
+        out[end] = b'-';
+        out[end + 1] = b'0' + (id.sub / 10) % 10;
+        out[end + 2] = b'0' + id.sub % 10;
+        end += 3;
+    }
+    std::str::from_utf8(&out[..end]).unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -85,16 +92,17 @@ mod tests {
     #[test]
     fn event_ids_are_written_as_displayed() {
         let mut buf = [0u8; 32];
-        for (lsn, position) in [
-            (0x16B3748, 2),
-            (0, 0),
-            (u64::MAX, u32::MAX),
-            (1, 999_999),
-            (1, 1_000_000),
+        for (lsn, position, sub) in [
+            (0x16B3748, 2, 0),
+            (0, 0, 0),
+            (u64::MAX, u32::MAX, 99),
+            (1, 999_999, 1),
+            (1, 1_000_000, 10),
         ] {
             let id = EventId {
                 commit_lsn: Lsn(lsn),
                 position,
+                sub,
             };
             assert_eq!(event_id(id, &mut buf), id.to_string());
         }
@@ -106,6 +114,7 @@ mod tests {
             event_id: EventId {
                 commit_lsn: Lsn(0x10),
                 position: 1,
+                sub: 0,
             },
             event_type: Arc::from("T"),
             function_name: Arc::from("f"),

@@ -347,6 +347,7 @@ mod tests {
             event_id: EventId {
                 commit_lsn: Lsn(1),
                 position: 0,
+                sub: 0,
             },
             event_type: Arc::from("E"),
             function_name: Arc::from("f"),

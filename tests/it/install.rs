@@ -35,6 +35,7 @@ async fn install_is_idempotent_and_uninstall_removes_everything() {
         tables,
         [
             "config_applied",
+            "datahub_tables",
             "event_types",
             "executions",
             "functions",

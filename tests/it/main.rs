@@ -1,9 +1,13 @@
 //! pgfire's integration tests: one binary, a real PostgreSQL started by the tests, a fresh database
 //! per test.
 
+mod capture;
 mod support;
 
+mod auth;
 mod consumer;
+mod custom;
+mod datahub;
 mod dev;
 mod embedded;
 mod events;
