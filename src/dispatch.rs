@@ -22,8 +22,7 @@ use crate::executions::{Execution, Recorder, Status};
 use crate::functions::{Delivery, FunctionError, Kinds};
 use crate::replication::decode::Item;
 
-/// The prefix of the logical messages that announce a configuration change.
-pub const CONFIG_MESSAGE_PREFIX: &str = "pgfire.config";
+pub use crate::catalog::CONFIG_MESSAGE_PREFIX;
 
 /// Counters shared with the admin endpoint.
 #[derive(Debug, Default)]

@@ -16,3 +16,4 @@ mod install;
 mod proxy;
 mod resilience;
 mod sources;
+mod standby;
