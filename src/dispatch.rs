@@ -160,9 +160,7 @@ impl Dispatcher {
             // A change written by a pgfire before 0.1.1 names only the table: read today's.
             _ => match self
                 .retry(shutdown, "read the configuration", |url| async move {
-                    let c = crate::db::connect(&url)
-                        .await
-                        .map_err(|e| crate::db::describe(&e))?;
+                    let c = crate::db::connect(&url).await.map_err(|e| e.to_string())?;
                     catalog::current_snapshot(&c)
                         .await
                         .map_err(|e| e.to_string())
@@ -203,9 +201,7 @@ impl Dispatcher {
             .retry(shutdown, "record the applied configuration", |url| {
                 let (slot, text) = (slot.clone(), text.clone());
                 async move {
-                    let c = crate::db::connect(&url)
-                        .await
-                        .map_err(|e| crate::db::describe(&e))?;
+                    let c = crate::db::connect(&url).await.map_err(|e| e.to_string())?;
                     catalog::record_applied(&c, &slot, at, &text)
                         .await
                         .map_err(|e| e.to_string())?;

@@ -235,7 +235,7 @@ async fn configuration_at_slot(config: &ConsumerConfig) -> Result<Item, Consumer
     let fail = |e: String| ConsumerError::Resync(e);
     let client = crate::db::connect(&config.database_url)
         .await
-        .map_err(|e| fail(crate::db::describe(&e)))?;
+        .map_err(|e| fail(e.to_string()))?;
     let (snapshot, at) = crate::catalog::snapshot_as_of_slot(&client, &config.slot)
         .await
         .map_err(|e| fail(e.to_string()))?;
@@ -255,9 +255,9 @@ async fn configuration_at_slot(config: &ConsumerConfig) -> Result<Item, Consumer
 /// consumer lets go of the stream as soon as it ends with 57P01 (or new connections are refused
 /// with 57P03). Any other end of the watch just opens it again.
 fn shutdown_watch(url: &str) -> Pin<Box<dyn Future<Output = ConsumerError> + Send>> {
-    let config = url.parse::<tokio_postgres::Config>();
+    let config = crate::db::config(url);
     Box::pin(async move {
-        let mut config = match config {
+        let (mut config, tls) = match config {
             Ok(c) => c,
             Err(err) => {
                 tracing::warn!(error = %err, "no shutdown watch");
@@ -277,7 +277,7 @@ fn shutdown_watch(url: &str) -> Pin<Box<dyn Future<Output = ConsumerError> + Sen
             })
         };
         loop {
-            let end = match config.connect(tokio_postgres::NoTls).await {
+            let end = match config.connect(tls.clone()).await {
                 Ok((client, connection)) => {
                     let end = connection.await;
                     drop(client);

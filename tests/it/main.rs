@@ -17,3 +17,4 @@ mod proxy;
 mod resilience;
 mod sources;
 mod standby;
+mod tls;
