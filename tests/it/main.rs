@@ -9,6 +9,7 @@ mod consumer;
 mod custom;
 mod datahub;
 mod dev;
+mod docker;
 mod embedded;
 mod events;
 mod functions;
