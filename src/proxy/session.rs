@@ -12,8 +12,11 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
 use super::in_flight::InFlight;
+use super::pre::gate::{self, Gate};
+use super::pre::hold::{self, Io};
+use super::pre::PreHooks;
 use super::{ProxyConfig, Upstream};
-use crate::wire::{self, Backend, Startup, WireError};
+use crate::wire::{self, Backend, Frontend, Startup, WireError};
 
 /// The PRE hooks' seam: sees every Query, Parse and Bind a client sends, before it is forwarded.
 pub trait Hook: Send + Sync {
@@ -97,9 +100,9 @@ impl AsyncWrite for Conn {
 const READ_CHUNK: usize = 64 * 1024;
 
 /// Why a session ended early, as the client is told.
-struct Fatal {
-    code: &'static str,
-    message: String,
+pub(super) struct Fatal {
+    pub(super) code: &'static str,
+    pub(super) message: String,
 }
 
 impl From<WireError> for Fatal {
@@ -157,6 +160,10 @@ pub(super) async fn run(
         }
     };
     let mut upstream = upstream;
+    let packet = match &config.pre {
+        Some(_) => mark_proxied(packet),
+        None => packet,
+    };
     if upstream.write_all(&packet).await.is_err() {
         return fatal(
             &mut client,
@@ -248,7 +255,29 @@ async fn startup(
     }
 }
 
-fn io_fatal(e: std::io::Error) -> Fatal {
+/// The startup packet with `pgfire.proxied=on` (and no `pgfire.*` parameter of the client's):
+/// pgfire's PRE trigger refuses a write to a watched table through the proxy that the proxy did
+/// not hold. Parameters of the packet override `options`, so the client cannot unset it there.
+fn mark_proxied(packet: BytesMut) -> BytesMut {
+    let Ok(Some((Startup::Startup { version, params }, _))) = wire::startup_packet(&packet) else {
+        return packet;
+    };
+    let mut body = BytesMut::new();
+    body.extend_from_slice(&version.to_be_bytes());
+    for (k, v) in params.iter().filter(|(k, _)| !k.starts_with("pgfire.")) {
+        body.extend_from_slice(k.as_bytes());
+        body.extend_from_slice(&[0]);
+        body.extend_from_slice(v.as_bytes());
+        body.extend_from_slice(&[0]);
+    }
+    body.extend_from_slice(b"pgfire.proxied\0on\0\0");
+    let mut out = BytesMut::with_capacity(body.len() + 4);
+    out.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+pub(super) fn io_fatal(e: std::io::Error) -> Fatal {
     Fatal {
         code: wire::CONNECTION_FAILURE,
         message: e.to_string(),
@@ -286,14 +315,16 @@ struct Scanner {
 impl Scanner {
     /// How many bytes at the start of `buf` can be forwarded now. `whole(tag)` says which frames
     /// to inspect (they are passed complete to `inspect`); `on_frame` sees each frame's tag once,
-    /// before any of its bytes can be forwarded, and may refuse it.
+    /// before any of its bytes can be forwarded, and may refuse it. When `inspect` returns true
+    /// the scan stops before that frame (`.1`): the caller takes it whole from the returned
+    /// position (its `on_frame` has been called).
     fn scan(
         &mut self,
         buf: &[u8],
         mut on_frame: impl FnMut(u8) -> Result<(), WireError>,
         whole: impl Fn(u8) -> bool,
-        mut inspect: impl FnMut(&[u8]) -> Result<(), WireError>,
-    ) -> Result<usize, WireError> {
+        mut inspect: impl FnMut(&[u8]) -> Result<bool, WireError>,
+    ) -> Result<(usize, bool), WireError> {
         let mut pos = 0;
         loop {
             if self.remaining > 0 {
@@ -301,18 +332,20 @@ impl Scanner {
                 pos += n;
                 self.remaining -= n;
                 if self.remaining > 0 {
-                    return Ok(pos);
+                    return Ok((pos, false));
                 }
             }
             let Some((tag, len)) = wire::frame_header(&buf[pos..])? else {
-                return Ok(pos);
+                return Ok((pos, false));
             };
             if whole(tag) {
                 if buf.len() - pos < len {
-                    return Ok(pos);
+                    return Ok((pos, false));
                 }
                 on_frame(tag)?;
-                inspect(&buf[pos..pos + len])?;
+                if inspect(&buf[pos..pos + len])? {
+                    return Ok((pos, true));
+                }
                 pos += len;
             } else {
                 on_frame(tag)?;
@@ -350,23 +383,71 @@ async fn relay(
     }
 }
 
+/// Errors of the server to rewrite on their way to the client: the server's ErrorResponse whose
+/// message contains the marker becomes the frame (see [`gate::parse`]).
+type Rewrites = Mutex<Vec<(String, BytesMut)>>;
+/// Rewrites kept at most; older ones (whose batch failed before reaching them) are dropped.
+const MAX_REWRITES: usize = 64;
+
+/// What the client direction stopped for.
+enum Flow {
+    /// The client left.
+    Left,
+    /// A Query to hold (the whole frame), once everything before it is answered.
+    Held(BytesMut),
+}
+
+/// The client-to-server direction's state, kept outside its future, which ends at every held
+/// statement.
+#[derive(Default)]
+struct Upside {
+    buf: BytesMut,
+    scanner: Scanner,
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn relay_halves(
-    mut cr: impl AsyncRead + Unpin,
-    mut cw: impl AsyncWrite + Unpin,
-    mut ur: impl AsyncRead + Unpin,
-    mut uw: impl AsyncWrite + Unpin,
+    mut cr: impl AsyncRead + Unpin + Send,
+    mut cw: impl AsyncWrite + Unpin + Send,
+    mut ur: impl AsyncRead + Unpin + Send,
+    mut uw: impl AsyncWrite + Unpin + Send,
     pending: BytesMut,
     config: &ProxyConfig,
     hook: &dyn Hook,
     drain: &CancellationToken,
 ) {
-    // Shared by both directions (one task: the lock is never contended).
+    // Shared by both directions (one task: the locks are never contended).
     let in_flight = Mutex::new(InFlight::new());
+    let rewrites: Rewrites = Mutex::new(Vec::new());
+    let pre = config.pre.as_deref();
+    let mut up = Upside {
+        buf: pending,
+        scanner: Scanner::default(),
+    };
     let mut down = Downstream::default();
-    let outcome = tokio::select! {
-        r = client_to_server(&mut cr, &mut uw, pending, hook, &in_flight) => r,
-        r = server_to_client(&mut ur, &mut cw, &mut down, &in_flight, drain, config) => r,
+    let outcome = loop {
+        let flow = tokio::select! {
+            r = client_to_server(&mut cr, &mut uw, &mut up, hook, pre, &in_flight, &rewrites) => r,
+            r = server_to_client(&mut ur, &mut cw, &mut down, &in_flight, &rewrites, drain, config) => r.map(|()| Flow::Left),
+        };
+        match (flow, pre) {
+            (Ok(Flow::Held(frame)), Some(pre)) => {
+                if let Err(f) = held(
+                    &frame, &mut ur, &mut uw, &mut cw, &mut down, &in_flight, &rewrites, pre,
+                )
+                .await
+                {
+                    break Err(f);
+                }
+            }
+            (Ok(Flow::Held(frame)), None) => {
+                if let Err(e) = uw.write_all(&frame).await {
+                    break Err(io_fatal(e));
+                }
+            }
+            (Ok(Flow::Left), _) => break Ok(()),
+            (Err(f), _) => break Err(f),
+        }
     };
     if let Err(f) = outcome {
         // The client may be in the middle of a server frame: finish it first, so that the FATAL
@@ -385,6 +466,50 @@ async fn relay_halves(
     }
     let _ = cw.shutdown().await;
     let _ = uw.shutdown().await;
+}
+
+/// A held Query: once the server has answered everything sent before it, run it through the PRE
+/// hooks (or as is, in a failed transaction, which the server refuses anyway).
+#[allow(clippy::too_many_arguments)]
+async fn held(
+    frame: &[u8],
+    ur: &mut (impl AsyncRead + Unpin + Send),
+    uw: &mut (impl AsyncWrite + Unpin + Send),
+    cw: &mut (impl AsyncWrite + Unpin + Send),
+    down: &mut Downstream,
+    in_flight: &Mutex<InFlight>,
+    rewrites: &Rewrites,
+    pre: &PreHooks,
+) -> Result<(), Fatal> {
+    loop {
+        scan_down(down, in_flight, rewrites)?;
+        down.write_ready(cw).await.map_err(io_fatal)?;
+        // The held Query itself is counted as sent.
+        if lock(in_flight).owed() <= 1 && down.scanner.remaining == 0 && down.ready == 0 {
+            break;
+        }
+        if ur.read_buf(&mut down.buf).await.map_err(io_fatal)? == 0 {
+            return Err(Fatal {
+                code: wire::CONNECTION_FAILURE,
+                message: "the database closed the connection".into(),
+            });
+        }
+    }
+    let status = lock(in_flight).status();
+    let cfg = pre.config();
+    if !matches!(status, b'I' | b'T') || !cfg.active() {
+        return uw.write_all(frame).await.map_err(io_fatal);
+    }
+    let mut io = Io {
+        ur,
+        uw,
+        cw,
+        buf: &mut down.buf,
+        async_out: BytesMut::new(),
+    };
+    let status = hold::run_query(&mut io, pre, &cfg, frame, status).await?;
+    lock(in_flight).ready(status);
+    Ok(())
 }
 
 /// How long a session that ends with an error waits for the rest of a server frame the client
@@ -444,43 +569,128 @@ impl Downstream {
 async fn client_to_server(
     cr: &mut (impl AsyncRead + Unpin),
     uw: &mut (impl AsyncWrite + Unpin),
-    mut buf: BytesMut,
+    up: &mut Upside,
     hook: &dyn Hook,
+    pre: Option<&PreHooks>,
     in_flight: &Mutex<InFlight>,
-) -> Result<(), Fatal> {
-    let mut scanner = Scanner::default();
+    rewrites: &Rewrites,
+) -> Result<Flow, Fatal> {
     let inspect_frontend = hook.wants_frontend();
-    let check = |tag| {
-        if wire::is_frontend_tag(tag) {
-            lock(in_flight).sent(tag);
-            Ok(())
-        } else {
-            Err(WireError::UnknownTag(tag))
-        }
-    };
-    let inspect = |frame: &[u8]| {
-        if let Some(msg) = wire::decode_frontend(frame)? {
-            hook.frontend(&msg);
-        }
-        Ok(())
-    };
     loop {
-        let n = scanner.scan(
-            &buf,
-            check,
-            |t| inspect_frontend && matches!(t, b'Q' | b'P' | b'B'),
-            inspect,
-        )?;
+        // The configuration in force for the statements of this read.
+        let cfg = pre.map(|p| p.config()).filter(|c| c.active());
+        let mut gated = None;
+        let check = |tag| {
+            if wire::is_frontend_tag(tag) {
+                lock(in_flight).sent(tag);
+                Ok(())
+            } else {
+                Err(WireError::UnknownTag(tag))
+            }
+        };
+        let inspect = |frame: &[u8]| {
+            let Some(msg) = wire::decode_frontend(frame)? else {
+                return Ok(false);
+            };
+            if inspect_frontend {
+                hook.frontend(&msg);
+            }
+            let (Some(cfg), Some(pre)) = (&cfg, pre) else {
+                return Ok(false);
+            };
+            let gate = match &msg {
+                Frontend::Query(q) => gate::query(cfg, q.sql),
+                Frontend::Parse(p) => gate::parse(cfg, p, pre.next_statement()),
+                Frontend::Bind(_) => Gate::Pass,
+            };
+            let stop = !matches!(gate, Gate::Pass);
+            gated = Some(gate);
+            Ok(stop)
+        };
+        let whole = |t| (inspect_frontend || cfg.is_some()) && matches!(t, b'Q' | b'P' | b'B');
+        let (n, stopped) = up.scanner.scan(&up.buf, check, whole, inspect)?;
         if n > 0 {
-            uw.write_all(&buf[..n]).await.map_err(io_fatal)?;
-            buf.advance(n);
+            uw.write_all(&up.buf[..n]).await.map_err(io_fatal)?;
+            up.buf.advance(n);
         }
-        if buf.capacity() - buf.len() < READ_CHUNK / 4 {
-            buf.reserve(READ_CHUNK);
+        if stopped {
+            let len = wire::frame_header(&up.buf)?.map_or(up.buf.len(), |(_, l)| l);
+            let frame = up.buf.split_to(len);
+            match gated {
+                Some(Gate::Hold) => return Ok(Flow::Held(frame)),
+                Some(Gate::Replace {
+                    frame: instead,
+                    rewrite,
+                }) => {
+                    if let Some(r) = rewrite {
+                        let mut list = rewrites.lock().unwrap_or_else(|p| p.into_inner());
+                        if list.len() >= MAX_REWRITES {
+                            list.remove(0);
+                        }
+                        list.push(r);
+                    }
+                    uw.write_all(&instead).await.map_err(io_fatal)?;
+                }
+                Some(Gate::Pass) | None => uw.write_all(&frame).await.map_err(io_fatal)?,
+            }
+            continue;
         }
-        if cr.read_buf(&mut buf).await.map_err(io_fatal)? == 0 {
-            return Ok(()); // the client left
+        if up.buf.capacity() - up.buf.len() < READ_CHUNK / 4 {
+            up.buf.reserve(READ_CHUNK);
         }
+        if cr.read_buf(&mut up.buf).await.map_err(io_fatal)? == 0 {
+            return Ok(Flow::Left);
+        }
+    }
+}
+
+/// Scan what the server sent: note every ReadyForQuery, rewrite the errors [`Rewrites`] names.
+fn scan_down(
+    down: &mut Downstream,
+    in_flight: &Mutex<InFlight>,
+    rewrites: &Rewrites,
+) -> Result<(), WireError> {
+    loop {
+        let pending = !rewrites
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty();
+        let mut replacement = None;
+        let (n, stopped) = down.scanner.scan(
+            &down.buf[down.ready..],
+            |_| Ok(()),
+            |t| t == b'Z' || (pending && t == b'E'),
+            |frame| {
+                match wire::decode_backend(frame)? {
+                    Some(Backend::ReadyForQuery(s)) => lock(in_flight).ready(s),
+                    Some(Backend::ErrorResponse(e)) => {
+                        let mut list = rewrites.lock().unwrap_or_else(|p| p.into_inner());
+                        let hit = list.iter().position(|(marker, _)| {
+                            e.message
+                                .windows(marker.len())
+                                .any(|w| w == marker.as_bytes())
+                        });
+                        if let Some(i) = hit {
+                            replacement = Some(list.remove(i).1);
+                            return Ok(true);
+                        }
+                    }
+                    _ => {}
+                }
+                Ok(false)
+            },
+        )?;
+        down.ready += n;
+        let Some(new) = replacement.filter(|_| stopped) else {
+            return Ok(());
+        };
+        let start = down.ready;
+        let len = wire::frame_header(&down.buf[start..])?.map_or(0, |(_, l)| l);
+        let tail = down.buf.split_off(start + len);
+        down.buf.truncate(start);
+        down.buf.extend_from_slice(&new);
+        down.buf.extend_from_slice(&tail);
+        down.ready += new.len();
     }
 }
 
@@ -489,6 +699,7 @@ async fn server_to_client(
     cw: &mut (impl AsyncWrite + Unpin),
     down: &mut Downstream,
     in_flight: &Mutex<InFlight>,
+    rewrites: &Rewrites,
     drain: &CancellationToken,
     config: &ProxyConfig,
 ) -> Result<(), Fatal> {
@@ -499,18 +710,7 @@ async fn server_to_client(
         message: "terminating connection due to administrator command".into(),
     };
     loop {
-        let n = down.scanner.scan(
-            &down.buf[down.ready..],
-            |_| Ok(()),
-            |t| t == b'Z',
-            |frame| {
-                if let Some(Backend::ReadyForQuery(s)) = wire::decode_backend(frame)? {
-                    lock(in_flight).ready(s);
-                }
-                Ok(())
-            },
-        )?;
-        down.ready += n;
+        scan_down(down, in_flight, rewrites)?;
         down.write_ready(cw).await.map_err(io_fatal)?;
         // Draining: close once nothing is in flight, no transaction is open and the client has
         // everything the server sent.
@@ -562,16 +762,20 @@ mod tests {
         let q = |t| t == b'Q';
         let mut seen = Vec::new();
         // Half a CopyData frame is forwardable at once.
-        assert_eq!(s.scan(&stream[..50], ok, q, |_| Ok(())).unwrap(), 50);
+        assert_eq!(s.scan(&stream[..50], ok, q, |_| Ok(false)).unwrap().0, 50);
         // Its rest plus a partial Query: only the CopyData rest.
-        assert_eq!(s.scan(&stream[50..110], ok, q, |_| Ok(())).unwrap(), 55);
+        assert_eq!(
+            s.scan(&stream[50..110], ok, q, |_| Ok(false)).unwrap().0,
+            55
+        );
         // The whole Query.
         assert_eq!(
             s.scan(&stream[105..], ok, q, |f| {
                 seen.push(f.to_vec());
-                Ok(())
+                Ok(false)
             })
-            .unwrap(),
+            .unwrap()
+            .0,
             stream.len() - 105
         );
         assert_eq!(seen, vec![frame(b'Q', b"SELECT 1\0")]);
@@ -588,12 +792,12 @@ mod tests {
             }
         };
         assert!(matches!(
-            s.scan(&frame(b'z', b""), check, |_| false, |_| Ok(())),
+            s.scan(&frame(b'z', b""), check, |_| false, |_| Ok(false)),
             Err(WireError::UnknownTag(b'z'))
         ));
         let mut s = Scanner::default();
         assert!(s
-            .scan(&[b'Q', 0, 0, 0, 1], check, |_| true, |_| Ok(()))
+            .scan(&[b'Q', 0, 0, 0, 1], check, |_| true, |_| Ok(false))
             .is_err());
         let mut s = Scanner::default();
         assert!(s
@@ -601,7 +805,7 @@ mod tests {
                 &frame(b'Q', b"no terminator"),
                 check,
                 |_| true,
-                |f| wire::decode_frontend(f).map(|_| ())
+                |f| wire::decode_frontend(f).map(|_| false)
             )
             .is_err());
     }

@@ -9,6 +9,7 @@ mod embedded;
 mod events;
 mod functions;
 mod install;
+mod pre;
 mod proxy;
 mod resilience;
 mod sources;
