@@ -235,13 +235,13 @@ pub(in crate::proxy) async fn run_query(
     setup.push_str(&format!(
         "SAVEPOINT pgfire_pre; SELECT set_config('pgfire.pre_mode', 'record:{limit}', true), set_config('pgfire.pre_n', '0', true)"
     ));
-    let mut out = query_frame(&setup);
-    out.extend_from_slice(frame);
-    io.send(&out).await?;
-    let prepared = io.reply().await?;
-    let first = io.reply().await?;
+    let (prepared, first, intact) =
+        tentative(io, &setup, frame, &format!("record:{limit}")).await?;
     if prepared.error.is_some() || first.error.is_some() {
         return failed(io, first, implicit).await;
+    }
+    if !intact {
+        return block(io, TAMPERED, None, "42501", implicit).await;
     }
     if let Some(reason) = tampered(&first, 'r', None) {
         return block(io, &reason, None, "42501", implicit).await;
@@ -266,13 +266,13 @@ pub(in crate::proxy) async fn run_query(
                 "ROLLBACK TO SAVEPOINT pgfire_pre; SELECT set_config('pgfire.pre_mode', 'apply:{limit}', true), set_config('pgfire.pre_n', '0', true), set_config('pgfire.pre_apply', {}, true)",
                 dollar(&apply)
             );
-            let mut out = query_frame(&setup);
-            out.extend_from_slice(frame);
-            io.send(&out).await?;
-            let prepared = io.reply().await?;
-            let again = io.reply().await?;
+            let (prepared, again, intact) =
+                tentative(io, &setup, frame, &format!("apply:{limit}")).await?;
             if prepared.error.is_some() || again.error.is_some() {
                 return failed(io, again, implicit).await;
+            }
+            if !intact {
+                return block(io, TAMPERED, None, "42501", implicit).await;
             }
             if let Some(reason) = tampered(&again, 'a', Some(&first.rows)) {
                 return block(io, &reason, None, "40001", implicit).await;
@@ -280,6 +280,33 @@ pub(in crate::proxy) async fn run_query(
             release(io, again, implicit).await
         }
     }
+}
+
+const TAMPERED: &str =
+    "pgfire: the statement changed the settings PRE hooks run with (pgfire.pre_mode, pgfire.proxied)";
+
+/// Send `setup`, the client's `frame` and a check of the settings the trigger reads, pipelined;
+/// returns the answers to the first two and whether the settings were still as set (`mode`,
+/// and the session marked as proxied) after the client's statement.
+async fn tentative(
+    io: &mut Io<'_>,
+    setup: &str,
+    frame: &[u8],
+    mode: &str,
+) -> Result<(Reply, Reply, bool), Fatal> {
+    let mut out = query_frame(setup);
+    out.extend_from_slice(frame);
+    out.extend_from_slice(&query_frame(
+        "SELECT current_setting('pgfire.pre_mode', true) || '/' || current_setting('pgfire.proxied', true)",
+    ));
+    io.send(&out).await?;
+    let prepared = io.reply().await?;
+    let run = io.reply().await?;
+    let check = io.reply().await?;
+    let expected = format!("{mode}/on");
+    let intact = run.error.is_some()
+        || check.values.first().and_then(|v| v.as_deref()) == Some(expected.as_bytes());
+    Ok((prepared, run, intact))
 }
 
 /// Why the row reports of a run cannot be trusted, if they cannot: a report of the other mode
