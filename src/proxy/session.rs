@@ -160,7 +160,14 @@ pub(super) async fn run(
         }
     };
     let mut upstream = upstream;
-    let packet = match &config.pre {
+    // PRE hooks for sessions on the database they watch.
+    let pre = match (&config.pre, wire::startup_packet(&packet)) {
+        (Some(pre), Ok(Some((Startup::Startup { params, .. }, _)))) if pre.serves(&params) => {
+            Some(pre.clone())
+        }
+        _ => None,
+    };
+    let packet = match &pre {
         Some(_) => mark_proxied(packet),
         None => packet,
     };
@@ -173,7 +180,16 @@ pub(super) async fn run(
         .await;
     }
     tracing::debug!(%peer, "session started");
-    relay(client, upstream, buf, &config, hook.as_ref(), &drain).await;
+    relay(
+        client,
+        upstream,
+        buf,
+        &config,
+        pre.as_deref(),
+        hook.as_ref(),
+        &drain,
+    )
+    .await;
     drop(permit);
 }
 
@@ -360,6 +376,7 @@ async fn relay(
     upstream: Conn,
     pending: BytesMut,
     config: &ProxyConfig,
+    pre: Option<&PreHooks>,
     hook: &dyn Hook,
     drain: &CancellationToken,
 ) {
@@ -368,17 +385,17 @@ async fn relay(
         (Conn::Tcp(mut c), Conn::Tcp(mut u)) => {
             let (cr, cw) = c.split();
             let (ur, uw) = u.split();
-            relay_halves(cr, cw, ur, uw, pending, config, hook, drain).await
+            relay_halves(cr, cw, ur, uw, pending, config, pre, hook, drain).await
         }
         (Conn::Tcp(mut c), Conn::Unix(mut u)) => {
             let (cr, cw) = c.split();
             let (ur, uw) = u.split();
-            relay_halves(cr, cw, ur, uw, pending, config, hook, drain).await
+            relay_halves(cr, cw, ur, uw, pending, config, pre, hook, drain).await
         }
         (c, u) => {
             let (cr, cw) = tokio::io::split(c);
             let (ur, uw) = tokio::io::split(u);
-            relay_halves(cr, cw, ur, uw, pending, config, hook, drain).await
+            relay_halves(cr, cw, ur, uw, pending, config, pre, hook, drain).await
         }
     }
 }
@@ -413,13 +430,13 @@ async fn relay_halves(
     mut uw: impl AsyncWrite + Unpin + Send,
     pending: BytesMut,
     config: &ProxyConfig,
+    pre: Option<&PreHooks>,
     hook: &dyn Hook,
     drain: &CancellationToken,
 ) {
     // Shared by both directions (one task: the locks are never contended).
     let in_flight = Mutex::new(InFlight::new());
     let rewrites: Rewrites = Mutex::new(Vec::new());
-    let pre = config.pre.as_deref();
     let mut up = Upside {
         buf: pending,
         scanner: Scanner::default(),

@@ -53,6 +53,8 @@ pub struct PreHooks {
     seq: AtomicU64,
     /// Bumped at every configuration load (tests wait on it).
     generation: AtomicU64,
+    /// The database the hooks watch.
+    database: String,
 }
 
 impl PreHooks {
@@ -62,6 +64,15 @@ impl PreHooks {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// Whether a session with this startup packet's parameters is on the database these hooks
+    /// watch (`database`, defaulting to `user`, as PostgreSQL defaults it). Sessions on other
+    /// databases are relayed without PRE hooks.
+    pub fn serves(&self, params: &[(String, String)]) -> bool {
+        let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+        let db = get("database").filter(|d| !d.is_empty()).or(get("user"));
+        db == Some(self.database.as_str())
     }
 
     /// How many configurations were loaded so far.
@@ -97,6 +108,10 @@ impl PreHooks {
         shutdown: CancellationToken,
     ) -> anyhow::Result<Arc<PreHooks>> {
         let (client, notes) = listen(&database_url).await?;
+        let database: String = client
+            .query_one("SELECT current_database()::text", &[])
+            .await?
+            .get(0);
         let first = load(&client).await;
         let (history, rx) = mpsc::channel(65_536);
         let progress = Arc::new(Progress::new(Arc::new(AtomicU64::new(0))));
@@ -109,6 +124,7 @@ impl PreHooks {
             history,
             seq: AtomicU64::new(0),
             generation: AtomicU64::new(0),
+            database,
         });
         hooks.swap(first);
         tokio::spawn(follow(hooks.clone(), database_url, client, notes, shutdown));
