@@ -439,3 +439,39 @@ async fn hooks_changed_while_clients_are_connected() {
     let direct = db.client().await;
     assert_eq!(count(&direct, "SELECT count(*) FROM users").await, 3);
 }
+
+#[tokio::test]
+async fn post_events_see_only_the_final_row() {
+    let db = TestDb::new();
+    let proxy = setup(
+        &db,
+        r#"
+        CREATE FUNCTION shout(e jsonb) RETURNS jsonb LANGUAGE sql AS $$
+            SELECT jsonb_build_object('allow', true, 'data', jsonb_build_object('name', upper(e->'event_data'->>'name'))) $$;
+        INSERT INTO pgfire.functions (name, kind, target) VALUES ('shout', 'sql', 'shout');
+        INSERT INTO pgfire.subscriptions (event_type, function_name) VALUES ('PRE_USER_CREATE', 'shout');
+        CREATE TABLE post_seen (event jsonb);
+        CREATE FUNCTION keep_post(e jsonb) RETURNS jsonb LANGUAGE sql AS $$ INSERT INTO post_seen VALUES (e) RETURNING '{}'::jsonb $$;
+        INSERT INTO pgfire.functions (name, kind, target) VALUES ('keep_post', 'sql', 'keep_post');
+        INSERT INTO pgfire.subscriptions (event_type, function_name) VALUES ('POST_USER_CREATE', 'keep_post');
+        "#,
+    )
+    .await;
+    let service = crate::support::start_service(&db).await;
+    let c = proxy.client(&db).await;
+    c.simple_query("INSERT INTO users (email, name) VALUES ('bad', 'blocked one')")
+        .await
+        .unwrap_err();
+    c.simple_query("INSERT INTO users (email, name) VALUES ('a@b.c', 'quiet')")
+        .await
+        .unwrap();
+    crate::support::caught_up(&db).await;
+    let direct = db.client().await;
+    let posts = crate::support::texts(
+        &direct,
+        "SELECT event->'event_data'->>'name' FROM post_seen",
+    )
+    .await;
+    assert_eq!(posts, vec!["QUIET".to_string()]);
+    service.stop().await;
+}
