@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use super::in_flight::InFlight;
 use super::pre::gate::{self, Gate};
 use super::pre::hold::{self, Io};
+use super::pre::unit::{self, Next, Units};
 use super::pre::PreHooks;
 use super::{ProxyConfig, Upstream};
 use crate::wire::{self, Backend, Frontend, Startup, WireError};
@@ -410,8 +411,9 @@ const MAX_REWRITES: usize = 64;
 enum Flow {
     /// The client left.
     Left,
-    /// A Query to hold (the whole frame), once everything before it is answered.
-    Held(BytesMut),
+    /// A Query, or an extended-protocol batch up to its Sync, to hold once everything before it
+    /// is answered; `closes`: Close messages for the statements the batch parses.
+    Held { bytes: BytesMut, closes: BytesMut },
 }
 
 /// The client-to-server direction's state, kept outside its future, which ends at every held
@@ -420,6 +422,8 @@ enum Flow {
 struct Upside {
     buf: BytesMut,
     scanner: Scanner,
+    /// The extended-protocol batch being gathered (PRE hooks on).
+    units: Units,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -439,7 +443,7 @@ async fn relay_halves(
     let rewrites: Rewrites = Mutex::new(Vec::new());
     let mut up = Upside {
         buf: pending,
-        scanner: Scanner::default(),
+        ..Upside::default()
     };
     let mut down = Downstream::default();
     let outcome = loop {
@@ -448,17 +452,16 @@ async fn relay_halves(
             r = server_to_client(&mut ur, &mut cw, &mut down, &in_flight, &rewrites, drain, config) => r.map(|()| Flow::Left),
         };
         match (flow, pre) {
-            (Ok(Flow::Held(frame)), Some(pre)) => {
-                if let Err(f) = held(
-                    &frame, &mut ur, &mut uw, &mut cw, &mut down, &in_flight, &rewrites, pre,
-                )
-                .await
+            (Ok(Flow::Held { bytes, closes }), Some(pre)) => {
+                let io = (&mut ur, &mut uw, &mut cw);
+                if let Err(f) =
+                    held(&bytes, &closes, io, &mut down, &in_flight, &rewrites, pre).await
                 {
                     break Err(f);
                 }
             }
-            (Ok(Flow::Held(frame)), None) => {
-                if let Err(e) = uw.write_all(&frame).await {
+            (Ok(Flow::Held { bytes, .. }), None) => {
+                if let Err(e) = uw.write_all(&bytes).await {
                     break Err(io_fatal(e));
                 }
             }
@@ -487,12 +490,14 @@ async fn relay_halves(
 
 /// A held Query: once the server has answered everything sent before it, run it through the PRE
 /// hooks (or as is, in a failed transaction, which the server refuses anyway).
-#[allow(clippy::too_many_arguments)]
 async fn held(
     frame: &[u8],
-    ur: &mut (impl AsyncRead + Unpin + Send),
-    uw: &mut (impl AsyncWrite + Unpin + Send),
-    cw: &mut (impl AsyncWrite + Unpin + Send),
+    closes: &[u8],
+    (ur, uw, cw): (
+        &mut (impl AsyncRead + Unpin + Send),
+        &mut (impl AsyncWrite + Unpin + Send),
+        &mut (impl AsyncWrite + Unpin + Send),
+    ),
     down: &mut Downstream,
     in_flight: &Mutex<InFlight>,
     rewrites: &Rewrites,
@@ -524,7 +529,7 @@ async fn held(
         buf: &mut down.buf,
         async_out: BytesMut::new(),
     };
-    let status = hold::run_query(&mut io, pre, &cfg, frame, status).await?;
+    let status = hold::run_query(&mut io, pre, &cfg, frame, closes, status).await?;
     lock(in_flight).ready(status);
     Ok(())
 }
@@ -593,9 +598,27 @@ async fn client_to_server(
     rewrites: &Rewrites,
 ) -> Result<Flow, Fatal> {
     let inspect_frontend = hook.wants_frontend();
+    let note = |list: Vec<(String, BytesMut)>| {
+        if list.is_empty() {
+            return;
+        }
+        let mut all = rewrites.lock().unwrap_or_else(|p| p.into_inner());
+        for r in list {
+            if all.len() >= MAX_REWRITES {
+                all.remove(0);
+            }
+            all.push(r);
+        }
+    };
     loop {
         // The configuration in force for the statements of this read.
         let cfg = pre.map(|p| p.config()).filter(|c| c.active());
+        if cfg.is_none() && up.units.pending() {
+            let (bytes, list) = up.units.take_raw();
+            note(list);
+            uw.write_all(&bytes).await.map_err(io_fatal)?;
+        }
+        let gathering = up.units.pending();
         let mut gated = None;
         let check = |tag| {
             if wire::is_frontend_tag(tag) {
@@ -606,25 +629,30 @@ async fn client_to_server(
             }
         };
         let inspect = |frame: &[u8]| {
-            let Some(msg) = wire::decode_frontend(frame)? else {
-                return Ok(false);
-            };
-            if inspect_frontend {
-                hook.frontend(&msg);
+            let msg = wire::decode_frontend(frame)?;
+            if let (true, Some(m)) = (inspect_frontend, &msg) {
+                hook.frontend(m);
             }
-            let (Some(cfg), Some(pre)) = (&cfg, pre) else {
+            let Some(cfg) = &cfg else {
                 return Ok(false);
             };
+            // With PRE hooks, extended-protocol batches are gathered (see pre::unit).
+            if unit::is_extended(frame[0]) || gathering {
+                return Ok(true);
+            }
             let gate = match &msg {
-                Frontend::Query(q) => gate::query(cfg, q.sql),
-                Frontend::Parse(p) => gate::parse(cfg, p, pre.next_statement()),
-                Frontend::Bind(_) => Gate::Pass,
+                Some(Frontend::Query(q)) => gate::query(cfg, q.sql),
+                _ => Gate::Pass,
             };
             let stop = !matches!(gate, Gate::Pass);
             gated = Some(gate);
             Ok(stop)
         };
-        let whole = |t| (inspect_frontend || cfg.is_some()) && matches!(t, b'Q' | b'P' | b'B');
+        let active = cfg.is_some();
+        let whole = |t| {
+            (inspect_frontend && matches!(t, b'Q' | b'P' | b'B'))
+                || (active && (t == b'Q' || unit::is_extended(t) || gathering))
+        };
         let (n, stopped) = up.scanner.scan(&up.buf, check, whole, inspect)?;
         if n > 0 {
             uw.write_all(&up.buf[..n]).await.map_err(io_fatal)?;
@@ -633,19 +661,46 @@ async fn client_to_server(
         if stopped {
             let len = wire::frame_header(&up.buf)?.map_or(up.buf.len(), |(_, l)| l);
             let frame = up.buf.split_to(len);
+            if let (Some(cfg), Some(pre)) = (&cfg, pre) {
+                if unit::is_extended(frame[0]) {
+                    match up.units.push(cfg, &frame, pre.next_statement())? {
+                        Next::Gather => {}
+                        Next::Forward(bytes, list) => {
+                            note(list);
+                            uw.write_all(&bytes).await.map_err(io_fatal)?;
+                        }
+                        Next::Hold { batch, closes } => {
+                            return Ok(Flow::Held {
+                                bytes: batch,
+                                closes,
+                            })
+                        }
+                    }
+                    continue;
+                }
+                if up.units.pending() {
+                    // Another kind of message interrupts a batch before its Sync.
+                    if let Next::Forward(bytes, list) = up.units.end(false, pre.next_statement()) {
+                        note(list);
+                        uw.write_all(&bytes).await.map_err(io_fatal)?;
+                    }
+                    if let Some(Frontend::Query(q)) = wire::decode_frontend(&frame)? {
+                        gated = Some(gate::query(cfg, q.sql));
+                    }
+                }
+            }
             match gated {
-                Some(Gate::Hold) => return Ok(Flow::Held(frame)),
+                Some(Gate::Hold) => {
+                    return Ok(Flow::Held {
+                        bytes: frame,
+                        closes: BytesMut::new(),
+                    })
+                }
                 Some(Gate::Replace {
                     frame: instead,
                     rewrite,
                 }) => {
-                    if let Some(r) = rewrite {
-                        let mut list = rewrites.lock().unwrap_or_else(|p| p.into_inner());
-                        if list.len() >= MAX_REWRITES {
-                            list.remove(0);
-                        }
-                        list.push(r);
-                    }
+                    note(rewrite.into_iter().collect());
                     uw.write_all(&instead).await.map_err(io_fatal)?;
                 }
                 Some(Gate::Pass) | None => uw.write_all(&frame).await.map_err(io_fatal)?,

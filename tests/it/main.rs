@@ -10,6 +10,7 @@ mod events;
 mod functions;
 mod install;
 mod pre;
+mod pre_extended;
 mod pre_forms;
 mod proxy;
 mod resilience;

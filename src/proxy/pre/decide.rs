@@ -21,9 +21,11 @@ use crate::proxy::session::Fatal;
 /// What the statement's rows come to.
 pub(super) enum Outcome {
     Allow,
+    /// `row`: the index of the row that was refused.
     Block {
         message: String,
         detail: String,
+        row: usize,
     },
     /// One overlay per row, in the order the trigger reported them (null: as is).
     Modify {
@@ -119,6 +121,7 @@ pub(super) async fn run(
                 }
                 Some(Err(message)) => {
                     blocked = Some((
+                        k,
                         message,
                         format!(
                             "event {event_type} (id {id_text}) on {}.{}, function {}",
@@ -134,8 +137,12 @@ pub(super) async fn run(
         }
     }
     hooks.record(runs).await;
-    if let Some((message, detail)) = blocked {
-        return Ok(Outcome::Block { message, detail });
+    if let Some((row, message, detail)) = blocked {
+        return Ok(Outcome::Block {
+            message,
+            detail,
+            row,
+        });
     }
     if datas.iter().all(Option::is_none) {
         return Ok(Outcome::Allow);

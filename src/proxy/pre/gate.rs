@@ -103,35 +103,45 @@ pub(in crate::proxy) fn query(cfg: &PreConfig, sql: &str) -> Gate {
     }
 }
 
-/// An extended-protocol Parse. Held statements are not run through PRE hooks in the extended
-/// protocol yet: they are refused (never let through unseen). The Parse is replaced by one that
-/// fails at once (so the server skips the rest of the batch until Sync, as after any Parse
-/// error), and its error is rewritten into the refusal.
+/// An extended-protocol Parse: let through, held (its batch is held when it runs the
+/// statement, see [`super::unit`]), or refused: replaced by a Parse of the same statement name
+/// that fails at once (so the server skips the rest of the batch until Sync, as after any Parse
+/// error), whose error is rewritten into the refusal.
 pub(in crate::proxy) fn parse(cfg: &PreConfig, p: &wire::Parse<'_>, nonce: u64) -> Gate {
-    let (code, message) = match decide(cfg, p.sql) {
-        Decision::Pass => return Gate::Pass,
-        Decision::Refuse(code, message) => (code, message),
-        Decision::Hold => (
-            NOT_SUPPORTED,
-            "pgfire: this statement may write a table with PRE hooks, which the proxy does not yet hold in the extended query protocol; send it as a simple query".to_string(),
-        ),
-    };
+    match decide(cfg, p.sql) {
+        Decision::Pass => Gate::Pass,
+        Decision::Hold => Gate::Hold,
+        Decision::Refuse(code, message) => {
+            let (frame, rewrite) = doomed_parse(p.statement, &message, code, nonce);
+            Gate::Replace {
+                frame,
+                rewrite: Some(rewrite),
+            }
+        }
+    }
+}
+
+/// A Parse of `statement` that fails at once with an error naming a marker, and the
+/// ErrorResponse (`code`, `message`) the marked error is to be rewritten into.
+pub(in crate::proxy) fn doomed_parse(
+    statement: &str,
+    message: &str,
+    code: &str,
+    nonce: u64,
+) -> (BytesMut, (String, BytesMut)) {
     let marker = format!("pgfire-refused-{nonce:016x}");
     let sql = format!("SELECT '{marker}'::regclass");
     let mut frame = BytesMut::new();
     frame.put_u8(b'P');
-    frame.put_i32((4 + p.statement.len() + 1 + sql.len() + 1 + 2) as i32);
-    frame.put_slice(p.statement.as_bytes());
+    frame.put_i32((4 + statement.len() + 1 + sql.len() + 1 + 2) as i32);
+    frame.put_slice(statement.as_bytes());
     frame.put_u8(0);
     frame.put_slice(sql.as_bytes());
     frame.put_u8(0);
     frame.put_i16(0);
     let mut error = BytesMut::new();
-    wire::error_response(&mut error, "ERROR", code, &message);
-    Gate::Replace {
-        frame,
-        rewrite: Some((marker, error)),
-    }
+    wire::error_response(&mut error, "ERROR", code, message);
+    (frame, (marker, error))
 }
 
 #[cfg(test)]
@@ -191,7 +201,7 @@ mod tests {
     fn a_refused_parse_keeps_its_statement_name() {
         let p = wire::Parse {
             statement: "s1",
-            sql: "UPDATE users SET a = $1",
+            sql: "TRUNCATE users",
             param_types: vec![25],
         };
         let Gate::Replace { frame, rewrite } = parse(&cfg(), &p, 7) else {

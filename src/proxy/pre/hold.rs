@@ -40,8 +40,12 @@ pub(in crate::proxy) struct Io<'a> {
 pub(super) struct Reply {
     /// Frames meant for the client: all but ReadyForQuery and row reports.
     pub frames: BytesMut,
+    /// Where each frame of `frames` starts, with its tag.
+    pub starts: Vec<(usize, u8)>,
     /// Rows pgfire's trigger reported.
     pub rows: Vec<RowReport>,
+    /// For each row, how many bytes of `frames` came before its report.
+    pub row_at: Vec<usize>,
     /// Row reports that could not be read.
     pub bad_rows: usize,
     /// The first ErrorResponse: SQLSTATE, message, and the frame itself.
@@ -77,9 +81,22 @@ impl Io<'_> {
 
     /// Read the answer to one Query, up to its ReadyForQuery.
     pub(super) async fn reply(&mut self) -> Result<Reply, Fatal> {
+        self.reply_skipping(0).await
+    }
+
+    /// [`Io::reply`], leaving out the first `closes` CloseComplete messages (of Close messages
+    /// the proxy put before the client's).
+    pub(super) async fn reply_skipping(&mut self, mut closes: usize) -> Result<Reply, Fatal> {
         let mut r = Reply::default();
         loop {
             let frame = self.frame().await?;
+            if frame[0] == b'3' && closes > 0 {
+                closes -= 1;
+                continue;
+            }
+            if !matches!(frame[0], b'Z' | b'A' | b'S') {
+                r.starts.push((r.frames.len(), frame[0]));
+            }
             match frame[0] {
                 b'Z' => {
                     r.status = *frame.get(5).unwrap_or(&b'I');
@@ -88,8 +105,12 @@ impl Io<'_> {
                 b'N' => {
                     if let Some(Backend::NoticeResponse(n)) = wire::decode_backend(&frame)? {
                         if n.code == rows::ROW_CODE && n.message == rows::ROW_MESSAGE {
+                            r.starts.pop();
                             match rows::decode(n.detail) {
-                                Ok(row) => r.rows.push(row),
+                                Ok(row) => {
+                                    r.rows.push(row);
+                                    r.row_at.push(r.frames.len());
+                                }
                                 Err(err) => {
                                     tracing::warn!(error = %err, "unreadable PRE row report");
                                     r.bad_rows += 1;
@@ -217,13 +238,16 @@ pub(super) fn raise_sql(message: &str, detail: Option<&str>, code: &str) -> Stri
     )
 }
 
-/// Run one held simple-protocol Query (`frame`, the client's bytes) with the session's
-/// transaction status `status` (`I` or `T`). Returns the status the client is told.
+/// Run one held simple-protocol Query, or an extended-protocol batch up to its Sync (`frame`,
+/// the client's bytes; `closes`, Close messages for the statements the batch parses, sent before
+/// it runs again), with the session's transaction status `status` (`I` or `T`). Returns the
+/// status the client is told.
 pub(in crate::proxy) async fn run_query(
     io: &mut Io<'_>,
     hooks: &PreHooks,
     cfg: &PreConfig,
     frame: &[u8],
+    closes: &[u8],
     status: u8,
 ) -> Result<u8, Fatal> {
     let implicit = status == b'I';
@@ -236,29 +260,36 @@ pub(in crate::proxy) async fn run_query(
         "SAVEPOINT pgfire_pre; SELECT set_config('pgfire.pre_mode', 'record:{limit}', true), set_config('pgfire.pre_n', '0', true)"
     ));
     let (prepared, first, intact) =
-        tentative(io, &setup, frame, &format!("record:{limit}")).await?;
+        tentative(io, &setup, frame, &[], &format!("record:{limit}")).await?;
     if prepared.error.is_some() || first.error.is_some() {
         return failed(io, first, implicit).await;
     }
     if !intact {
-        return block(io, TAMPERED, None, "42501", implicit).await;
+        return block(io, TAMPERED, None, "42501", implicit, None).await;
     }
     if let Some(reason) = tampered(&first, 'r', None) {
-        return block(io, &reason, None, "42501", implicit).await;
+        return block(io, &reason, None, "42501", implicit, None).await;
     }
     if first.rows.len() > limit as usize {
         let msg = format!(
             "pgfire: this statement writes more than {limit} rows of tables with PRE hooks"
         );
-        return block(io, &msg, None, "54000", implicit).await;
+        return block(io, &msg, None, "54000", implicit, None).await;
     }
     if first.rows.is_empty() {
         return release(io, first, implicit).await;
     }
     match decide::run(io, hooks, cfg, &first.rows).await? {
         Outcome::Allow => release(io, first, implicit).await,
-        Outcome::Block { message, detail } => {
-            block(io, &message, Some(&detail), "P0001", implicit).await
+        Outcome::Block {
+            message,
+            detail,
+            row,
+        } => {
+            // What the client would have had before the error: the answers to the messages
+            // before the statement that wrote the row, not the row's own results.
+            let before = until_row(&first, row);
+            block(io, &message, Some(&detail), "P0001", implicit, Some(before)).await
         }
         Outcome::Modify { overlays } => {
             let apply = rows::ascii_json(&overlays);
@@ -267,15 +298,15 @@ pub(in crate::proxy) async fn run_query(
                 dollar(&apply)
             );
             let (prepared, again, intact) =
-                tentative(io, &setup, frame, &format!("apply:{limit}")).await?;
+                tentative(io, &setup, frame, closes, &format!("apply:{limit}")).await?;
             if prepared.error.is_some() || again.error.is_some() {
                 return failed(io, again, implicit).await;
             }
             if !intact {
-                return block(io, TAMPERED, None, "42501", implicit).await;
+                return block(io, TAMPERED, None, "42501", implicit, None).await;
             }
             if let Some(reason) = tampered(&again, 'a', Some(&first.rows)) {
-                return block(io, &reason, None, "40001", implicit).await;
+                return block(io, &reason, None, "40001", implicit, None).await;
             }
             release(io, again, implicit).await
         }
@@ -292,16 +323,18 @@ async fn tentative(
     io: &mut Io<'_>,
     setup: &str,
     frame: &[u8],
+    closes: &[u8],
     mode: &str,
 ) -> Result<(Reply, Reply, bool), Fatal> {
     let mut out = query_frame(setup);
+    out.extend_from_slice(closes);
     out.extend_from_slice(frame);
     out.extend_from_slice(&query_frame(
         "SELECT current_setting('pgfire.pre_mode', true) || '/' || current_setting('pgfire.proxied', true)",
     ));
     io.send(&out).await?;
     let prepared = io.reply().await?;
-    let run = io.reply().await?;
+    let run = io.reply_skipping(count_frames(closes)).await?;
     let check = io.reply().await?;
     let expected = format!("{mode}/on");
     let intact = run.error.is_some()
@@ -363,13 +396,46 @@ async fn release(io: &mut Io<'_>, reply: Reply, implicit: bool) -> Result<u8, Fa
     Ok(done.status)
 }
 
-/// Undo the statement and have the server raise the error.
+/// How many frames `bytes` holds.
+fn count_frames(mut bytes: &[u8]) -> usize {
+    let mut n = 0;
+    while let Ok(Some((_, len))) = wire::frame_header(bytes) {
+        if len > bytes.len() {
+            break;
+        }
+        bytes = &bytes[len..];
+        n += 1;
+    }
+    n
+}
+
+/// The frames of `reply` before the results of the statement that wrote row `row`: up to its
+/// report, less the DataRows (RETURNING) just before it.
+fn until_row(reply: &Reply, row: usize) -> BytesMut {
+    let at = reply.row_at.get(row).copied().unwrap_or(0);
+    let mut cut = at;
+    for &(start, tag) in reply.starts.iter().rev() {
+        if start >= at {
+            continue;
+        }
+        if tag == b'D' || tag == b'N' {
+            cut = start;
+        } else {
+            break;
+        }
+    }
+    BytesMut::from(&reply.frames[..cut])
+}
+
+/// Undo the statement and have the server raise the error; the client gets `before` (the
+/// answers it would have had before the error), the error and the ReadyForQuery.
 async fn block(
     io: &mut Io<'_>,
     message: &str,
     detail: Option<&str>,
     code: &str,
     implicit: bool,
+    before: Option<BytesMut>,
 ) -> Result<u8, Fatal> {
     let sql = format!(
         "ROLLBACK TO SAVEPOINT pgfire_pre; RELEASE SAVEPOINT pgfire_pre; {}",
@@ -380,7 +446,7 @@ async fn block(
     if implicit {
         status = io.query("ROLLBACK").await?.status;
     }
-    let mut out = BytesMut::new();
+    let mut out = before.unwrap_or_default();
     match &raised.error {
         Some((_, _, frame)) => out.extend_from_slice(frame),
         None => wire::error_response(&mut out, "ERROR", code, message),

@@ -8,6 +8,7 @@ pub(super) mod decide;
 pub(super) mod gate;
 pub(super) mod hold;
 pub mod rows;
+pub(super) mod unit;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
