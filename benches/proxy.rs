@@ -8,7 +8,7 @@
 //! socket instead of TCP). pgfire is the real `pgfire run --no-consumer` binary. Needs pgbench and
 //! PgBouncer (`apt-get install pgbouncer`).
 //!
-//! PRE hooks, in the same run (PGFIRE_BENCH_PRE=0 leaves them out): TPC-B-like (simple protocol)
+//! PRE hooks, in the same run (PGFIRE_BENCH_PRE=0 leaves them out): TPC-B-like
 //! through a pgfire whose database has a `sql` PRE function (allowing) on `pgbench_accounts`
 //! updates, and one with a `webhook` PRE function on a local keep-alive HTTP receiver; select-only
 //! through a pgfire whose database has PRE subscriptions on another table. Each is a copy of the
@@ -213,11 +213,10 @@ fn main() -> anyhow::Result<()> {
         "bench_hook",
         "bench_other",
     ];
-    // Which targets run a workload: the PRE ones only where they mean something (the extended
-    // protocol does not hold writes yet, so TPC-B with hooks runs in the simple protocol).
-    let runs = |t: usize, workload: &str, mode: &str| match t {
+    // Which targets run a workload: the PRE ones where they mean something.
+    let runs = |t: usize, workload: &str, _mode: &str| match t {
         0..=2 => true,
-        3 | 4 => with_pre && workload == "tpcb-like" && mode == "simple",
+        3 | 4 => with_pre && workload == "tpcb-like",
         _ => with_pre && workload == "select-only",
     };
     let logs = dir.path().join("latency");
@@ -335,18 +334,21 @@ fn main() -> anyhow::Result<()> {
                     .unwrap_or_default(),
             )
         };
-        println!("\nPRE hooks, TPC-B-like (simple protocol), one held write per transaction:");
-        println!("| clients | pgfire tps | +sql tps | +sql / pgfire | +webhook tps | +webhook / pgfire | p50 ms pgfire | p50 added +sql | p50 added +webhook | CPU µs/txn pgfire | +sql | +webhook |");
-        println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
-        for &clients in &clients_list {
-            if !workloads.contains(&"tpcb-like") || !modes.contains(&"simple") {
+        println!("\nPRE hooks, TPC-B-like, one held write per transaction:");
+        println!("| protocol | clients | pgfire tps | +sql tps | +sql / pgfire | +webhook tps | +webhook / pgfire | p50 ms pgfire | p50 added +sql | p50 added +webhook | CPU µs/txn pgfire | +sql | +webhook |");
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        for (&mode, &clients) in modes
+            .iter()
+            .flat_map(|m| clients_list.iter().map(move |c| (m, c)))
+        {
+            if !workloads.contains(&"tpcb-like") {
                 break;
             }
-            let t = |i| get(&tps, "tpcb-like", "simple", clients, i);
-            let l = |i| get(&p50, "tpcb-like", "simple", clients, i);
-            let c = |i| get(&cpu, "tpcb-like", "simple", clients, i);
+            let t = |i| get(&tps, "tpcb-like", mode, clients, i);
+            let l = |i| get(&p50, "tpcb-like", mode, clients, i);
+            let c = |i| get(&cpu, "tpcb-like", mode, clients, i);
             println!(
-                "| {clients} | {:.0} | {:.0} | {:.2}x | {:.0} | {:.2}x | {:.2} | {:.2} ms | {:.2} ms | {:.1} | {:.1} | {:.1} |",
+                "| {mode} | {clients} | {:.0} | {:.0} | {:.2}x | {:.0} | {:.2}x | {:.2} | {:.2} ms | {:.2} ms | {:.1} | {:.1} | {:.1} |",
                 t(1),
                 t(3),
                 t(3) / t(1),

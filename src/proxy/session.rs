@@ -620,6 +620,7 @@ async fn client_to_server(
         }
         let gathering = up.units.pending();
         let mut gated = None;
+        let mut saw_query = false;
         let check = |tag| {
             if wire::is_frontend_tag(tag) {
                 lock(in_flight).sent(tag);
@@ -641,7 +642,10 @@ async fn client_to_server(
                 return Ok(true);
             }
             let gate = match &msg {
-                Some(Frontend::Query(q)) => gate::query(cfg, q.sql),
+                Some(Frontend::Query(q)) => {
+                    saw_query = true;
+                    gate::query(cfg, q.sql)
+                }
                 _ => Gate::Pass,
             };
             let stop = !matches!(gate, Gate::Pass);
@@ -654,6 +658,9 @@ async fn client_to_server(
                 || (active && (t == b'Q' || unit::is_extended(t) || gathering))
         };
         let (n, stopped) = up.scanner.scan(&up.buf, check, whole, inspect)?;
+        if saw_query {
+            up.units.query_sent();
+        }
         if n > 0 {
             uw.write_all(&up.buf[..n]).await.map_err(io_fatal)?;
             up.buf.advance(n);
@@ -691,10 +698,11 @@ async fn client_to_server(
             }
             match gated {
                 Some(Gate::Hold) => {
+                    up.units.query_sent();
                     return Ok(Flow::Held {
                         bytes: frame,
                         closes: BytesMut::new(),
-                    })
+                    });
                 }
                 Some(Gate::Replace {
                     frame: instead,
@@ -704,6 +712,9 @@ async fn client_to_server(
                     uw.write_all(&instead).await.map_err(io_fatal)?;
                 }
                 Some(Gate::Pass) | None => uw.write_all(&frame).await.map_err(io_fatal)?,
+            }
+            if frame[0] == b'Q' {
+                up.units.query_sent();
             }
             continue;
         }
