@@ -6,6 +6,7 @@
 pub mod classify;
 mod in_flight;
 pub mod pre;
+mod relay;
 mod session;
 
 use std::net::SocketAddr;
