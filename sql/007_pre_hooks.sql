@@ -158,3 +158,18 @@ CREATE FUNCTION pgfire.pre_snapshot() RETURNS jsonb LANGUAGE sql STABLE AS $$
                               FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
                              WHERE c.oid IN (SELECT pgfire.pre_tables())), '[]'::jsonb))
 $$;
+
+-- The last sql function of a chain, sent together with the release of the savepoint: a plain
+-- allow returns, anything else aborts the savepoint's subtransaction (SQLSTATE PGF02, the result
+-- as base64 JSON in the detail), so the release that follows fails and the proxy decides from
+-- the detail. One round trip fewer for the common case.
+CREATE FUNCTION pgfire.pre_call_last(fn text, event jsonb) RETURNS jsonb LANGUAGE plpgsql AS $$
+DECLARE
+    r jsonb := pgfire.pre_call(fn, event);
+BEGIN
+    IF r = '{"answer": {"allow": true}}'::jsonb THEN
+        RETURN r;
+    END IF;
+    RAISE EXCEPTION USING MESSAGE = 'pgfire:pre-decided', ERRCODE = 'PGF02',
+        DETAIL = translate(encode(convert_to(r::text, 'UTF8'), 'base64'), E'\n', '');
+END $$;

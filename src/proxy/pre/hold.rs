@@ -279,8 +279,9 @@ pub(in crate::proxy) async fn run_query(
     if first.rows.is_empty() {
         return release(io, first, implicit).await;
     }
-    match decide::run(io, hooks, cfg, &first.rows).await? {
+    match decide::run(io, hooks, cfg, &first.rows, &release_sql(implicit)).await? {
         Outcome::Allow => release(io, first, implicit).await,
+        Outcome::Released(done) => released(io, first, done).await,
         Outcome::Block {
             message,
             detail,
@@ -380,13 +381,23 @@ async fn failed(io: &mut Io<'_>, reply: Reply, implicit: bool) -> Result<u8, Fat
 /// Keep what the statement did; the client gets its held response (and the commit's error,
 /// when the proxy's own transaction fails to commit, as PostgreSQL reports it).
 async fn release(io: &mut Io<'_>, reply: Reply, implicit: bool) -> Result<u8, Fatal> {
+    let done = io.query(&release_sql(implicit)).await?;
+    released(io, reply, done).await
+}
+
+/// The statements that keep what a held statement did.
+pub(super) fn release_sql(implicit: bool) -> String {
     let mut sql = String::from(
         "SELECT set_config('pgfire.pre_mode', '', true), set_config('pgfire.proxied', 'on', false); RELEASE SAVEPOINT pgfire_pre",
     );
     if implicit {
         sql.push_str("; COMMIT");
     }
-    let done = io.query(&sql).await?;
+    sql
+}
+
+/// The client's held response after the release answered `done`.
+async fn released(io: &mut Io<'_>, reply: Reply, done: Reply) -> Result<u8, Fatal> {
     let mut out = reply.frames;
     if let Some((_, _, frame)) = &done.error {
         out.extend_from_slice(frame);
