@@ -75,6 +75,7 @@ pub(super) async fn run(
         let id = EventId {
             commit_lsn: Lsn(statement),
             position: k as u32,
+            sub: 0,
         };
         let id_text = id.to_string();
         let mut data = rows::event_data(row, source.kind, source.id_column.as_deref());
