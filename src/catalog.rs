@@ -41,6 +41,25 @@ pub struct FunctionDef {
     pub secret: Option<String>,
     /// For `sql` functions: the schema-qualified, quoted name to call.
     pub sql_callable: Option<String>,
+    /// POST events of different rows run at once up to this many.
+    pub concurrency: usize,
+    /// Events are parked, not run, until it is resumed.
+    pub paused: bool,
+    /// Overrides of `delivery.max_attempts` / `delivery.max_age_seconds`.
+    pub max_attempts: Option<u32>,
+    pub max_age: Option<Duration>,
+}
+
+impl FunctionDef {
+    /// Attempts before a failing run is dead.
+    pub fn max_attempts(&self, settings: &Settings) -> u32 {
+        self.max_attempts.unwrap_or(settings.max_attempts)
+    }
+
+    /// Age of a parked run past which it is dead.
+    pub fn max_age(&self, settings: &Settings) -> Duration {
+        self.max_age.unwrap_or(settings.max_age)
+    }
 }
 
 /// An active subscription of an active function.
@@ -74,6 +93,15 @@ pub struct Settings {
     pub payload_limit: usize,
     /// The longest timeout a function may set (`limits.timeout_ms`).
     pub timeout_limit: Duration,
+    /// Attempts of a failing run in memory before it is parked.
+    pub memory_attempts: u32,
+    /// Age of a parked run past which it is dead.
+    pub max_age: Duration,
+    /// Events held in memory at most, and their envelopes' bytes.
+    pub max_in_flight: usize,
+    pub max_in_flight_bytes: usize,
+    /// History older than this is pruned.
+    pub retention: Duration,
     pub all: HashMap<String, String>,
 }
 
@@ -85,6 +113,11 @@ impl Default for Settings {
             retry_max: Duration::from_secs(10),
             payload_limit: 1 << 20,
             timeout_limit: Duration::from_secs(10),
+            memory_attempts: 3,
+            max_age: Duration::from_secs(86_400),
+            max_in_flight: 10_000,
+            max_in_flight_bytes: 64 << 20,
+            retention: Duration::from_secs(7 * 86_400),
             all: HashMap::new(),
         }
     }
@@ -97,6 +130,8 @@ pub struct Catalog {
     /// Active subscriptions of active functions by event type, in run order (priority, name).
     pub subscriptions: HashMap<String, Vec<Subscription>>,
     pub sources: HashMap<u32, Source>,
+    /// Every active function by name (paused ones included), for parked runs' retries.
+    pub functions: HashMap<Arc<str>, Arc<FunctionDef>>,
     pub settings: Settings,
     /// Problems found while loading (rows skipped), for logs and `pgfire status`.
     pub warnings: Vec<String>,
@@ -125,6 +160,14 @@ struct FunctionRow {
     timeout_ms: i64,
     active: bool,
     sql_callable: Option<String>,
+    #[serde(default)]
+    concurrency: Option<i64>,
+    #[serde(default)]
+    paused: bool,
+    #[serde(default)]
+    max_attempts: Option<i64>,
+    #[serde(default)]
+    max_age_seconds: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -231,9 +274,19 @@ impl Catalog {
                     timeout: Duration::from_millis(timeout_ms),
                     secret,
                     sql_callable: f.sql_callable,
+                    concurrency: f.concurrency.unwrap_or(10).clamp(1, 1000) as usize,
+                    paused: f.paused,
+                    max_attempts: f.max_attempts.map(|n| n.clamp(1, 100) as u32),
+                    max_age: f
+                        .max_age_seconds
+                        .map(|s| Duration::from_secs(s.max(1) as u64)),
                 }),
             );
         }
+        cat.functions = functions
+            .values()
+            .map(|f| (f.name.clone(), f.clone()))
+            .collect();
 
         let mut subs = snap.subscriptions;
         subs.sort_by(|a, b| {
@@ -293,6 +346,21 @@ impl Catalog {
         }
         if let Some(v) = num("limits.timeout_ms") {
             s.timeout_limit = Duration::from_millis(v.max(1));
+        }
+        if let Some(v) = num("delivery.memory_attempts") {
+            s.memory_attempts = v.clamp(1, 100) as u32;
+        }
+        if let Some(v) = num("delivery.max_age_seconds") {
+            s.max_age = Duration::from_secs(v.max(1));
+        }
+        if let Some(v) = num("delivery.max_in_flight") {
+            s.max_in_flight = v.clamp(1, 1_000_000) as usize;
+        }
+        if let Some(v) = num("delivery.max_in_flight_bytes") {
+            s.max_in_flight_bytes = v.max(1 << 20) as usize;
+        }
+        if let Some(v) = num("history.retention_seconds") {
+            s.retention = Duration::from_secs(v.max(60));
         }
     }
 }

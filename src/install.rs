@@ -35,6 +35,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "snapshot of whole rows",
         sql: include_str!("../sql/004_snapshot_whole_rows.sql"),
     },
+    Migration {
+        version: 6,
+        name: "delivery",
+        sql: include_str!("../sql/006_delivery.sql"),
+    },
 ];
 
 /// The publication pgfire's consumer reads; source tables are added to it.

@@ -12,11 +12,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, AdminState};
 use crate::cli::ServiceArgs;
-use crate::dispatch::{DispatchStats, Dispatcher};
+use crate::delivery::{DeliveryStats, Engine};
 use crate::embedded::{Cluster, ClusterOptions};
 use crate::executions::{self, Progress};
 use crate::functions::Kinds;
 use crate::install::{self, PUBLICATION};
+use crate::intake::Intake;
 use crate::proxy::{self, ProxyArgs, ProxyConfig};
 use crate::replication::{self, ConsumerConfig, ConsumerHealth};
 use crate::{catalog::Catalog, db};
@@ -73,7 +74,7 @@ pub struct Service {
     pub admin_addr: Option<SocketAddr>,
     pub proxy_addr: Option<SocketAddr>,
     pub health: Arc<ConsumerHealth>,
-    pub stats: Arc<DispatchStats>,
+    pub stats: Arc<DeliveryStats>,
 }
 
 impl Service {
@@ -94,7 +95,7 @@ impl Service {
         let dispatch_stop = CancellationToken::new();
         let history_abandon = CancellationToken::new();
         let health = Arc::new(ConsumerHealth::default());
-        let stats = Arc::new(DispatchStats::default());
+        let stats = Arc::new(DeliveryStats::default());
         let mut tasks = Vec::new();
         let mut history = None;
         let mut dispatch = None;
@@ -106,21 +107,31 @@ impl Service {
             let (recorder, writer) =
                 executions::start(cfg.database_url.clone(), shared, history_abandon.clone());
             history = Some(writer);
+            // consumer → intake (decoded items) → delivery (events and checkpoints).
             let (tx, rx) = tokio::sync::mpsc::channel(16);
-            let dispatcher = Dispatcher {
-                catalog: Arc::new(catalog),
+            let (events_tx, events_rx) = tokio::sync::mpsc::channel(16);
+            let catalog = Arc::new(catalog);
+            let intake = Intake {
+                catalog: catalog.clone(),
                 database_url: cfg.database_url.clone(),
                 slot: slot.clone(),
                 warned_identity: Default::default(),
                 builder: Default::default(),
-                kinds: Kinds::new(&cfg.database_url)?,
-                recorder,
-                pending: Vec::new(),
-                pending_must_store: false,
-                checkpoint: None,
                 stats: stats.clone(),
             };
-            dispatch = Some(tokio::spawn(dispatcher.run(rx, dispatch_stop.clone())));
+            let engine = Engine {
+                catalog,
+                kinds: Arc::new(Kinds::new(&cfg.database_url)?),
+                recorder,
+                database_url: cfg.database_url.clone(),
+                stats: stats.clone(),
+            };
+            let intake = tokio::spawn(intake.run(rx, events_tx, dispatch_stop.clone()));
+            let engine = tokio::spawn(engine.run(events_rx, dispatch_stop.clone()));
+            dispatch = Some(tokio::spawn(async move {
+                let _ = engine.await;
+                let _ = intake.await;
+            }));
             let consumer = ConsumerConfig {
                 database_url: cfg.database_url.clone(),
                 slot,

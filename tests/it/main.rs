@@ -4,6 +4,7 @@
 mod support;
 
 mod consumer;
+mod delivery;
 mod dev;
 mod embedded;
 mod events;

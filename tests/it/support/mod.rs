@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use pgfire::embedded::{Cluster, ClusterOptions};
 
+pub mod hook;
 pub mod relay;
 pub mod webhook;
 
