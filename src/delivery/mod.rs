@@ -169,6 +169,7 @@ impl Engine {
         let parked_abandon = shutdown.child_token();
         let (ops, mut replies, parker) =
             parked::start(self.database_url.clone(), parked_abandon.clone());
+        self.kinds.configure(&self.catalog);
         let mut s = State {
             current: self.catalog,
             kinds: self.kinds,
@@ -264,6 +265,9 @@ impl State {
 
     /// Take a batch of events in: each gets its runs, in priority order.
     fn admit(&mut self, batch: Batch) {
+        if !Arc::ptr_eq(&self.current, &batch.catalog) {
+            self.kinds.configure(&batch.catalog);
+        }
         self.current = batch.catalog.clone();
         for event in batch.events {
             let subs = batch.catalog.subscribers(&event.event_type);

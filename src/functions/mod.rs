@@ -9,6 +9,7 @@
 //! function's `concurrency`), so a kind's implementation must allow concurrent calls.
 
 pub mod log;
+pub mod nats;
 pub mod sql;
 pub mod webhook;
 
@@ -118,6 +119,7 @@ pub struct Kinds {
     pub webhook: webhook::Webhook,
     pub sql: sql::Sql,
     pub log: log::Log,
+    pub nats: nats::Nats,
 }
 
 impl Kinds {
@@ -126,7 +128,13 @@ impl Kinds {
             webhook: webhook::Webhook::new()?,
             sql: sql::Sql::new(database_url)?,
             log: log::Log,
+            nats: nats::Nats::new(),
         })
+    }
+
+    /// The configuration in force changed: kinds that read settings follow it.
+    pub fn configure(&self, catalog: &crate::catalog::Catalog) {
+        self.nats.configure(nats::NatsConfig::from_catalog(catalog));
     }
 
     /// Run `def` for `delivery`, bounded by the function's timeout (a `sql` run may take up to a
@@ -143,11 +151,7 @@ impl Kinds {
             FunctionKind::Sql => return self.sql.post(def, delivery).await,
             // A log line cannot hang: no timer needed.
             FunctionKind::Log => return self.log.post(def, delivery).await,
-            FunctionKind::Nats => {
-                return Err(FunctionError::Failed(
-                    "nats functions are not available in this version of pgfire".into(),
-                ))
-            }
+            FunctionKind::Nats => &self.nats,
         };
         match tokio::time::timeout(def.timeout, kind.post(def, delivery)).await {
             Ok(r) => r,

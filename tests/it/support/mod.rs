@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use pgfire::embedded::{Cluster, ClusterOptions};
 
 pub mod hook;
+pub mod nats;
 pub mod relay;
 pub mod webhook;
 
