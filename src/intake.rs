@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::catalog::{self, Catalog};
 use crate::events::{self, row as row_events, Event, Lsn};
+use crate::functions::sql::ORIGIN_MESSAGE_PREFIX;
 use crate::replication::decode::Item;
 
 /// The prefix of the logical messages that announce a configuration change.
@@ -22,7 +23,17 @@ pub const CONFIG_MESSAGE_PREFIX: &str = "pgfire.config";
 pub struct Batch {
     pub catalog: Arc<Catalog>,
     pub events: Vec<Event>,
+    /// Transactions written by a `sql` function (commit LSN, function): that function is not
+    /// run for their events (no loops). Each comes before the events it is about.
+    pub loops: Vec<(Lsn, Arc<str>)>,
     pub checkpoint: Option<Lsn>,
+}
+
+impl Batch {
+    /// Nothing for delivery but perhaps a checkpoint.
+    fn is_empty(&self) -> bool {
+        self.events.is_empty() && self.loops.is_empty()
+    }
 }
 
 /// Why intake stopped by itself.
@@ -65,6 +76,7 @@ impl Intake {
             let mut out = Batch {
                 catalog: self.catalog.clone(),
                 events: Vec::with_capacity(items.len()),
+                loops: Vec::new(),
                 checkpoint: None,
             };
             for item in items {
@@ -78,7 +90,7 @@ impl Intake {
                     } if prefix == CONFIG_MESSAGE_PREFIX => {
                         let at = commit.map(|c| c.lsn).unwrap_or(lsn);
                         // The events before it go out under the configuration they were built with.
-                        if !out.events.is_empty() && !send(&tx, &mut out, &self.catalog).await {
+                        if !out.is_empty() && !send(&tx, &mut out, &self.catalog).await {
                             return;
                         }
                         match self.apply_config(&content, at, &shutdown).await {
@@ -92,6 +104,15 @@ impl Intake {
                                 return;
                             }
                         }
+                    }
+                    Item::Message {
+                        prefix,
+                        content,
+                        commit: Some(commit),
+                        ..
+                    } if prefix == ORIGIN_MESSAGE_PREFIX => {
+                        let function = String::from_utf8_lossy(&content);
+                        out.loops.push((commit.lsn, Arc::from(function.as_ref())));
                     }
                     Item::Checkpoint(lsn) => {
                         out.checkpoint = Some(lsn);
@@ -117,7 +138,7 @@ impl Intake {
                     }
                 }
             }
-            if !out.events.is_empty() && !send(&tx, &mut out, &self.catalog).await {
+            if !out.is_empty() && !send(&tx, &mut out, &self.catalog).await {
                 return;
             }
         }
@@ -191,6 +212,7 @@ async fn send(tx: &mpsc::Sender<Batch>, out: &mut Batch, catalog: &Arc<Catalog>)
     let next = Batch {
         catalog: catalog.clone(),
         events: Vec::new(),
+        loops: Vec::new(),
         checkpoint: None,
     };
     tx.send(std::mem::replace(out, next)).await.is_ok()

@@ -396,8 +396,9 @@ pub async fn dev_cmd(data_dir: PathBuf, pg_port: u16, args: ServiceArgs) -> anyh
     }
 }
 
-/// What the running service says about its consumer: `/healthz` of `admin_url`.
-async fn service_state(admin_url: &str) -> String {
+/// What the running service says about its consumer: `/healthz` of `admin_url`, with the runs
+/// in flight per function (empty when it does not answer).
+async fn service_state(admin_url: &str) -> (String, std::collections::HashMap<String, u64>) {
     let url = format!("{}/healthz", admin_url.trim_end_matches('/'));
     let answer = async {
         let client = reqwest::Client::builder()
@@ -411,14 +412,22 @@ async fn service_state(admin_url: &str) -> String {
             .await
     };
     match answer.await {
-        Ok(body) => match body["replication"]["state"].as_str() {
-            Some(state) => state.to_string(),
-            None => format!(
-                "consumer {}",
-                body["consumer"].as_str().unwrap_or("unknown")
-            ),
-        },
-        Err(err) => format!("no answer from {url} ({err}); is pgfire run running?"),
+        Ok(body) => {
+            let running =
+                serde_json::from_value(body["delivery"]["running"].clone()).unwrap_or_default();
+            let state = match body["replication"]["state"].as_str() {
+                Some(state) => state.to_string(),
+                None => format!(
+                    "consumer {}",
+                    body["consumer"].as_str().unwrap_or("unknown")
+                ),
+            };
+            (state, running)
+        }
+        Err(err) => (
+            format!("no answer from {url} ({err}); is pgfire run running?"),
+            Default::default(),
+        ),
     }
 }
 
@@ -479,7 +488,8 @@ pub async fn status_cmd(url: &str, admin_url: &str) -> anyhow::Result<()> {
     if publication.is_none() {
         println!("publication {PUBLICATION} missing: run pgfire install");
     }
-    println!("service: {}", service_state(admin_url).await);
+    let (state, running) = service_state(admin_url).await;
+    println!("service: {state}");
     // Sources (and their partitions) whose changes lack old values.
     let lacking = client
         .query(
@@ -504,6 +514,9 @@ pub async fn status_cmd(url: &str, admin_url: &str) -> anyhow::Result<()> {
             "warning: source {which} lacks REPLICA IDENTITY FULL: old values are missing from its events (fix: ALTER TABLE {table} REPLICA IDENTITY FULL)"
         );
     }
+    crate::delivery::status::print(&client, &running)
+        .await
+        .map_err(q)?;
     let rows = client
         .query(
             "SELECT function_name, status, count(*)::bigint, max(started_at)::text, (array_agg(error ORDER BY id DESC))[1]

@@ -14,6 +14,7 @@
 pub mod key;
 pub mod parked;
 mod revive;
+pub mod status;
 mod watermark;
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -160,6 +161,9 @@ struct State {
     pending_must_store: bool,
     checkpoint: Option<Lsn>,
     recorder: Recorder,
+    /// The last transaction written by `sql` functions, and which: they do not run for its
+    /// events.
+    loop_guard: Option<(Lsn, HashSet<Arc<str>>)>,
 }
 
 impl Engine {
@@ -185,6 +189,7 @@ impl Engine {
             pending_must_store: false,
             checkpoint: None,
             recorder: self.recorder,
+            loop_guard: None,
         };
         // The keys parked before this start: their later events wait behind them.
         if ops.send(Op::Load).await.is_err() {
@@ -269,8 +274,27 @@ impl State {
             self.kinds.configure(&batch.catalog);
         }
         self.current = batch.catalog.clone();
+        for (lsn, function) in batch.loops {
+            match &mut self.loop_guard {
+                Some((l, fs)) if *l == lsn => {
+                    fs.insert(function);
+                }
+                guard => *guard = Some((lsn, HashSet::from([function]))),
+            }
+        }
         for event in batch.events {
-            let subs = batch.catalog.subscribers(&event.event_type);
+            let all = batch.catalog.subscribers(&event.event_type);
+            let guarded = match &self.loop_guard {
+                Some((lsn, fs)) if *lsn == event.id.commit_lsn => Some(fs),
+                _ => None,
+            };
+            let subs: Vec<_> = match guarded {
+                None => all.iter().collect(),
+                Some(fs) => all
+                    .iter()
+                    .filter(|s| !fs.contains(&s.function.name))
+                    .collect(),
+            };
             let envelope: Arc<[u8]> = Arc::from(event.envelope());
             let seq = self
                 .marks

@@ -254,6 +254,30 @@ async fn dead_runs_keep_their_envelope_and_are_redelivered() {
         (count(&c, "SELECT count(*) FROM pgfire.parked").await == 0).then_some(())
     })
     .await;
+    // pgfire status shows the function's dead runs and its last error.
+    hook.script(|_, _| Answer::status(500));
+    c.batch_execute("INSERT INTO users (id) VALUES (4)")
+        .await
+        .unwrap();
+    caught_up(&db).await;
+    let admin = format!("http://{}", service.admin_addr.unwrap());
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pgfire"))
+        .args(["status", "--admin-url", &admin])
+        .env("DATABASE_URL", db.url())
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&out.stdout).into_owned();
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("hook "))
+        .unwrap_or_else(|| panic!("{out}"));
+    let cols: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(
+        &cols[..6],
+        ["hook", "webhook", "active", "0", "0", "1"],
+        "{out}"
+    );
+    assert!(line.contains("answered 500"), "{line}");
     let err = c
         .batch_execute("SELECT pgfire.redeliver('nope')")
         .await
@@ -442,4 +466,78 @@ async fn delivery_columns_are_validated() {
         let err = db.try_psql(sql).unwrap_err();
         assert!(err.contains(message), "{sql}: {err}");
     }
+}
+
+#[tokio::test]
+async fn writes_of_a_sql_function_do_not_trigger_it_again() {
+    let db = TestDb::new();
+    install_pgfire(&db).await;
+    let c = db.client().await;
+    c.batch_execute(
+        "CREATE TABLE t (id int PRIMARY KEY);
+         CREATE TABLE seen (fn text, id int);
+         -- Writes a row into the very table it is subscribed to: without the rule, a loop.
+         CREATE FUNCTION echo(e jsonb) RETURNS void LANGUAGE sql AS $$
+           INSERT INTO seen VALUES ('echo', (e->'event_data'->>'id')::int);
+           INSERT INTO t VALUES ((e->'event_data'->>'id')::int + 1000) $$;
+         CREATE FUNCTION watch(e jsonb) RETURNS void LANGUAGE sql AS $$
+           INSERT INTO seen VALUES ('watch', (e->'event_data'->>'id')::int) $$;
+         INSERT INTO pgfire.sources (table_name, kind) VALUES ('t', 'record');
+         INSERT INTO pgfire.functions (name, kind, target) VALUES ('echo', 'sql', 'echo'), ('watch', 'sql', 'watch');
+         INSERT INTO pgfire.subscriptions (event_type, function_name) VALUES
+           ('POST_RECORD_CREATE', 'echo'), ('POST_RECORD_CREATE', 'watch');",
+    )
+    .await
+    .unwrap();
+    let service = start_service(&db).await;
+    c.batch_execute("INSERT INTO t VALUES (1), (2)")
+        .await
+        .unwrap();
+    // The other function sees the echoes: the rule is about the function that wrote them.
+    eventually(WAIT, "watch to see the echoes", || async {
+        (count(&c, "SELECT count(*) FROM seen WHERE fn = 'watch'").await == 4).then_some(())
+    })
+    .await;
+    caught_up(&db).await;
+    let echo = texts(
+        &c,
+        "SELECT string_agg(id::text, ',' ORDER BY id) FROM seen WHERE fn = 'echo'",
+    )
+    .await;
+    assert_eq!(echo, ["1,2"]);
+    assert_eq!(count(&c, "SELECT count(*) FROM t").await, 4);
+    service.stop().await;
+}
+
+#[tokio::test]
+async fn history_past_its_retention_is_pruned_in_small_batches() {
+    let db = TestDb::new();
+    install_pgfire(&db).await;
+    let c = db.client().await;
+    c.batch_execute(
+        "UPDATE pgfire.settings SET value = '86400' WHERE key = 'history.retention_seconds';
+         INSERT INTO pgfire.executions (event_id, event_type, function_name, attempt, status, started_at, duration_ms)
+           SELECT 'e' || i, 'E', 'f', 1, 'ok', now() - interval '2 days', 1 FROM generate_series(1, 2500) i;
+         INSERT INTO pgfire.executions (event_id, event_type, function_name, attempt, status, started_at, duration_ms)
+           VALUES ('recent', 'E', 'f', 1, 'ok', now() - interval '1 hour', 1);
+         INSERT INTO pgfire.parked (function_name, key, event_id, event_type, envelope, status, parked_at)
+           VALUES ('f', 'k', 'old', 'E', '{}', 'dead', now() - interval '2 days'),
+                  ('f', 'k', 'new', 'E', '{}', 'dead', now());",
+    )
+    .await
+    .unwrap();
+    let service = start_service(&db).await;
+    eventually(WAIT, "old history to be pruned", || async {
+        (count(&c, "SELECT count(*) FROM pgfire.executions").await == 1).then_some(())
+    })
+    .await;
+    assert_eq!(
+        texts(&c, "SELECT event_id FROM pgfire.executions").await,
+        ["recent"]
+    );
+    assert_eq!(
+        texts(&c, "SELECT event_id FROM pgfire.parked").await,
+        ["new"]
+    );
+    service.stop().await;
 }
