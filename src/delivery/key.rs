@@ -23,9 +23,23 @@ pub fn of(event: &Event) -> String {
         return format!("type:{}", event.event_type);
     };
     let schema = event.source.schema.as_deref().unwrap_or("");
-    let id = serde_json::from_str::<Ids>(event.data.json())
-        .ok()
-        .and_then(|ids| ids.user_id.or(ids.record_id))
+    let json = event.data.json();
+    // Row events start with their id: read that value alone, not the whole row.
+    let first = ["{\"user_id\":", "{\"record_id\":"]
+        .iter()
+        .find_map(|p| json.strip_prefix(p))
+        .and_then(|rest| {
+            serde_json::Deserializer::from_str(rest)
+                .into_iter::<Value>()
+                .next()
+                .and_then(Result::ok)
+        });
+    let id = first
+        .or_else(|| {
+            serde_json::from_str::<Ids>(json)
+                .ok()
+                .and_then(|ids| ids.user_id.or(ids.record_id))
+        })
         .filter(|v| !v.is_null());
     match id {
         Some(id) => format!("{schema}.{table}:{id}"),
@@ -82,5 +96,10 @@ mod tests {
         assert_eq!(of(&event(Some("t"), r#"{"a":1}"#)), "public.t");
         assert_eq!(of(&event(Some("t"), r#"{"record_id":null}"#)), "public.t");
         assert_eq!(of(&event(None, r#"{"x":1}"#)), "type:POST_USER_UPDATE");
+        // Not first: still found.
+        assert_eq!(
+            of(&event(Some("t"), r#"{"a":[1,{"b":2}],"record_id":5}"#)),
+            "public.t:5"
+        );
     }
 }

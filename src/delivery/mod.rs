@@ -77,9 +77,27 @@ pub struct Engine {
 /// One event in memory: built once, shared by its runs.
 struct Job {
     event: Event,
-    envelope: Arc<[u8]>,
+    /// Built when a run or a park first needs it (a `log` function with its log level off never
+    /// does).
+    envelope: std::sync::OnceLock<Arc<[u8]>>,
     key: Arc<str>,
     seq: u64,
+}
+
+impl Job {
+    fn envelope(&self) -> Arc<[u8]> {
+        self.envelope
+            .get_or_init(|| Arc::from(self.event.envelope()))
+            .clone()
+    }
+
+    /// A delivery of this job's event, sharing its envelope once built.
+    fn delivery(&self) -> Delivery<'_> {
+        match self.envelope.get() {
+            Some(e) => Delivery::with_envelope(&self.event, e.clone()),
+            None => Delivery::new(&self.event),
+        }
+    }
 }
 
 /// One function's run of a job.
@@ -295,18 +313,25 @@ impl State {
                     .filter(|s| !fs.contains(&s.function.name))
                     .collect(),
             };
-            let envelope: Arc<[u8]> = Arc::from(event.envelope());
+            // The envelope is event_data and less than 4 kB around it (names are at most 63
+            // bytes): built now only when it may be over the limit.
+            let limit = batch.catalog.settings.payload_limit;
+            let envelope = std::sync::OnceLock::new();
+            let mut too_big = None;
+            if event.data.json().len() + 4096 >= limit {
+                let e: Arc<[u8]> = Arc::from(event.envelope());
+                if e.len() > limit {
+                    too_big = Some(format!(
+                        "event payload of {} bytes exceeds the limit of {limit} bytes (setting limits.payload_bytes): not sent",
+                        e.len()
+                    ));
+                }
+                let _ = envelope.set(e);
+            }
             let seq = self
                 .marks
-                .admit(subs.len() as u32, envelope.len() + event.data.json().len());
+                .admit(subs.len() as u32, 2 * event.data.json().len() + 512);
             self.stats.events.fetch_add(1, Ordering::Relaxed);
-            let limit = batch.catalog.settings.payload_limit;
-            let too_big = (envelope.len() > limit).then(|| {
-                format!(
-                    "event payload of {} bytes exceeds the limit of {limit} bytes (setting limits.payload_bytes): not sent",
-                    envelope.len()
-                )
-            });
             let job = Arc::new(Job {
                 key: Arc::from(key::of(&event)),
                 event,
@@ -410,7 +435,7 @@ impl State {
             key: task.job.key.clone(),
             event_id: task.job.event.id.to_string(),
             event_type: task.job.event.event_type.clone(),
-            envelope: task.job.envelope.clone(),
+            envelope: task.job.envelope(),
             dead,
             attempt,
             delay,
@@ -466,7 +491,7 @@ impl State {
         let settings = self.current.settings.clone();
         let current = self.current.functions.get(&name).cloned();
         let attempt = task.attempt;
-        let message = err.to_string();
+        let message = clean(err.to_string());
         let gone = current.is_none();
         let max = current
             .as_ref()
@@ -570,7 +595,7 @@ impl State {
                     .as_ref()
                     .map_or(Duration::ZERO, |d| d.max_age(&settings));
                 let age = (Utc::now() - due.parked_at).to_std().unwrap_or_default();
-                let message = err.to_string();
+                let message = clean(err.to_string());
                 if current.is_none()
                     || err.kind() == ErrorKind::Permanent
                     || attempt >= max
@@ -795,6 +820,16 @@ impl State {
     }
 }
 
+/// An error message fit for a text column: PostgreSQL text cannot hold NUL (a handler may
+/// answer one), so it becomes U+FFFD.
+fn clean(message: String) -> String {
+    if message.contains('\0') {
+        message.replace('\0', "\u{FFFD}")
+    } else {
+        message
+    }
+}
+
 /// A run of `task` after `delay`.
 fn run(kinds: Arc<Kinds>, task: Task, delay: Duration) -> BoxFuture<'static, Ended> {
     Box::pin(async move {
@@ -804,8 +839,12 @@ fn run(kinds: Arc<Kinds>, task: Task, delay: Duration) -> BoxFuture<'static, End
         let t0 = Instant::now();
         let started_us = Utc::now().timestamp_micros();
         let result = {
-            let d = Delivery::with_envelope(&task.job.event, task.job.envelope.clone());
-            kinds.post(&task.def, &d).await
+            let d = task.job.delivery();
+            let r = kinds.post(&task.def, &d).await;
+            if let Some(e) = d.built_envelope() {
+                let _ = task.job.envelope.set(e);
+            }
+            r
         };
         Ended::Run {
             task,
@@ -854,6 +893,12 @@ pub fn jitter(d: Duration, seed: u64) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn errors_lose_their_nul_bytes() {
+        assert_eq!(clean("a\0b".into()), "a\u{FFFD}b");
+        assert_eq!(clean("ab".into()), "ab");
+    }
 
     #[test]
     fn backoff_doubles_and_caps() {

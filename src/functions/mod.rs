@@ -95,6 +95,11 @@ impl<'a> Delivery<'a> {
         }
     }
 
+    /// The envelope, if it was built (or given) already.
+    pub fn built_envelope(&self) -> Option<Arc<[u8]>> {
+        self.envelope.get().cloned()
+    }
+
     pub fn envelope(&self) -> &[u8] {
         self.shared_envelope()
     }

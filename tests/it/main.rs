@@ -5,6 +5,7 @@ mod support;
 
 mod consumer;
 mod delivery;
+mod delivery_faults;
 mod delivery_nats;
 mod dev;
 mod embedded;
