@@ -146,3 +146,131 @@ LANGUAGE sql IMMUTABLE AS $$
     ) AS r (key, min_value, max_value, default_value, unit)
     WHERE r.key = setting
 $$;
+
+-- Subscription filters: a condition on the event; only matching events run the subscription.
+-- The syntax (pgfire's delivery::filter reads the same):
+--   condition { and|or condition }      (and binds tighter; no parentheses)
+--   condition: [not] changed(field) | [not] field is [not] null | [not] field op literal
+--   field: name[.name...] of event_data; op: = != <> < <= > >=; literal: number, 'text', true, false
+ALTER TABLE pgfire.subscriptions ADD COLUMN filter text;
+COMMENT ON COLUMN pgfire.subscriptions.filter IS
+    'only events matching this condition run the subscription, e.g. changed(email) and plan = ''pro'' (NULL: every event)';
+
+CREATE FUNCTION pgfire.check_filter(filter text) RETURNS void LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    rest text := filter;
+    m text[];
+    k text;
+    kinds text[] := '{}';
+    i int := 1;
+    n int;
+    what text;
+BEGIN
+    IF filter IS NULL THEN
+        RETURN;
+    END IF;
+    LOOP
+        rest := ltrim(rest, E' \t\r\n');
+        EXIT WHEN rest = '';
+        m := regexp_match(rest, '^(changed\s*\()', 'i');
+        k := 'changed';
+        IF m IS NULL THEN
+            m := regexp_match(rest, '^(''(?:[^'']|'''')*'')');
+            k := 'literal';
+        END IF;
+        IF m IS NULL THEN
+            m := regexp_match(rest, '^(-?[0-9][0-9.]*)');
+            IF m IS NOT NULL AND m[1] !~ '^-?[0-9]+(\.[0-9]+)?$' THEN
+                what := format('invalid number %s', m[1]);
+                EXIT;
+            END IF;
+        END IF;
+        IF m IS NULL THEN
+            m := regexp_match(rest, '^(!=|<>|<=|>=|=|<|>)');
+            k := 'op';
+        END IF;
+        IF m IS NULL THEN
+            m := regexp_match(rest, '^([A-Za-z_][A-Za-z0-9_.]*)');
+            k := CASE lower(m[1]) WHEN 'and' THEN 'conj' WHEN 'or' THEN 'conj' WHEN 'not' THEN 'not'
+                                  WHEN 'is' THEN 'is' WHEN 'null' THEN 'null' WHEN 'true' THEN 'literal'
+                                  WHEN 'false' THEN 'literal' ELSE 'field' END;
+            IF k = 'field' AND (m[1] LIKE '%.' OR m[1] LIKE '%..%') THEN
+                what := format('invalid field name %s', m[1]);
+                EXIT;
+            END IF;
+        END IF;
+        IF m IS NULL THEN
+            m := regexp_match(rest, '^(\))');
+            k := 'close';
+        END IF;
+        IF m IS NULL THEN
+            what := format('unexpected %s', left(rest, 20));
+            EXIT;
+        END IF;
+        kinds := kinds || k;
+        rest := substr(rest, length(m[1]) + 1);
+    END LOOP;
+    n := coalesce(array_length(kinds, 1), 0);
+    IF what IS NULL AND n = 0 THEN
+        what := 'empty (use NULL for no filter)';
+    END IF;
+    WHILE what IS NULL LOOP
+        IF kinds[i] = 'not' THEN
+            i := i + 1;
+        END IF;
+        IF kinds[i] = 'changed' THEN
+            IF kinds[i + 1] IS DISTINCT FROM 'field' OR kinds[i + 2] IS DISTINCT FROM 'close' THEN
+                what := 'expected changed(field)';
+                EXIT;
+            END IF;
+            i := i + 3;
+        ELSIF kinds[i] = 'field' THEN
+            IF kinds[i + 1] = 'is' THEN
+                i := i + 2;
+                IF kinds[i] = 'not' THEN
+                    i := i + 1;
+                END IF;
+                IF kinds[i] IS DISTINCT FROM 'null' THEN
+                    what := 'expected null after is [not]';
+                    EXIT;
+                END IF;
+                i := i + 1;
+            ELSIF kinds[i + 1] = 'op' THEN
+                IF kinds[i + 2] IS DISTINCT FROM 'literal' THEN
+                    what := 'expected a number, ''text'', true or false after the comparison';
+                    EXIT;
+                END IF;
+                i := i + 3;
+            ELSE
+                what := 'expected is [not] null or a comparison after the field';
+                EXIT;
+            END IF;
+        ELSE
+            what := 'expected a condition: changed(field), field is [not] null, or field op literal';
+            EXIT;
+        END IF;
+        EXIT WHEN i > n;
+        IF kinds[i] <> 'conj' THEN
+            what := 'expected and, or, or the end';
+            EXIT;
+        END IF;
+        i := i + 1;
+        IF i > n THEN
+            what := 'expected a condition after and/or';
+        END IF;
+    END LOOP;
+    IF what IS NOT NULL THEN
+        RAISE EXCEPTION 'invalid filter "%": %', filter, what
+            USING ERRCODE = '22023',
+                  HINT = 'a filter is conditions joined by and/or: changed(field), field is [not] null, field op literal (op = != < <= > >=; literal a number, ''text'', true, false), each optionally preceded by not; e.g. changed(email) and plan = ''pro''';
+    END IF;
+END $$;
+
+CREATE FUNCTION pgfire.check_subscription_filter() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pgfire.check_filter(NEW.filter);
+    RETURN NEW;
+END $$;
+
+CREATE TRIGGER check_subscription_filter BEFORE INSERT OR UPDATE OF filter ON pgfire.subscriptions
+    FOR EACH ROW EXECUTE FUNCTION pgfire.check_subscription_filter();

@@ -67,6 +67,8 @@ impl FunctionDef {
 pub struct Subscription {
     pub function: Arc<FunctionDef>,
     pub priority: i32,
+    /// A condition on the event (`delivery::filter`); only matching events run it.
+    pub filter: Option<Arc<str>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -176,6 +178,8 @@ struct SubscriptionRow {
     function_name: String,
     priority: i32,
     active: bool,
+    #[serde(default)]
+    filter: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -304,6 +308,10 @@ impl Catalog {
                     .push(Subscription {
                         function: function.clone(),
                         priority: s.priority,
+                        filter: s
+                            .filter
+                            .filter(|f| !f.trim().is_empty())
+                            .map(|f| Arc::from(f.as_str())),
                     });
             }
         }

@@ -11,6 +11,7 @@
 //! low-water mark of unsettled events ([`watermark`]); work in memory is bounded in events and
 //! bytes, and past the bound delivery stops reading, so the backlog waits in the WAL.
 
+pub mod filter;
 pub mod key;
 pub mod parked;
 mod revive;
@@ -182,6 +183,8 @@ struct State {
     /// The last transaction written by `sql` functions, and which: they do not run for its
     /// events.
     loop_guard: Option<(Lsn, HashSet<Arc<str>>)>,
+    /// Subscription filters by their text.
+    filters: HashMap<Arc<str>, Result<Arc<filter::Filter>, filter::FilterError>>,
 }
 
 impl Engine {
@@ -208,6 +211,7 @@ impl Engine {
             checkpoint: None,
             recorder: self.recorder,
             loop_guard: None,
+            filters: HashMap::new(),
         };
         // The keys parked before this start: their later events wait behind them.
         if ops.send(Op::Load).await.is_err() {
@@ -303,16 +307,35 @@ impl State {
         for event in batch.events {
             let all = batch.catalog.subscribers(&event.event_type);
             let guarded = match &self.loop_guard {
-                Some((lsn, fs)) if *lsn == event.id.commit_lsn => Some(fs),
+                Some((lsn, fs)) if *lsn == event.id.commit_lsn => Some(fs.clone()),
                 _ => None,
             };
-            let subs: Vec<_> = match guarded {
-                None => all.iter().collect(),
-                Some(fs) => all
-                    .iter()
-                    .filter(|s| !fs.contains(&s.function.name))
-                    .collect(),
-            };
+            let mut data = None;
+            let mut subs = Vec::with_capacity(all.len());
+            for sub in all {
+                if guarded
+                    .as_ref()
+                    .is_some_and(|fs| fs.contains(&sub.function.name))
+                {
+                    continue;
+                }
+                // A filter that does not parse (the database checked it, so a pgfire older than
+                // the database's) makes the run dead with the reason, never silently skipped.
+                let refused = match &sub.filter {
+                    None => None,
+                    Some(text) => match self.filter(text) {
+                        Ok(f) => {
+                            let d = data.get_or_insert_with(|| event.data.to_value());
+                            if !f.matches(d) {
+                                continue;
+                            }
+                            None
+                        }
+                        Err(e) => Some(e.to_string()),
+                    },
+                };
+                subs.push((sub, refused));
+            }
             // The envelope is event_data and less than 4 kB around it (names are at most 63
             // bytes): built now only when it may be over the limit.
             let limit = batch.catalog.settings.payload_limit;
@@ -338,13 +361,13 @@ impl State {
                 envelope,
                 seq,
             });
-            for sub in subs {
+            for (sub, refused) in subs {
                 let task = Task {
                     job: job.clone(),
                     def: sub.function.clone(),
                     attempt: 1,
                 };
-                if let Some(reason) = &too_big {
+                if let Some(reason) = too_big.as_ref().or(refused.as_ref()) {
                     // Recorded, never sent; nothing to retry.
                     self.record(&task, Status::Dead, Some(reason.clone()), 0, Duration::ZERO);
                     self.stats.dead.fetch_add(1, Ordering::Relaxed);
@@ -366,6 +389,19 @@ impl State {
         if let Some(lsn) = batch.checkpoint {
             self.marks.checkpoint(lsn);
         }
+    }
+
+    /// A subscription's filter, parsed once per distinct text.
+    fn filter(&mut self, text: &Arc<str>) -> Result<Arc<filter::Filter>, filter::FilterError> {
+        if let Some(f) = self.filters.get(text) {
+            return f.clone();
+        }
+        if self.filters.len() > 10_000 {
+            self.filters.clear();
+        }
+        let f = filter::Filter::parse(text).map(Arc::new);
+        self.filters.insert(text.clone(), f.clone());
+        f
     }
 
     /// Start what may start in `function`'s lane; park what must wait behind a parked run or a

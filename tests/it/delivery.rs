@@ -541,3 +541,81 @@ async fn history_past_its_retention_is_pruned_in_small_batches() {
     );
     service.stop().await;
 }
+
+#[tokio::test]
+async fn subscription_filters_are_validated_and_only_matching_events_run() {
+    let db = TestDb::new();
+    let hook = Hook::start(|_, _| Answer::status(200)).await;
+    let c = setup(&db, &hook.url(), "").await;
+    // The same syntax pgfire evaluates, checked by the database with clear errors.
+    for (filter, message) in [
+        ("", "empty (use NULL for no filter)"),
+        ("n =", "expected a number, 'text', true or false"),
+        ("changed(n", "expected changed(field)"),
+        ("n = 1 and", "expected a condition after and/or"),
+        ("n ~ 1", "unexpected ~ 1"),
+        ("n = 1 pad = 2", "expected and, or, or the end"),
+        ("n is nothing", "expected null after is"),
+    ] {
+        let err = db
+            .try_psql(&format!(
+                "UPDATE pgfire.subscriptions SET filter = '{}' WHERE event_type = 'POST_USER_UPDATE'",
+                filter.replace('\'', "''")
+            ))
+            .unwrap_err();
+        assert!(
+            err.contains(&format!("invalid filter \"{filter}\": {message}")),
+            "{filter}: {err}"
+        );
+    }
+    c.batch_execute(
+        "UPDATE pgfire.subscriptions SET filter = 'changed(n) and n >= 2 or pad = ''vip''' WHERE event_type = 'POST_USER_UPDATE';
+         UPDATE pgfire.subscriptions SET filter = 'not pad is null' WHERE event_type = 'POST_USER_CREATE';",
+    )
+    .await
+    .unwrap();
+    let service = start_service(&db).await;
+    c.batch_execute(
+        "INSERT INTO users (id) VALUES (1);
+         INSERT INTO users (id, pad) VALUES (2, 'x');
+         UPDATE users SET n = 1 WHERE id = 1;
+         UPDATE users SET n = 2 WHERE id = 1;
+         UPDATE users SET pad = 'y' WHERE id = 1;
+         UPDATE users SET pad = 'vip' WHERE id = 2;",
+    )
+    .await
+    .unwrap();
+    caught_up(&db).await;
+    let got = eventually(WAIT, "3 matching events", || async {
+        let g = hook.got();
+        (g.len() >= 3).then_some(g)
+    })
+    .await;
+    let mut seen: Vec<String> = got
+        .iter()
+        .map(|g| {
+            format!(
+                "{} {}",
+                g.body["event_type"].as_str().unwrap(),
+                g.body["event_data"]["user_id"]
+            )
+        })
+        .collect();
+    seen.sort();
+    assert_eq!(
+        seen,
+        [
+            "POST_USER_CREATE 2",
+            "POST_USER_UPDATE 1",
+            "POST_USER_UPDATE 2"
+        ]
+    );
+    let n = got
+        .iter()
+        .find(|g| {
+            g.body["event_type"] == "POST_USER_UPDATE" && g.body["event_data"]["user_id"] == 1
+        })
+        .map(|g| g.body["event_data"]["n"].clone());
+    assert_eq!(n, Some(serde_json::json!(2)));
+    service.stop().await;
+}
