@@ -66,8 +66,9 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     let dir = tempfile::Builder::new().prefix("pgfire-bench-").tempdir()?;
     let mut opts = ClusterOptions::new(dir.path().join("data"))
+        // fsync off, but synchronous_commit on: the walsender sends only WAL that is flushed, and
+        // with synchronous_commit off a commit waits for the WAL writer (up to 200 ms).
         .setting("fsync", "off")
-        .setting("synchronous_commit", "off")
         .setting("shared_buffers", "256MB")
         .setting("max_wal_size", "4GB")
         .setting("wal_sender_timeout", "60s")
@@ -104,7 +105,7 @@ fn main() -> anyhow::Result<()> {
         let url = cluster.url(&db);
         rt.block_on(async {
             let c = pgfire::db::connect(&url).await?;
-            pgfire::install::install(&c, None, pgfire::install::MIGRATIONS).await?;
+            pgfire::install::install(&c, Some(&format!("pgfire_{name}")), pgfire::install::MIGRATIONS).await?;
             let nats = nats_url
                 .map(|u| format!("INSERT INTO pgfire.settings (key, value) VALUES ('nats.url', '{u}');"))
                 .unwrap_or_default();
@@ -234,7 +235,7 @@ fn latency(
     let target = if kind == "sql" { "seen" } else { hook };
     rt.block_on(async {
         let c = pgfire::db::connect(&url).await?;
-        pgfire::install::install(&c, None, pgfire::install::MIGRATIONS).await?;
+        pgfire::install::install(&c, Some(&format!("pgfire_lat_{kind}")), pgfire::install::MIGRATIONS).await?;
         c.batch_execute(&format!(
             "CREATE TABLE items (id bigserial PRIMARY KEY, name text NOT NULL);
              CREATE TABLE lat (us int8);

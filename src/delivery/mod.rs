@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use futures_util::future::BoxFuture;
+use futures_util::future::{BoxFuture, FutureExt};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -170,6 +170,8 @@ struct State {
     lanes: HashMap<Arc<str>, Lane>,
     marks: Watermark,
     runs: FuturesUnordered<BoxFuture<'static, Ended>>,
+    /// Runs that ended as they started, to handle once the current step is done.
+    ended_now: VecDeque<Ended>,
     /// Operations for the parked store not yet taken by its queue.
     outbox: VecDeque<Op>,
     /// Parked runs being retried, by id.
@@ -202,6 +204,7 @@ impl Engine {
             lanes: HashMap::new(),
             marks: Watermark::default(),
             runs: FuturesUnordered::new(),
+            ended_now: VecDeque::new(),
             outbox: VecDeque::new(),
             retrying: HashSet::new(),
             fetching: false,
@@ -248,7 +251,16 @@ impl Engine {
                     None => break,
                 },
                 // 3. runs end.
-                Some(ended) = s.runs.next(), if !s.runs.is_empty() => s.on_ended(ended),
+                Some(ended) = s.runs.next(), if !s.runs.is_empty() => {
+                    s.on_ended(ended);
+                    // Take every other run that ended meanwhile in the same step.
+                    for _ in 0..256 {
+                        match s.runs.next().now_or_never() {
+                            Some(Some(e)) => s.on_ended(e),
+                            _ => break,
+                        }
+                    }
+                }
                 // 4. operations for the parked store.
                 permit = ops.reserve(), if !s.outbox.is_empty() => match permit {
                     Ok(p) => { if let Some(op) = s.outbox.pop_front() { p.send(op) } }
@@ -256,7 +268,10 @@ impl Engine {
                 },
                 // 5. new events, while there is room.
                 b = rx.recv(), if room => match b {
-                    Some(batch) => s.admit(batch),
+                    Some(batch) => {
+                        s.admit(batch);
+                        s.drain_ended();
+                    }
                     None => break,
                 },
                 // 6. timers.
@@ -437,8 +452,7 @@ impl State {
             to_start.push(task);
         }
         for task in to_start {
-            self.runs
-                .push(run(self.kinds.clone(), task, Duration::ZERO));
+            self.spawn(run(self.kinds.clone(), task, Duration::ZERO));
         }
         let why = if paused {
             "function is paused"
@@ -479,7 +493,28 @@ impl State {
         }));
     }
 
+    /// Start a run: one that finishes at once (a `log` line) ends here, without a trip through
+    /// the engine's loop; the others run with the rest.
+    fn spawn(&mut self, mut fut: BoxFuture<'static, Ended>) {
+        match (&mut fut).now_or_never() {
+            Some(ended) => self.ended_now.push_back(ended),
+            None => self.runs.push(fut),
+        }
+    }
+
+    /// Handle a run that ended, and every run that ended at once because of it.
     fn on_ended(&mut self, ended: Ended) {
+        self.on_ended_one(ended);
+        self.drain_ended();
+    }
+
+    fn drain_ended(&mut self) {
+        while let Some(e) = self.ended_now.pop_front() {
+            self.on_ended_one(e);
+        }
+    }
+
+    fn on_ended_one(&mut self, ended: Ended) {
         match ended {
             Ended::Run {
                 task,
@@ -566,7 +601,7 @@ impl State {
             task.attempt += 1;
             task.def = def;
             // The key stays busy while its run waits for the retry.
-            self.runs.push(run(self.kinds.clone(), task, delay));
+            self.spawn(run(self.kinds.clone(), task, delay));
             return;
         }
         // Parked: it and everything of its key waiting behind it.
@@ -782,7 +817,7 @@ impl State {
             }
         };
         let kinds = self.kinds.clone();
-        self.runs.push(Box::pin(async move {
+        self.spawn(Box::pin(async move {
             let t0 = Instant::now();
             let started_us = Utc::now().timestamp_micros();
             let result = {

@@ -3,15 +3,19 @@
 //! before it admitted) is settled once no event admitted before it is unsettled. Runs settle out
 //! of order; the mark only moves forward. Pure: no IO, no clock.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 
 use crate::events::Lsn;
 
 #[derive(Debug, Default)]
 pub struct Watermark {
     next: u64,
-    /// Unsettled events: sequence number → (runs unsettled, bytes held).
-    open: BTreeMap<u64, (u32, usize)>,
+    /// Events from sequence number `base` on: (runs unsettled, bytes held); settled ones at the
+    /// front are dropped as the mark moves.
+    open: VecDeque<(u32, usize)>,
+    base: u64,
+    /// Events with runs unsettled.
+    unsettled: usize,
     /// Checkpoints not yet settled: (events before it have sequence numbers below this, LSN).
     checkpoints: VecDeque<(u64, Lsn)>,
     bytes: usize,
@@ -22,21 +26,40 @@ impl Watermark {
     pub fn admit(&mut self, runs: u32, bytes: usize) -> u64 {
         let seq = self.next;
         self.next += 1;
+        if self.open.is_empty() {
+            self.base = seq;
+        }
         if runs > 0 {
-            self.open.insert(seq, (runs, bytes));
+            self.open.push_back((runs, bytes));
             self.bytes += bytes;
+            self.unsettled += 1;
+        } else if !self.open.is_empty() {
+            self.open.push_back((0, 0));
+        } else {
+            self.base = self.next;
         }
         seq
     }
 
     /// One run of event `seq` is settled (ran ok, or is durably parked or dead).
     pub fn done(&mut self, seq: u64) {
-        if let Some((runs, bytes)) = self.open.get_mut(&seq) {
+        let Some(i) = seq.checked_sub(self.base) else {
+            return;
+        };
+        if let Some((runs, bytes)) = self.open.get_mut(i as usize) {
+            if *runs == 0 {
+                return;
+            }
             *runs -= 1;
             if *runs == 0 {
                 self.bytes -= *bytes;
-                self.open.remove(&seq);
+                *bytes = 0;
+                self.unsettled -= 1;
             }
+        }
+        while let Some((0, _)) = self.open.front() {
+            self.open.pop_front();
+            self.base += 1;
         }
     }
 
@@ -51,7 +74,11 @@ impl Watermark {
 
     /// The furthest checkpoint now settled, if one newly is.
     pub fn settled(&mut self) -> Option<Lsn> {
-        let low = self.open.keys().next().copied().unwrap_or(self.next);
+        let low = if self.open.is_empty() {
+            self.next
+        } else {
+            self.base
+        };
         let mut last = None;
         while let Some(&(pos, lsn)) = self.checkpoints.front() {
             if pos > low {
@@ -65,7 +92,7 @@ impl Watermark {
 
     /// Events unsettled, and the bytes they hold.
     pub fn in_flight(&self) -> (usize, usize) {
-        (self.open.len(), self.bytes)
+        (self.unsettled, self.bytes)
     }
 }
 

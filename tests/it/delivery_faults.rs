@@ -210,10 +210,15 @@ async fn an_endpoint_down_for_a_while_gets_everything_in_row_order_when_back() {
     // Each event accepted once; in the order accepted, every row's events in commit order.
     let got = hook.got();
     let mut per_row: HashMap<i64, Vec<i64>> = HashMap::new();
-    let accepted = texts(
-        &c,
-        "SELECT event_id FROM pgfire.executions WHERE status = 'ok' ORDER BY started_at, id",
-    )
+    // (the history of successful runs may lag)
+    let accepted = eventually(WAIT, "120 successful runs", || async {
+        let a = texts(
+            &c,
+            "SELECT event_id FROM pgfire.executions WHERE status = 'ok' ORDER BY started_at, id",
+        )
+        .await;
+        (a.len() >= 120).then_some(a)
+    })
     .await;
     assert_eq!(accepted.len(), 120, "each event accepted once");
     let by_id: HashMap<String, (i64, i64)> = got
