@@ -11,6 +11,7 @@
 //! low-water mark of unsettled events ([`watermark`]); work in memory is bounded in events and
 //! bytes, and past the bound delivery stops reading, so the backlog waits in the WAL.
 
+mod fasthash;
 pub mod filter;
 pub mod key;
 pub mod parked;
@@ -29,6 +30,7 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use self::fasthash::{FastMap, FastSet};
 use self::parked::{Due, Op, Park, Reply, Resolution};
 use self::watermark::Watermark;
 use crate::catalog::{Catalog, FunctionDef, Settings};
@@ -132,16 +134,18 @@ enum Ended {
 #[derive(Default)]
 struct Lane {
     /// Tasks waiting, per key; a key is here while it has a task waiting or running.
-    queues: HashMap<Arc<str>, VecDeque<Task>>,
+    queues: FastMap<Arc<str>, VecDeque<Task>>,
     /// Keys with a task running (or waiting in memory for its retry).
-    busy: HashSet<Arc<str>>,
+    busy: FastSet<Arc<str>>,
     /// Keys with tasks waiting and none running, in the order they became so.
     ready: VecDeque<Arc<str>>,
     running: usize,
     concurrency: usize,
     /// Keys with runs parked: (rows known stored, parks sent and not yet confirmed). Their later
     /// events are parked behind them.
-    blocked: HashMap<Arc<str>, (i64, u64)>,
+    blocked: FastMap<Arc<str>, (i64, u64)>,
+    /// The function is paused (as the configuration in force says).
+    paused: bool,
 }
 
 impl Lane {
@@ -167,7 +171,9 @@ struct State {
     current: Arc<Catalog>,
     kinds: Arc<Kinds>,
     stats: Arc<DeliveryStats>,
-    lanes: HashMap<Arc<str>, Lane>,
+    lanes: FastMap<Arc<str>, Lane>,
+    /// Wall-clock time of the runs' start, from the monotonic clock (read once per step).
+    clock: WallClock,
     marks: Watermark,
     runs: FuturesUnordered<BoxFuture<'static, Ended>>,
     /// Runs that ended as they started, to handle once the current step is done.
@@ -201,7 +207,8 @@ impl Engine {
             current: self.catalog,
             kinds: self.kinds,
             stats: self.stats,
-            lanes: HashMap::new(),
+            lanes: FastMap::default(),
+            clock: WallClock::now(),
             marks: Watermark::default(),
             runs: FuturesUnordered::new(),
             ended_now: VecDeque::new(),
@@ -232,7 +239,9 @@ impl Engine {
             },
         }
         let mut retry_tick = tokio::time::interval(RETRY_POLL);
-        let mut prune_at = tokio::time::Instant::now() + Duration::from_secs(5);
+        // One timer, reset when it fires (not a new one per step of the loop).
+        let prune = tokio::time::sleep(Duration::from_secs(5));
+        tokio::pin!(prune);
         let mut flush_tick = tokio::time::interval(Duration::from_millis(10));
         let mut stats_tick = tokio::time::interval(Duration::from_secs(1));
         loop {
@@ -276,9 +285,9 @@ impl Engine {
                 },
                 // 6. timers.
                 _ = retry_tick.tick() => s.fetch_soon = true,
-                _ = tokio::time::sleep_until(prune_at) => {
+                _ = &mut prune => {
                     s.outbox.push_back(Op::Prune { retention: s.current.settings.retention });
-                    prune_at = tokio::time::Instant::now() + PRUNE_EVERY;
+                    prune.as_mut().reset(tokio::time::Instant::now() + PRUNE_EVERY);
                 }
                 _ = flush_tick.tick() => s.flush_history().await,
                 _ = stats_tick.tick() => s.publish_stats(),
@@ -302,15 +311,23 @@ impl Engine {
 
 impl State {
     fn lane(&mut self, function: &Arc<str>) -> &mut Lane {
-        self.lanes.entry(function.clone()).or_default()
+        let current = &self.current;
+        self.lanes.entry(function.clone()).or_insert_with(|| Lane {
+            paused: current.functions.get(function).is_some_and(|f| f.paused),
+            ..Lane::default()
+        })
     }
 
     /// Take a batch of events in: each gets its runs, in priority order.
     fn admit(&mut self, batch: Batch) {
         if !Arc::ptr_eq(&self.current, &batch.catalog) {
             self.kinds.configure(&batch.catalog);
+            for (name, lane) in self.lanes.iter_mut() {
+                lane.paused = batch.catalog.functions.get(name).is_some_and(|f| f.paused);
+            }
         }
         self.current = batch.catalog.clone();
+        self.clock = WallClock::now();
         for (lsn, function) in batch.loops {
             match &mut self.loop_guard {
                 Some((l, fs)) if *l == lsn => {
@@ -422,14 +439,10 @@ impl State {
     /// Start what may start in `function`'s lane; park what must wait behind a parked run or a
     /// pause.
     fn pump(&mut self, function: &Arc<str>) {
-        let paused = self
-            .current
-            .functions
-            .get(function)
-            .is_some_and(|f| f.paused);
         let Some(lane) = self.lanes.get_mut(function) else {
             return;
         };
+        let paused = lane.paused;
         let mut to_park = Vec::new();
         let mut to_start = Vec::new();
         while paused || lane.running < lane.concurrency {
@@ -452,7 +465,7 @@ impl State {
             to_start.push(task);
         }
         for task in to_start {
-            self.spawn(run(self.kinds.clone(), task, Duration::ZERO));
+            self.spawn(run(self.kinds.clone(), task, Duration::ZERO, self.clock));
         }
         let why = if paused {
             "function is paused"
@@ -601,7 +614,7 @@ impl State {
             task.attempt += 1;
             task.def = def;
             // The key stays busy while its run waits for the retry.
-            self.spawn(run(self.kinds.clone(), task, delay));
+            self.spawn(run(self.kinds.clone(), task, delay, self.clock));
             return;
         }
         // Parked: it and everything of its key waiting behind it.
@@ -901,14 +914,40 @@ fn clean(message: String) -> String {
     }
 }
 
+/// Wall-clock times from the monotonic clock: one wall-clock reading per step, not per run.
+#[derive(Debug, Clone, Copy)]
+struct WallClock {
+    wall_us: i64,
+    at: Instant,
+}
+
+impl WallClock {
+    fn now() -> WallClock {
+        WallClock {
+            wall_us: Utc::now().timestamp_micros(),
+            at: Instant::now(),
+        }
+    }
+
+    fn micros_at(&self, t: Instant) -> i64 {
+        self.wall_us + t.saturating_duration_since(self.at).as_micros() as i64
+    }
+}
+
 /// A run of `task` after `delay`.
-fn run(kinds: Arc<Kinds>, task: Task, delay: Duration) -> BoxFuture<'static, Ended> {
+fn run(
+    kinds: Arc<Kinds>,
+    task: Task,
+    delay: Duration,
+    mut clock: WallClock,
+) -> BoxFuture<'static, Ended> {
     Box::pin(async move {
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
+            clock = WallClock::now();
         }
         let t0 = Instant::now();
-        let started_us = Utc::now().timestamp_micros();
+        let started_us = clock.micros_at(t0);
         let result = {
             let d = task.job.delivery();
             let r = kinds.post(&task.def, &d).await;
