@@ -1,6 +1,7 @@
 //! Delivery under faults, against real processes: pgfire killed with SIGKILL at random points of
-//! a 10 000-event run, an endpoint down then back, a handler hanging past its timeout, handlers
-//! answering garbage, function and subscription rows deleted while their runs are in flight.
+//! a 10 000-event run, PostgreSQL crashing while runs are parked, an endpoint down then back, a
+//! handler hanging past its timeout, handlers answering garbage, function and subscription rows
+//! deleted while their runs are in flight.
 
 use std::collections::HashMap;
 use std::process::{Command, Stdio};
@@ -435,4 +436,120 @@ async fn rows_deleted_while_runs_are_in_flight_leave_nothing_unaccounted() {
         5
     );
     service.stop().await;
+}
+
+/// A private cluster whose commits survive a crash (for the restart test).
+fn durable_cluster(dir: &std::path::Path) -> pgfire::embedded::ClusterOptions {
+    let mut opts = crate::support::test_cluster_options();
+    std::fs::remove_dir_all(&opts.data_dir).ok();
+    opts.data_dir = dir.join("data");
+    opts.ephemeral = false;
+    opts.port = Some(pgfire::embedded::free_port().unwrap());
+    opts.settings
+        .push(("synchronous_commit".into(), "on".into()));
+    opts.settings.push(("fsync".into(), "on".into()));
+    opts
+}
+
+#[tokio::test]
+async fn postgres_crashing_while_runs_are_parked_loses_none_and_keeps_row_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = durable_cluster(dir.path());
+    let cluster = pgfire::embedded::Cluster::start(&opts).unwrap();
+    cluster.psql("postgres", "CREATE DATABASE app").unwrap();
+    let url = cluster.url("app");
+    let c = pgfire::db::connect(&url).await.unwrap();
+    pgfire::install::install(&c, None, pgfire::install::MIGRATIONS)
+        .await
+        .unwrap();
+    let hook = Hook::start(|_, _| Answer::status(503)).await;
+    c.batch_execute(&format!(
+        "CREATE TABLE items (id int PRIMARY KEY, n int NOT NULL DEFAULT 0);
+         INSERT INTO pgfire.sources (table_name, kind) VALUES ('items', 'record');
+         UPDATE pgfire.settings SET value = '100' WHERE key = 'delivery.max_attempts';
+         UPDATE pgfire.settings SET value = '1' WHERE key = 'delivery.memory_attempts';
+         UPDATE pgfire.settings SET value = '10' WHERE key = 'delivery.retry_base_ms';
+         UPDATE pgfire.settings SET value = '200' WHERE key = 'delivery.retry_max_ms';
+         INSERT INTO pgfire.functions (name, kind, target) VALUES ('hook', 'webhook', '{}');
+         INSERT INTO pgfire.subscriptions (event_type, function_name) VALUES
+           ('POST_RECORD_CREATE', 'hook'), ('POST_RECORD_UPDATE', 'hook');",
+        hook.url()
+    ))
+    .await
+    .unwrap();
+    let mut cfg = pgfire::service::ServiceConfig::new(url.clone());
+    cfg.status_interval = Duration::from_millis(100);
+    let service = pgfire::service::Service::start(cfg).await.unwrap();
+    c.batch_execute(
+        "INSERT INTO items (id) SELECT generate_series(1, 10); UPDATE items SET n = 1;",
+    )
+    .await
+    .unwrap();
+    eventually(WAIT, "20 parked runs", || async {
+        (count(
+            &c,
+            "SELECT count(*) FROM pgfire.parked WHERE status = 'parked'",
+        )
+        .await
+            == 20)
+            .then_some(())
+    })
+    .await;
+    // A crash while the parked runs are being retried.
+    let mut cluster = cluster;
+    cluster.crash();
+    drop(cluster);
+    eventually(WAIT, "pgfire to notice", || async {
+        (!service
+            .health
+            .connected
+            .load(std::sync::atomic::Ordering::SeqCst))
+        .then_some(())
+    })
+    .await;
+    let cluster = pgfire::embedded::Cluster::start(&opts).unwrap();
+    let c = pgfire::db::connect(&url).await.unwrap();
+    c.batch_execute("UPDATE items SET n = 2; INSERT INTO items (id) VALUES (11);")
+        .await
+        .unwrap();
+    hook.script(|_, _| Answer::status(200));
+    eventually(WAIT, "the parked table to empty", || async {
+        (count(&c, "SELECT count(*) FROM pgfire.parked").await == 0).then_some(())
+    })
+    .await;
+    let accepted = eventually(WAIT, "31 successful runs", || async {
+        let a = texts(
+            &c,
+            "SELECT event_id FROM pgfire.executions WHERE status = 'ok' ORDER BY started_at, id",
+        )
+        .await;
+        (a.len() >= 31).then_some(a)
+    })
+    .await;
+    let got = hook.got();
+    let by_id: HashMap<String, (i64, i64)> = got
+        .iter()
+        .map(|g| {
+            let d = &g.body["event_data"];
+            (
+                g.webhook_id.clone(),
+                (d["id"].as_i64().unwrap(), d["n"].as_i64().unwrap()),
+            )
+        })
+        .collect();
+    let mut seen = std::collections::HashSet::new();
+    let mut per_row: HashMap<i64, Vec<i64>> = HashMap::new();
+    for id in &accepted {
+        if seen.insert(id.clone()) {
+            let (row, n) = by_id[id];
+            per_row.entry(row).or_default().push(n);
+        }
+    }
+    assert_eq!(seen.len(), 31, "every event accepted");
+    for row in 1..=10 {
+        assert_eq!(per_row[&row], [0, 1, 2], "row {row}");
+    }
+    assert_eq!(per_row[&11], [0]);
+    service.stop().await;
+    cluster.stop();
 }
