@@ -569,7 +569,7 @@ impl State {
             Err(e) => e,
         };
         self.stats.failures.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(function = %name, event_id = %task.job.event.id, attempt = task.attempt, error = %err, "function failed");
+        tracing::warn!(function = %name, event_id = %task.job.event.id, attempt = task.attempt, error = %err.for_logs(), "function failed");
         // Retries run under the function's current configuration; one deleted meanwhile (or
         // made inactive) is not run again.
         let settings = self.current.settings.clone();

@@ -48,6 +48,25 @@ pub enum ErrorKind {
 }
 
 impl FunctionError {
+    /// The error as a log line may carry it: never a row value or anything the endpoint
+    /// answered. A database error keeps only its SQLSTATE (its message and detail may quote the
+    /// row: `Key (email)=(...) already exists`, a `RAISE` with the value); a webhook's answer
+    /// keeps only its status. The whole error is in `pgfire.executions`.
+    pub fn for_logs(&self) -> String {
+        let text = self.to_string();
+        if let Some(i) = text.find("(SQLSTATE ") {
+            let code: String = text[i + 10..].chars().take(5).collect();
+            return format!("database error, SQLSTATE {code} (the error is in pgfire.executions)");
+        }
+        if let Some(i) = text.find(" answered ") {
+            let end = text[i + 10..]
+                .find([':', ','])
+                .map_or(text.len(), |j| i + 10 + j);
+            return format!("{} (the answer is in pgfire.executions)", &text[..end]);
+        }
+        text
+    }
+
     /// The `pgfire.executions.status` this error is recorded as.
     pub fn status(&self) -> crate::executions::Status {
         match self {

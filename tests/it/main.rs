@@ -17,6 +17,7 @@ mod embedded;
 mod events;
 mod functions;
 mod install;
+mod logs;
 mod pre;
 mod pre_extended;
 mod pre_forms;
