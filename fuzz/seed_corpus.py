@@ -92,7 +92,16 @@ classify = {
     "escape": "SELECT E'\\x41', U&'\\0041', $tag$users$tag$, 'it''s'",
 }
 
-for target, seeds in (("wire", wire), ("pgoutput", pgoutput), ("classify", classify)):
+answer = {
+    "allow": '{"allow": true}',
+    "block": '{"allow": false, "message": "Invalid email address"}',
+    "modify": '{"allow": true, "data": {"email": "a@b.c", "n": 12345678901234567890.5, "tags": ["x"], "meta": {"k": null}}}',
+    "bad": '{"allow": "yes", "data": [1]}',
+    "nested": '[[[[[[[[[[{"allow": true}]]]]]]]]]]',
+    "unicode": r'{"allow": false, "message": "\u00e9\ud83d\ude00"}',
+}
+
+for target, seeds in (("wire", wire), ("pgoutput", pgoutput), ("classify", classify), ("answer", answer)):
     d = os.path.join(ROOT, target)
     os.makedirs(d, exist_ok=True)
     for name, data in seeds.items():

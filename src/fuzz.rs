@@ -1,4 +1,5 @@
-//! Fuzzing entry points: each parser of outside input, fed arbitrary bytes, must return a value or
+//! Fuzzing entry points: each parser of outside input (wire codec, pgoutput, SQL classification,
+//! PRE handlers' answers), fed arbitrary bytes, must return a value or
 //! an error and never panic. The targets under `fuzz/` call these; so does the smoke test below,
 //! which replays the committed seeds and corpus (and mutations of them) on every `scripts/test`.
 
@@ -64,6 +65,11 @@ pub fn classify(data: &[u8]) {
     }
 }
 
+/// The parser of PRE handlers' answers (webhook bodies, `sql` functions' jsonb).
+pub fn answer(data: &[u8]) {
+    let _ = crate::proxy::pre::answer::parse(data);
+}
+
 /// A fuzz target: arbitrary bytes in, no panic.
 pub type Target = fn(&[u8]);
 
@@ -72,6 +78,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("wire", wire),
     ("pgoutput", pgoutput),
     ("classify", classify),
+    ("answer", answer),
 ];
 
 #[cfg(test)]
