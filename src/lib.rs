@@ -16,6 +16,7 @@ pub mod executions;
 pub mod functions;
 pub mod fuzz;
 pub mod install;
+pub mod ops;
 pub mod proxy;
 pub mod replication;
 pub mod service;

@@ -37,6 +37,8 @@ pub struct ServiceConfig {
     pub replication_timeout: Duration,
     /// Where large streamed transactions are spilled, and beyond how much memory.
     pub spill: SpillConfig,
+    /// The token every admin request must carry (required off loopback).
+    pub admin_token: Option<String>,
 }
 
 impl ServiceConfig {
@@ -50,6 +52,7 @@ impl ServiceConfig {
             status_interval: Duration::from_secs(1),
             replication_timeout: Duration::from_secs(30),
             spill: SpillConfig::default(),
+            admin_token: None,
         }
     }
 
@@ -66,6 +69,7 @@ impl ServiceConfig {
                 dir: args.spill_dir.unwrap_or_else(SpillConfig::default_dir),
                 budget: args.max_transaction_memory,
             },
+            admin_token: args.admin_token,
         }
     }
 }
@@ -170,12 +174,16 @@ impl Service {
 
         let mut admin_addr = None;
         if let Some(addr) = cfg.admin_listen {
-            let listener = admin::bind(addr).await?;
+            let listener = admin::bind(addr, cfg.admin_token.as_deref()).await?;
             admin_addr = Some(listener.local_addr()?);
             let state = AdminState {
                 consumer: cfg.consumer.then(|| health.clone()),
                 dispatch: stats.clone(),
                 history: progress.clone(),
+                database_url: cfg.database_url.clone(),
+                token: cfg.admin_token.clone(),
+                proxy_addr,
+                proxy_connections: None,
             };
             let token = shutdown.clone();
             tasks.push(tokio::spawn(async move {
