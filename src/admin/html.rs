@@ -142,7 +142,7 @@ impl IntoResponse for Page {
              <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
              <meta name=\"csrf-token\" content=\"{csrf}\">\
              <title>{title} · pgfire</title>\
-             <link rel=\"stylesheet\" href=\"/assets/app.css\">\
+             <link rel=\"icon\" href=\"data:,\"><link rel=\"stylesheet\" href=\"/assets/app.css\">\
              <script src=\"/assets/app.js\" defer></script></head>\n<body>\
              <a class=\"skip\" href=\"#main\">Skip to content</a>\
              <header class=\"top\"><a class=\"brand\" href=\"/\">pgfire</a>{status}</header>\

@@ -162,7 +162,7 @@ pub fn bytes(n: i64) -> String {
 impl StatusBar {
     /// The bar as HTML; app.js refreshes the values by their ids from /api/status.
     pub fn render(&self) -> String {
-        let mut s = String::from("<section class=\"statusbar\" aria-label=\"Status\"><dl>");
+        let mut s = String::from("<section class=\"statusbar\" aria-label=\"Service status\"><dl>");
         let stream = match (self.stream.as_str(), &self.stream_detail) {
             ("connected", _) => "connected".to_string(),
             ("off", _) => "off (no consumer)".to_string(),
