@@ -4,6 +4,8 @@
 //!
 //! `cargo bench --bench cdc` (env: PGFIRE_BENCH_ROWS, default 500000; PGFIRE_BENCH_ROUNDS,
 //! default 2, run in A-B-B-A order; PGFIRE_BENCH_SHAPES, e.g. `one,hundred`, default all three).
+//! The transaction larger than memory: `PGFIRE_BENCH_ROWS=3000000 PGFIRE_BENCH_SHAPES=one
+//! PGFIRE_BENCH_ROUNDS=1 cargo bench --bench cdc` (pgfire spills beyond 128 MiB; peak RSS shown).
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -270,6 +272,17 @@ fn run_pgfire(bin: &str, url: &str, slot: &str, end: &str) -> anyhow::Result<(f6
                     .and_then(|v| v.trim().parse::<u64>().ok())
                     .unwrap_or(0);
                 if settled >= target.0 {
+                    let spilled = text
+                        .lines()
+                        .find_map(|l| l.strip_prefix("pgfire_spilled_transaction_bytes_total "))
+                        .and_then(|v| v.trim().parse::<u64>().ok())
+                        .unwrap_or(0);
+                    if spilled > 0 {
+                        println!(
+                            "  (pgfire spilled {} MB of the transaction to files)",
+                            spilled >> 20
+                        );
+                    }
                     return Ok(t0.elapsed().as_secs_f64());
                 }
             }

@@ -10,6 +10,12 @@ use std::time::Duration;
 use serde::Deserialize;
 use tokio_postgres::Client;
 
+use crate::replication::position::Lsn;
+
+/// The prefix of the logical messages that announce a configuration change (their content is
+/// the whole snapshot, `pgfire.config_snapshot()`).
+pub const CONFIG_MESSAGE_PREFIX: &str = "pgfire.config";
+
 /// What a function does when it runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FunctionKind {
@@ -219,24 +225,8 @@ impl Catalog {
     /// The configuration in force where slot `slot` stands: the last one pgfire applied from a
     /// change committed before the slot's confirmed position (or, if there is none, today's).
     pub async fn load_as_of_slot(client: &Client, slot: &str) -> Result<Catalog, CatalogError> {
-        let row = client
-            .query_opt(
-                "SELECT a.snapshot::text FROM pgfire.config_applied a
-                  WHERE a.commit_lsn < (SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = $1)
-                  ORDER BY a.commit_lsn DESC LIMIT 1",
-                &[&slot],
-            )
-            .await?;
-        match row {
-            Some(r) => Catalog::from_snapshot(r.get::<_, &str>(0), &secrets(client).await?),
-            None => {
-                tracing::warn!(
-                    slot,
-                    "no configuration recorded for the slot's position; using today's"
-                );
-                Catalog::load(client).await
-            }
-        }
+        let (snapshot, _) = snapshot_as_of_slot(client, slot).await?;
+        Catalog::from_snapshot(&snapshot, &secrets(client).await?)
     }
 
     /// A catalog from the JSON of `pgfire.config_snapshot()` and the functions' signing secrets
@@ -406,13 +396,46 @@ pub async fn current_snapshot(client: &Client) -> Result<String, CatalogError> {
     Ok(row.get(0))
 }
 
+/// The snapshot (`pgfire.config_snapshot()` JSON) in force where slot `slot` stands, and the
+/// slot's confirmed position: the last configuration pgfire applied from a change committed
+/// before it, or today's when none is recorded.
+pub async fn snapshot_as_of_slot(
+    client: &Client,
+    slot: &str,
+) -> Result<(String, Lsn), CatalogError> {
+    let row = client
+        .query_one(
+            "SELECT (SELECT a.snapshot::text FROM pgfire.config_applied a
+                      WHERE a.commit_lsn < s.confirmed_flush_lsn
+                      ORDER BY a.commit_lsn DESC LIMIT 1),
+                    coalesce(s.confirmed_flush_lsn, '0/0')::text
+               FROM (SELECT (SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = $1)) s(confirmed_flush_lsn)",
+            &[&slot],
+        )
+        .await?;
+    let confirmed: Lsn = row
+        .get::<_, &str>(1)
+        .parse()
+        .map_err(CatalogError::Malformed)?;
+    match row.get::<_, Option<String>>(0) {
+        Some(snapshot) => Ok((snapshot, confirmed)),
+        None => {
+            tracing::warn!(
+                slot,
+                "no configuration recorded for the slot's position; using today's"
+            );
+            Ok((current_snapshot(client).await?, confirmed))
+        }
+    }
+}
+
 /// Record that `snapshot` is the configuration from the change committed at `at` on (the last
 /// change of a transaction wins), and prune the snapshots no restart can need: those older than
 /// the one in force at slot `slot`'s confirmed position.
 pub async fn record_applied(
     client: &Client,
     slot: &str,
-    at: crate::replication::position::Lsn,
+    at: Lsn,
     snapshot: &str,
 ) -> Result<(), CatalogError> {
     client

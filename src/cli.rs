@@ -12,8 +12,17 @@ use crate::proxy::ProxyArgs;
 #[derive(Debug, Parser)]
 #[command(name = "pgfire", version, about = "A Postgres-native trigger service")]
 pub struct Cli {
+    /// Log lines for people (`human`, the default) or one JSON object per line (`json`).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human, env = "PGFIRE_LOG_FORMAT")]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Human,
+    Json,
 }
 
 /// Where the database is.
@@ -142,7 +151,7 @@ pub enum Command {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing();
+    init_tracing(cli.log_format);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -162,15 +171,31 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("PGFIRE_LOG")
-        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
+/// Logs go to stderr, filtered by `PGFIRE_LOG` (or `RUST_LOG`; default `info`). pgfire's own
+/// lines never carry row values or secrets; tokio-postgres (statement parameters) and
+/// pg_walstream (decoded messages) print row data at debug level, so they stay at info unless
+/// `PGFIRE_LOG` names them.
+fn init_tracing(format: LogFormat) {
+    let directives = std::env::var("PGFIRE_LOG")
+        .or_else(|_| std::env::var("RUST_LOG"))
+        .unwrap_or_else(|_| "info".into());
+    // Libraries that print row data at debug level stay at info unless named.
+    let mut directives = directives;
+    for quiet in ["tokio_postgres", "pg_walstream"] {
+        if !directives.contains(quiet) {
+            directives.push_str(&format!(",{quiet}=info"));
+        }
+    }
+    let filter = tracing_subscriber::EnvFilter::try_new(&directives)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => fmt.init(),
+        LogFormat::Json => fmt.json().flatten_event(true).init(),
+    }
 }
 
 async fn dispatch(command: Command) -> anyhow::Result<()> {

@@ -22,8 +22,7 @@ use crate::executions::{Execution, Recorder, Status};
 use crate::functions::{Delivery, FunctionError, Kinds};
 use crate::replication::decode::Item;
 
-/// The prefix of the logical messages that announce a configuration change.
-pub const CONFIG_MESSAGE_PREFIX: &str = "pgfire.config";
+pub use crate::catalog::CONFIG_MESSAGE_PREFIX;
 
 /// Counters shared with the admin endpoint.
 #[derive(Debug, Default)]
@@ -161,9 +160,7 @@ impl Dispatcher {
             // A change written by a pgfire before 0.1.1 names only the table: read today's.
             _ => match self
                 .retry(shutdown, "read the configuration", |url| async move {
-                    let c = crate::db::connect(&url)
-                        .await
-                        .map_err(|e| crate::db::describe(&e))?;
+                    let c = crate::db::connect(&url).await.map_err(|e| e.to_string())?;
                     catalog::current_snapshot(&c)
                         .await
                         .map_err(|e| e.to_string())
@@ -204,9 +201,7 @@ impl Dispatcher {
             .retry(shutdown, "record the applied configuration", |url| {
                 let (slot, text) = (slot.clone(), text.clone());
                 async move {
-                    let c = crate::db::connect(&url)
-                        .await
-                        .map_err(|e| crate::db::describe(&e))?;
+                    let c = crate::db::connect(&url).await.map_err(|e| e.to_string())?;
                     catalog::record_applied(&c, &slot, at, &text)
                         .await
                         .map_err(|e| e.to_string())?;

@@ -94,7 +94,7 @@ impl Service {
     pub async fn start(cfg: ServiceConfig) -> anyhow::Result<Service> {
         let client = db::connect(&cfg.database_url)
             .await
-            .map_err(|e| anyhow::anyhow!("cannot connect to the database: {}", db::describe(&e)))?;
+            .map_err(|e| anyhow::anyhow!("cannot connect to the database: {}", e))?;
         // The proxy alone needs nothing installed; the consumer needs the schema and slot.
         let installation = match cfg.consumer {
             true => Some(installation(&client, cfg.slot.clone()).await?),
@@ -431,7 +431,7 @@ async fn service_state(admin_url: &str) -> String {
 pub async fn status_cmd(url: &str, admin_url: &str) -> anyhow::Result<()> {
     let client = db::connect(url)
         .await
-        .map_err(|e| anyhow::anyhow!("cannot connect to the database: {}", db::describe(&e)))?;
+        .map_err(|e| anyhow::anyhow!("cannot connect to the database: {}", e))?;
     let q = |e: tokio_postgres::Error| {
         anyhow::anyhow!(
             "{} (is pgfire installed? run pgfire install)",

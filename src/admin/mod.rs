@@ -142,15 +142,19 @@ async fn healthz(State(s): State<AdminState>) -> impl IntoResponse {
         );
     };
     let connected = c.connected.load(Ordering::SeqCst);
+    // A standby (another pgfire holds the slot) is healthy: it takes over when the slot frees.
+    let standby = c.standby.load(Ordering::SeqCst);
     let status = match (connected, c.stopped.is_cancelled()) {
         (_, true) => "stopped",
         (true, false) => "ok",
+        (false, false) if standby => "standby",
         (false, false) => "unavailable",
     };
     let body = serde_json::json!({
         "status": status,
         "replication": {
             "connected": connected,
+            "standby": standby,
             "state": c.state(),
             "received_lsn": Lsn(c.received_lsn.load(Ordering::Relaxed)).to_string(),
             "confirmed_lsn": Lsn(c.confirmed_lsn.load(Ordering::Relaxed)).to_string(),
@@ -165,7 +169,7 @@ async fn healthz(State(s): State<AdminState>) -> impl IntoResponse {
             "error": h.error.lock().ok().and_then(|e| e.clone()),
         })),
     });
-    let code = if connected {
+    let code = if connected || (standby && !c.stopped.is_cancelled()) {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE

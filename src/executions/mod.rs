@@ -312,12 +312,10 @@ async fn write(
     batch: &[Execution],
 ) -> Result<(), String> {
     if client.is_none() {
-        let mut config: tokio_postgres::Config = url
-            .parse()
-            .map_err(|e: tokio_postgres::Error| e.to_string())?;
+        let (mut config, tls) = crate::db::config(url).map_err(|e| e.to_string())?;
         config.application_name("pgfire history");
         let (c, conn) = config
-            .connect(tokio_postgres::NoTls)
+            .connect(tls)
             .await
             .map_err(|e| crate::db::describe(&e))?;
         tokio::spawn(conn);

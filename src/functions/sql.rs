@@ -33,18 +33,24 @@ const RESET: &str = "CLOSE ALL; SET SESSION AUTHORIZATION DEFAULT; RESET ALL; DE
 
 pub struct Sql {
     sessions: Arc<Sessions>,
+    /// TLS for cancel requests, as for the sessions.
+    tls: crate::db::MakeTls,
 }
 
 impl Sql {
     pub fn new(database_url: &str) -> anyhow::Result<Sql> {
-        let mut config: tokio_postgres::Config = database_url.parse()?;
+        let (mut config, tls) = crate::db::config(database_url)?;
         config.application_name("pgfire function");
-        let pool = deadpool::managed::Pool::builder(Connector { config })
-            .max_size(MAX_SESSIONS)
-            .runtime(deadpool::Runtime::Tokio1)
-            .build()?;
+        let pool = deadpool::managed::Pool::builder(Connector {
+            config,
+            tls: tls.clone(),
+        })
+        .max_size(MAX_SESSIONS)
+        .runtime(deadpool::Runtime::Tokio1)
+        .build()?;
         Ok(Sql {
             sessions: Arc::new(Sessions { pool }),
+            tls,
         })
     }
 
@@ -95,7 +101,7 @@ impl Sql {
                     // run that ends within the grace leaves a clean session for the pool.
                     let token = client.cancel_token();
                     let ended = tokio::time::timeout(timeout.min(CANCEL_GRACE), async {
-                        let _ = token.cancel_query(tokio_postgres::NoTls).await;
+                        let _ = token.cancel_query(self.tls.clone()).await;
                         (&mut call).await
                     })
                     .await;
@@ -172,6 +178,7 @@ struct Session {
 /// runaway run from another session); a closed session is not recycled.
 struct Connector {
     config: tokio_postgres::Config,
+    tls: crate::db::MakeTls,
 }
 
 impl deadpool::managed::Manager for Connector {
@@ -179,7 +186,7 @@ impl deadpool::managed::Manager for Connector {
     type Error = tokio_postgres::Error;
 
     async fn create(&self) -> Result<Session, tokio_postgres::Error> {
-        let (client, conn) = self.config.connect(tokio_postgres::NoTls).await?;
+        let (client, conn) = self.config.connect(self.tls.clone()).await?;
         tokio::spawn(async move {
             if let Err(err) = conn.await {
                 tracing::debug!(error = %err, "function session closed");

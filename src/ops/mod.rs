@@ -79,7 +79,7 @@ pub type Result<T> = std::result::Result<T, OpsError>;
 pub async fn connect(url: &str) -> Result<Client> {
     crate::db::connect(url)
         .await
-        .map_err(|e| OpsError::Connect(crate::db::describe(&e)))
+        .map_err(|e| OpsError::Connect(e.to_string()))
 }
 
 /// The seed's groups of event types, in the order the dashboard shows them.

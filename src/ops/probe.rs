@@ -211,7 +211,7 @@ async fn sql(
             return (
                 false,
                 None,
-                format!("cannot connect: {}", crate::db::describe(&e)),
+                format!("cannot connect: {e}"),
             )
         }
     };

@@ -46,6 +46,8 @@ pub enum ConnError {
     Ended,
     #[error("invalid connection string: {0}")]
     Config(String),
+    #[error("TLS with the database: {0}")]
+    Tls(String),
 }
 
 impl ConnError {
@@ -55,7 +57,10 @@ impl ConnError {
         match self {
             ConnError::Io(_) | ConnError::Closed | ConnError::Ended => true,
             ConnError::Server { code, .. } => server_error_is_transient(code),
-            ConnError::Protocol(_) | ConnError::Auth(_) | ConnError::Config(_) => false,
+            ConnError::Protocol(_)
+            | ConnError::Auth(_)
+            | ConnError::Config(_)
+            | ConnError::Tls(_) => false,
         }
     }
 
@@ -95,6 +100,30 @@ fn server_error_is_transient(code: &str) -> bool {
         || code == SqlState::OBJECT_IN_USE.code()
 }
 
+/// Ask the server for TLS (SSLRequest): true when it agreed; plain when it declined and the
+/// mode allows that, else an error.
+async fn start_tls(
+    s: &mut tokio::net::TcpStream,
+    mode: crate::db::tls::SslMode,
+) -> Result<bool, ConnError> {
+    let mut req = [0u8; 8];
+    req[..4].copy_from_slice(&8i32.to_be_bytes());
+    req[4..].copy_from_slice(&crate::wire::SSL_REQUEST.to_be_bytes());
+    s.write_all(&req).await?;
+    let mut answer = [0u8; 1];
+    s.read_exact(&mut answer).await?;
+    match answer[0] {
+        b'S' => Ok(true),
+        b'N' if !mode.requires_tls() => Ok(false),
+        b'N' => Err(ConnError::Tls(
+            "the server does not accept TLS connections, and sslmode requires TLS".into(),
+        )),
+        other => Err(ConnError::Protocol(format!(
+            "unexpected answer {other:#x} to SSLRequest"
+        ))),
+    }
+}
+
 trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 
@@ -121,10 +150,12 @@ pub struct ReplicationConn {
 impl ReplicationConn {
     /// Connect and authenticate as a logical replication connection to the URL's database.
     pub async fn connect(url: &str, timeout: Duration) -> Result<ReplicationConn, ConnError> {
-        let config: tokio_postgres::Config = url
+        let tls = crate::db::tls::settings(url).map_err(|e| ConnError::Config(e.to_string()))?;
+        let config: tokio_postgres::Config = tls
+            .stripped
             .parse()
             .map_err(|e: tokio_postgres::Error| ConnError::Config(e.to_string()))?;
-        tokio::time::timeout(timeout, Self::connect_config(&config))
+        tokio::time::timeout(timeout, Self::connect_config(&config, &tls))
             .await
             .map_err(|_| {
                 ConnError::Io(std::io::Error::new(
@@ -134,17 +165,37 @@ impl ReplicationConn {
             })?
     }
 
-    async fn connect_config(config: &tokio_postgres::Config) -> Result<ReplicationConn, ConnError> {
+    async fn connect_config(
+        config: &tokio_postgres::Config,
+        tls: &crate::db::tls::TlsSettings,
+    ) -> Result<ReplicationConn, ConnError> {
         let port = config.get_ports().first().copied().unwrap_or(5432);
         let stream: Box<dyn Stream> = match config.get_hosts().first() {
             Some(Host::Tcp(host)) => {
-                let s = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+                let mut s = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
                 s.set_nodelay(true)?;
                 let keepalive = socket2::TcpKeepalive::new()
                     .with_time(KEEPALIVE_IDLE)
                     .with_interval(KEEPALIVE_INTERVAL);
                 socket2::SockRef::from(&s).set_tcp_keepalive(&keepalive)?;
-                Box::new(s)
+                match tls
+                    .client_config()
+                    .map_err(|e| ConnError::Config(e.to_string()))?
+                {
+                    Some(client) => match start_tls(&mut s, tls.mode).await? {
+                        true => {
+                            let name = rustls::pki_types::ServerName::try_from(host.clone())
+                                .map_err(|e| ConnError::Config(format!("host {host:?}: {e}")))?;
+                            let stream = tokio_rustls::TlsConnector::from(client)
+                                .connect(name, s)
+                                .await
+                                .map_err(|e| ConnError::Tls(e.to_string()))?;
+                            Box::new(stream)
+                        }
+                        false => Box::new(s),
+                    },
+                    None => Box::new(s),
+                }
             }
             Some(Host::Unix(dir)) => Box::new(
                 tokio::net::UnixStream::connect(dir.join(format!(".s.PGSQL.{port}"))).await?,

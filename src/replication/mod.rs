@@ -32,6 +32,8 @@ const BATCH: usize = 1024;
 /// The first retry after losing a stream that was working; later ones double up to `MAX_RETRY`.
 const FIRST_RETRY: Duration = Duration::from_millis(100);
 const MAX_RETRY: Duration = Duration::from_secs(10);
+/// How often a standby (the slot held by another consumer) tries to take the slot over.
+const STANDBY_POLL: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone)]
 pub struct ConsumerConfig {
@@ -64,6 +66,8 @@ pub enum ConsumerError {
     ServerShutdown { code: String, message: String },
     #[error("dispatch stopped: nothing takes the stream's events any more")]
     DispatchGone,
+    #[error("cannot read the configuration in force at the slot after taking it over: {0}")]
+    Resync(String),
 }
 
 impl ConsumerError {
@@ -74,8 +78,15 @@ impl ConsumerError {
             // Disk trouble may pass (space freed): the transaction is received again.
             ConsumerError::Decode(DecodeError::Spill { .. }) => false,
             ConsumerError::Decode(_) | ConsumerError::DispatchGone => true,
-            ConsumerError::Silent(_) | ConsumerError::ServerShutdown { .. } => false,
+            ConsumerError::Silent(_)
+            | ConsumerError::ServerShutdown { .. }
+            | ConsumerError::Resync(_) => false,
         }
+    }
+
+    /// The slot is active for another consumer (SQLSTATE 55006 at START_REPLICATION).
+    pub fn slot_in_use(&self) -> bool {
+        matches!(self, ConsumerError::Conn(e) if e.code() == Some(SqlState::OBJECT_IN_USE.code()))
     }
 
     /// What to do about it, when pgfire knows.
@@ -99,6 +110,9 @@ pub struct ConsumerHealth {
     pub settled_lsn: Arc<AtomicU64>,
     pub reconnects: AtomicU64,
     pub streamed_bytes: AtomicU64,
+    /// The slot is held by another consumer (another pgfire): this one stands by and takes it
+    /// over once it is released.
+    pub standby: AtomicBool,
     /// Bytes of streamed transactions written to spill files so far.
     pub spilled_bytes: AtomicU64,
     pub last_error: Mutex<Option<String>>,
@@ -125,6 +139,8 @@ impl ConsumerHealth {
             format!("stopped: {}", err.unwrap_or_default())
         } else if self.connected.load(Ordering::SeqCst) {
             "streaming".into()
+        } else if self.standby.load(Ordering::SeqCst) {
+            format!("standby: {}", err.unwrap_or_default())
         } else if let Some(err) = err {
             format!("reconnecting: {err}")
         } else {
@@ -186,18 +202,50 @@ pub async fn run(
             health.stopped.cancel();
             return;
         }
+        decoder.reset();
+        // The slot is active for another consumer: stand by, and try again every second so the
+        // slot is taken over soon after the other lets go of it (or dies: PostgreSQL frees the
+        // slot as soon as its walsender sees the connection closed).
+        if err.slot_in_use() {
+            if !health.standby.swap(true, Ordering::SeqCst) {
+                tracing::info!(slot = %config.slot, error = %reason, "standing by: another consumer holds the slot; taking it over once it is free");
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(STANDBY_POLL) => {}
+            }
+            continue;
+        }
         health.reconnects.fetch_add(1, Ordering::Relaxed);
         if was_streaming {
             delay = FIRST_RETRY;
         }
         tracing::warn!(error = %reason, retry_in = ?delay, "replication stream lost");
-        decoder.reset();
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(delay) => {}
         }
         delay = (delay * 2).min(MAX_RETRY);
     }
+}
+
+/// The configuration in force where the slot stands, as the message that carries a
+/// configuration change in the stream (dispatch applies it before the items after it).
+async fn configuration_at_slot(config: &ConsumerConfig) -> Result<Item, ConsumerError> {
+    let fail = |e: String| ConsumerError::Resync(e);
+    let client = crate::db::connect(&config.database_url)
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    let (snapshot, at) = crate::catalog::snapshot_as_of_slot(&client, &config.slot)
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    Ok(Item::Message {
+        prefix: crate::catalog::CONFIG_MESSAGE_PREFIX.to_string(),
+        content: bytes::Bytes::from(snapshot),
+        lsn: at,
+        commit: None,
+        position: 0,
+    })
 }
 
 /// Resolves when the server says it is shutting down. In a fast shutdown PostgreSQL ends the
@@ -207,9 +255,9 @@ pub async fn run(
 /// consumer lets go of the stream as soon as it ends with 57P01 (or new connections are refused
 /// with 57P03). Any other end of the watch just opens it again.
 fn shutdown_watch(url: &str) -> Pin<Box<dyn Future<Output = ConsumerError> + Send>> {
-    let config = url.parse::<tokio_postgres::Config>();
+    let config = crate::db::config(url);
     Box::pin(async move {
-        let mut config = match config {
+        let (mut config, tls) = match config {
             Ok(c) => c,
             Err(err) => {
                 tracing::warn!(error = %err, "no shutdown watch");
@@ -229,7 +277,7 @@ fn shutdown_watch(url: &str) -> Pin<Box<dyn Future<Output = ConsumerError> + Sen
             })
         };
         loop {
-            let end = match config.connect(tokio_postgres::NoTls).await {
+            let end = match config.connect(tls.clone()).await {
                 Ok((client, connection)) => {
                     let end = connection.await;
                     drop(client);
@@ -281,9 +329,20 @@ async fn session(
     );
     conn.start_replication(&config.slot, start, &options)
         .await?;
+    let took_over = health.standby.load(Ordering::SeqCst);
+    // After standing by, dispatch's configuration (loaded when this pgfire started) may be
+    // older than where the slot stands now: the one in force there goes first.
+    let resync = match took_over {
+        true => Some(configuration_at_slot(config).await?),
+        false => None,
+    };
+    health.standby.store(false, Ordering::SeqCst);
     health.connected.store(true, Ordering::SeqCst);
     health.set_error(None);
-    tracing::info!(slot = %config.slot, from = %start, "replication started");
+    match took_over {
+        true => tracing::info!(slot = %config.slot, "took the slot over; replication started"),
+        false => tracing::info!(slot = %config.slot, from = %start, "replication started"),
+    }
 
     let mut s = Stream {
         conn,
@@ -301,6 +360,7 @@ async fn session(
     s.ticker
         .set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut batch: Vec<Item> = Vec::with_capacity(BATCH);
+    batch.extend(resync);
     loop {
         // Hand over what we hold before waiting on the network, and whenever a batch is full.
         if !batch.is_empty() && (batch.len() >= BATCH || !s.conn.has_buffered_message()) {

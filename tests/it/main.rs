@@ -18,3 +18,5 @@ mod install;
 mod proxy;
 mod resilience;
 mod sources;
+mod standby;
+mod tls;
