@@ -378,7 +378,7 @@ pub async fn dev_cmd(data_dir: PathBuf, pg_port: u16, args: ServiceArgs) -> anyh
         "\npgfire dev is running.\n\
          \n  database (direct):   {url}\
          \n  through pgfire:      {}\
-         \n  admin:               http://{admin}/healthz\n\
+         \n  dashboard:           http://{admin}/  (/healthz, /metrics)\n\
          \nTry it: a user row becomes a POST_USER_CREATE event, logged by the demo function `log_users`:\n\
          \n  psql {app_url} -c \"INSERT INTO users (email, name) VALUES ('ada@example.com', 'Ada')\"\
          \n  psql {app_url} -c \"SELECT name, subscribers, description FROM pgfire.events\"\

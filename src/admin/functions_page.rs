@@ -56,7 +56,11 @@ fn probe_html(out: &mut String, p: &ProbeResult) {
         e = esc(&p.event_type),
         ms = p.duration_ms,
         verdict = esc(&verdict),
-        answer = esc(&p.answer),
+        answer = if p.answer.is_empty() {
+            "(empty)".to_string()
+        } else {
+            esc(&p.answer)
+        },
         envelope = esc(&envelope),
     );
 }

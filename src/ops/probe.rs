@@ -207,13 +207,7 @@ async fn sql(
 ) -> (bool, Option<u16>, String) {
     let c = match crate::db::connect(url).await {
         Ok(c) => c,
-        Err(e) => {
-            return (
-                false,
-                None,
-                format!("cannot connect: {e}"),
-            )
-        }
+        Err(e) => return (false, None, format!("cannot connect: {e}")),
     };
     let run = async {
         c.batch_execute(&format!(

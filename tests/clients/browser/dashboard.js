@@ -19,6 +19,11 @@ async function shot(page, name) {
   await page.screenshot({ path: path.join(shots, name + ".png"), fullPage: true });
 }
 
+// The viewport only, small: the README's tour is made from these.
+async function tour(page, name) {
+  await page.screenshot({ path: path.join(shots, "tour-" + name + ".png") });
+}
+
 async function flash(page, text) {
   await page.getByText(text, { exact: true }).waitFor({ timeout: TIMEOUT });
 }
@@ -31,7 +36,7 @@ async function main() {
     args: ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
            "--disable-component-update", "--disable-sync"],
   });
-  page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
+  page = await browser.newPage({ viewport: { width: 1100, height: 760 } });
   page.setDefaultTimeout(TIMEOUT);
   const errors = [];
   page.on("pageerror", (e) => errors.push(String(e)));
@@ -66,6 +71,8 @@ async function main() {
   check(cells[0] === "Active" && cells[1] === "5", "notify is active with priority 5: " + JSON.stringify(cells));
   check(/\d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ/.test(cells[2]), "a subscribed date: " + cells[2]);
   await shot(page, "events-subscribed");
+  await page.evaluate(() => window.scrollTo(0, 0));
+  await tour(page, "events");
 
   // Deactivate it.
   await row.getByRole("button", { name: "Deactivate" }).click();
@@ -90,6 +97,8 @@ async function main() {
   await page.getByRole("heading", { name: "Test event result" }).waitFor();
   check((await page.locator("#probe-verdict").textContent()) === "HTTP 200: accepted", "the webhook's answer");
   await shot(page, "functions");
+  await page.evaluate(() => window.scrollTo(0, 0));
+  await tour(page, "functions");
 
   // Executions: the failed run and its error, then a new one appears without a reload.
   await nav.getByRole("link", { name: "Executions" }).click();
@@ -114,6 +123,8 @@ async function main() {
   await db.end();
   await runs.getByRole("row", { name: /mailbox full for grace@example.com/ }).first().waitFor();
   check(await page.evaluate(() => window.notReloaded === true), "the new run arrived without a reload");
+  await page.evaluate(() => window.scrollTo(0, 0));
+  await tour(page, "executions");
 
   check(errors.length === 0, "no script errors: " + errors.join("; "));
   await browser.close();
