@@ -69,7 +69,7 @@ pub async fn executions(
     runs.reverse();
     let dead: Vec<i64> = runs
         .iter()
-        .filter(|r| r.status == "dead")
+        .filter(|r| r.status != "ok")
         .map(|r| r.id)
         .collect();
     let redeliverable = history::redeliverable(&c, &dead).await?;

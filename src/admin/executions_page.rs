@@ -139,7 +139,7 @@ async fn body(d: &Dashboard, f: &Filters) -> Result<(String, Option<OpsError>), 
     };
     let ids: Vec<i64> = runs
         .iter()
-        .filter(|r| r.status == "dead")
+        .filter(|r| r.status != "ok")
         .map(|r| r.id)
         .collect();
     let redeliverable = history::redeliverable(&c, &ids).await?;
@@ -191,12 +191,75 @@ async fn body(d: &Dashboard, f: &Filters) -> Result<(String, Option<OpsError>), 
         out.push_str("<p class=\"empty\" id=\"runs-empty\">No runs match.</p>");
     }
     out.push_str("</section>");
+    retry_queue(&mut out, history::parked(&c, PAGE_RUNS).await?, &d.csrf);
     Ok((out, filter_error))
 }
 
+/// The delivery engine's retry queue: parked runs (retried by pgfire) and dead ones, which
+/// Redeliver sends again.
+fn retry_queue(out: &mut String, parked: Option<Vec<history::ParkedRun>>, csrf: &str) {
+    out.push_str("<section aria-labelledby=\"queue-h\"><h2 id=\"queue-h\">Retry queue</h2>");
+    let Some(parked) = parked else {
+        out.push_str(
+            "<p class=\"empty\">Waiting for the delivery engine: this database has no retry queue yet \
+             (pgfire.parked and pgfire.redeliver come with migration 006; run pgfire install after upgrading).</p></section>",
+        );
+        return;
+    };
+    if parked.is_empty() {
+        out.push_str("<p class=\"empty\">No parked or dead runs.</p></section>");
+        return;
+    }
+    out.push_str(
+        "<table class=\"runs\"><caption>Parked and dead runs</caption><thead><tr><th scope=\"col\">Function</th>\
+         <th scope=\"col\">Event</th><th scope=\"col\">Status</th><th scope=\"col\">Attempt</th><th scope=\"col\">Next try</th>\
+         <th scope=\"col\">Last error</th><th scope=\"col\">Action</th></tr></thead><tbody>",
+    );
+    let mut dead_functions: Vec<&str> = Vec::new();
+    for p in &parked {
+        let action = match (p.status.as_str(), p.execution_id) {
+            ("dead", Some(id)) => format!(
+                "<form method=\"post\" action=\"/executions/redeliver\">{}{}<button type=\"submit\">Redeliver</button></form>",
+                hidden("csrf", csrf),
+                hidden("execution", &id.to_string())
+            ),
+            _ => String::new(),
+        };
+        if p.status == "dead" && !dead_functions.contains(&p.function_name.as_str()) {
+            dead_functions.push(&p.function_name);
+        }
+        let _ = write!(
+            out,
+            "<tr><td>{f}</td><td>{ev} <span class=\"note\">{id}</span></td><td>{st}</td><td>{attempt}</td>\
+             <td><time datetime=\"{next}\">{next}</time></td><td class=\"error\">{err}</td><td>{action}</td></tr>",
+            f = esc(&p.function_name),
+            ev = esc(&p.event_type),
+            id = esc(&p.event_id),
+            st = status_badge(&p.status),
+            attempt = p.attempt,
+            next = esc(if p.status == "dead" { "–" } else { &p.next_try }),
+            err = esc(p.last_error.as_deref().unwrap_or("")),
+        );
+    }
+    out.push_str("</tbody></table>");
+    for f in dead_functions {
+        let _ = write!(
+            out,
+            "<form method=\"post\" action=\"/executions/redeliver\" class=\"inline\">{}{}\
+             <button type=\"submit\">Redeliver every dead run of {}</button></form>",
+            hidden("csrf", csrf),
+            hidden("function", f),
+            esc(f)
+        );
+    }
+    out.push_str("</section>");
+}
+
+/// One execution's dead run, or every dead run of a function.
 #[derive(Debug, Deserialize)]
 pub struct RedeliverForm {
-    pub execution: i64,
+    pub execution: Option<i64>,
+    pub function: Option<String>,
 }
 
 pub async fn redeliver(
@@ -206,24 +269,31 @@ pub async fn redeliver(
     let Ok(Form(f)) = form else {
         return redirect("/executions", Flash::error(&bad_form()));
     };
+    let (what, name) = match (f.execution, f.function) {
+        (Some(id), _) => (Redeliver::Execution(id), format!("execution {id}")),
+        (None, Some(function)) => (
+            Redeliver::Function(function.clone()),
+            format!("function {function}"),
+        ),
+        (None, None) => return redirect("/executions", Flash::error(&bad_form())),
+    };
     let result = async {
         let c = d.db.get().await?;
-        ops::redeliver(&c, &Redeliver::Execution(f.execution)).await
+        ops::redeliver(&c, &what).await
     }
     .await;
     match result {
         Ok(0) => redirect(
             "/executions",
             Flash::error(&OpsError::Invalid(format!(
-                "execution {} has no dead run to send again (it may have been redelivered already)",
-                f.execution
+                "{name} has no dead run to send again (it may have been redelivered already)"
             ))),
         ),
-        Ok(_) => redirect(
+        Ok(n) => redirect(
             "/executions",
             Flash::ok(format!(
-                "The run of execution {} was sent again; its new runs appear below.",
-                f.execution
+                "{n} dead run{} of {name} sent again; new runs appear below.",
+                if n == 1 { "" } else { "s" }
             )),
         ),
         Err(e) => redirect("/executions", Flash::error(&e)),

@@ -174,6 +174,60 @@ pub async fn runs_per_minute(c: &Client) -> Result<Vec<Minute>> {
         .collect())
 }
 
+/// A run in the delivery engine's retry queue (pgfire.parked).
+#[derive(Debug, Clone, Serialize)]
+pub struct ParkedRun {
+    pub function_name: String,
+    pub event_type: String,
+    pub event_id: String,
+    /// `parked` (retried by pgfire) or `dead` (given up; redeliver sends it again).
+    pub status: String,
+    pub attempt: i32,
+    pub next_try: String,
+    pub parked_at: String,
+    pub last_error: Option<String>,
+    /// The newest execution of this run, the handle `pgfire.redeliver(execution)` takes.
+    pub execution_id: Option<i64>,
+}
+
+/// The retry queue, dead runs first then by next try; `None` on a database without the
+/// delivery engine's migration.
+pub async fn parked(c: &Client, limit: i64) -> Result<Option<Vec<ParkedRun>>> {
+    if !super::has_redeliver(c).await? {
+        return Ok(None);
+    }
+    let rows = c
+        .query(
+            &format!(
+                "SELECT p.function_name, p.event_type, p.event_id, p.status, p.attempt, {}, {}, p.last_error,
+                        (SELECT max(e.id) FROM pgfire.executions e
+                          WHERE e.function_name = p.function_name AND e.event_id = p.event_id)
+                   FROM pgfire.parked p
+                  ORDER BY p.status = 'dead' DESC, p.next_try, p.id
+                  LIMIT $1",
+                super::timestamp("p.next_try"),
+                super::timestamp("p.parked_at")
+            ),
+            &[&limit],
+        )
+        .await?;
+    Ok(Some(
+        rows.iter()
+            .map(|r| ParkedRun {
+                function_name: r.get(0),
+                event_type: r.get(1),
+                event_id: r.get(2),
+                status: r.get(3),
+                attempt: r.get(4),
+                next_try: r.get(5),
+                parked_at: r.get(6),
+                last_error: r.get(7),
+                execution_id: r.get(8),
+            })
+            .collect(),
+    ))
+}
+
 /// The dead or parked run behind an execution, when the delivery engine keeps one.
 pub async fn redeliverable(c: &Client, ids: &[i64]) -> Result<Vec<i64>> {
     if ids.is_empty() || !super::has_redeliver(c).await? {

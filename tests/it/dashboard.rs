@@ -578,3 +578,58 @@ async fn the_seed_flows_work_in_a_real_browser() {
     );
     service.stop().await;
 }
+
+#[tokio::test]
+async fn pages_say_when_the_database_cannot_be_reached() {
+    let db = TestDb::new();
+    install_pgfire(&db).await;
+    let service = start_service(&db).await;
+    let base = format!("http://{}", service.admin_addr.unwrap());
+    let h = http();
+    assert_eq!(h.get(&base).send().await.unwrap().status(), 200);
+    // No new connections to the database, and the dashboard's own one ended.
+    let admin = db.cluster.url("postgres");
+    let (c, conn) = tokio_postgres::connect(&admin, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    c.batch_execute(&format!(
+        "ALTER DATABASE {0} ALLOW_CONNECTIONS false;
+         SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{0}' AND backend_type = 'client backend'",
+        db.name
+    ))
+    .await
+    .unwrap();
+    for path in ["/", "/functions", "/executions"] {
+        let r = h.get(format!("{base}{path}")).send().await.unwrap();
+        assert_eq!(r.status(), 503, "{path}");
+        let html = r.text().await.unwrap();
+        assert!(
+            html.contains("role=\"alert\">cannot reach the database:")
+                && html.contains("<h1>Something went wrong</h1>"),
+            "{path}: {html}"
+        );
+    }
+    let r = h.get(format!("{base}/api/functions")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("cannot reach the database"),
+        "{v}"
+    );
+    c.batch_execute(&format!(
+        "ALTER DATABASE {} ALLOW_CONNECTIONS true",
+        db.name
+    ))
+    .await
+    .unwrap();
+    eventually(WAIT, "the dashboard to reconnect", || async {
+        let r = h.get(&base).send().await.ok()?;
+        (r.status() == 200).then_some(())
+    })
+    .await;
+    service.stop().await;
+}
