@@ -228,6 +228,73 @@ async fn forms_need_the_csrf_secret_and_errors_read_as_messages() {
         html.contains("role=\"alert\">limit reached: event POST_LOGIN already has 10"),
         "{html}"
     );
+
+    // Activating an 11th is refused the same way; deactivating one makes room.
+    db.psql("INSERT INTO pgfire.subscriptions (event_type, function_name, active) VALUES ('POST_LOGIN', 'audit', false)");
+    let toggle = |function: &'static str, active: &'static str| {
+        h.post(format!("{base}/events/active"))
+            .form(&[
+                ("csrf", csrf.as_str()),
+                ("event", "POST_LOGIN"),
+                ("function", function),
+                ("active", active),
+            ])
+            .send()
+    };
+    let r = toggle("audit", "true").await.unwrap();
+    assert!(
+        flash_of(&r).starts_with("elimit reached"),
+        "{}",
+        flash_of(&r)
+    );
+    let r = toggle("f1", "false").await.unwrap();
+    assert_eq!(
+        flash_of(&r),
+        "oThe subscription of f1 to POST_LOGIN is inactive."
+    );
+    let r = toggle("audit", "true").await.unwrap();
+    assert_eq!(
+        flash_of(&r),
+        "oThe subscription of audit to POST_LOGIN is active."
+    );
+    let html = h
+        .get(format!("{base}/?open=POST_LOGIN"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(html.contains("11 subscribers, 10 active"), "{html}");
+    // A function deactivated from its page.
+    let r = h
+        .post(format!("{base}/functions/active"))
+        .form(&[
+            ("csrf", csrf.as_str()),
+            ("function", "audit"),
+            ("active", "false"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(flash_of(&r), "oaudit is inactive.");
+    assert_eq!(
+        texts(
+            &c,
+            "SELECT active::text FROM pgfire.functions WHERE name = 'audit'"
+        )
+        .await,
+        ["false"]
+    );
+    let html = h
+        .get(format!("{base}/?open=POST_LOGIN"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(html.contains("(the function is inactive)"), "{html}");
     service.stop().await;
 }
 

@@ -126,6 +126,24 @@ async function main() {
   await page.evaluate(() => window.scrollTo(0, 0));
   await tour(page, "executions");
 
+  // Redeliver a dead run once its endpoint works again, and see it succeed.
+  if (process.env.FLAKY_CONTROL) {
+    await page.goto(base + "/executions?function=flaky&status=dead");
+    const dead = runs.getByRole("row", { name: /flaky/ }).first();
+    await dead.waitFor();
+    check((await dead.textContent()).includes("try later"), "the dead run shows its error");
+    const queue = page.getByRole("table", { name: "Parked and dead runs" });
+    await queue.getByRole("row", { name: /flaky/ }).first().waitFor();
+    await shot(page, "executions-dead");
+    await fetch(process.env.FLAKY_CONTROL, { method: "POST" });
+    await dead.getByRole("button", { name: "Redeliver" }).click();
+    await page.getByText(/dead run of execution \d+ sent again/).waitFor();
+    await runs.getByRole("row", { name: /flaky/ }).filter({ hasText: /\bok\b/ }).first().waitFor();
+    await page.reload();
+    await page.getByText("No parked or dead runs.").waitFor();
+    await shot(page, "executions-redelivered");
+  }
+
   check(errors.length === 0, "no script errors: " + errors.join("; "));
   await browser.close();
   console.log("dashboard flows ok");
