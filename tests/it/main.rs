@@ -11,6 +11,7 @@ mod custom;
 mod dashboard;
 mod datahub;
 mod dev;
+mod docker;
 mod embedded;
 mod events;
 mod functions;
