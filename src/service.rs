@@ -409,12 +409,12 @@ async fn service_state(admin_url: &str) -> String {
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(3))
             .build()?;
-        client
-            .get(&url)
-            .send()
-            .await?
-            .json::<serde_json::Value>()
-            .await
+        // An admin endpoint with a token (--admin-token) wants it too.
+        let mut req = client.get(&url);
+        if let Ok(token) = std::env::var("PGFIRE_ADMIN_TOKEN") {
+            req = req.bearer_auth(token);
+        }
+        req.send().await?.json::<serde_json::Value>().await
     };
     match answer.await {
         Ok(body) => match body["replication"]["state"].as_str() {

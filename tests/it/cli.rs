@@ -259,3 +259,41 @@ async fn commands_say_what_is_wrong_with_the_database() {
         "{err}"
     );
 }
+
+// Multi-threaded: the admin endpoint answers while the test waits for the command.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_asks_a_token_guarded_service_with_its_token() {
+    let db = TestDb::new();
+    install_pgfire(&db).await;
+    crate::support::init_logs();
+    const TOKEN: &str = "status-token-0123456789abcdef";
+    let mut cfg = pgfire::service::ServiceConfig::new(db.url());
+    cfg.admin_listen = Some("127.0.0.1:0".parse().unwrap());
+    cfg.admin_token = Some(TOKEN.into());
+    let service = pgfire::service::Service::start(cfg).await.unwrap();
+    let admin = format!("http://{}", service.admin_addr.unwrap());
+    crate::support::caught_up(&db).await;
+    let status = |token: Option<&str>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgfire"));
+        cmd.args(["status", "--admin-url", &admin])
+            .env("DATABASE_URL", db.url())
+            .env_remove("PGFIRE_ADMIN_TOKEN");
+        if let Some(t) = token {
+            cmd.env("PGFIRE_ADMIN_TOKEN", t);
+        }
+        String::from_utf8_lossy(&cmd.output().unwrap().stdout).into_owned()
+    };
+    let out = status(Some(TOKEN));
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("service: "))
+        .unwrap_or_default()
+        .to_string();
+    assert!(!line.is_empty() && !line.contains("no answer"), "{out}");
+    let out = status(None);
+    assert!(
+        out.contains("service: no answer"),
+        "without the token: {out}"
+    );
+    service.stop().await;
+}
