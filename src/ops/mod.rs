@@ -55,6 +55,10 @@ impl From<tokio_postgres::Error> for OpsError {
     fn from(err: tokio_postgres::Error) -> Self {
         let text = crate::db::describe(&err);
         match err.code() {
+            // The session ended under us, or the server refuses connections now.
+            Some(c) if c.code().starts_with("08") || c.code().starts_with("57P") => {
+                OpsError::Connect(text)
+            }
             Some(c) if *c == SqlState::PROGRAM_LIMIT_EXCEEDED => OpsError::LimitReached(text),
             Some(c) if *c == SqlState::UNDEFINED_TABLE || *c == SqlState::INVALID_SCHEMA_NAME => {
                 OpsError::Database(format!("{text} (is pgfire installed? run pgfire install)"))
