@@ -7,6 +7,14 @@
 //! and `8,50`; PGFIRE_BENCH_UPSTREAM=unix to have both proxies reach PostgreSQL over its Unix
 //! socket instead of TCP). pgfire is the real `pgfire run --no-consumer` binary. Needs pgbench and
 //! PgBouncer (`apt-get install pgbouncer`).
+//!
+//! PRE hooks, in the same run (PGFIRE_BENCH_PRE=0 leaves them out): TPC-B-like
+//! through a pgfire whose database has a `sql` PRE function (allowing) on `pgbench_accounts`
+//! updates, and one with a `webhook` PRE function on a local keep-alive HTTP receiver; select-only
+//! through a pgfire whose database has PRE subscriptions on another table. Each is a copy of the
+//! benchmark database with pgfire installed, served by a pgfire of its own; "pgfire" is the proxy
+//! without hooks. Added latency per held write: the median transaction latency (pgbench -l) less
+//! the one without hooks (each TPC-B transaction holds one write).
 
 use std::collections::BTreeMap;
 use std::os::unix::process::CommandExt;
@@ -15,7 +23,14 @@ use std::time::Duration;
 
 use pgfire::embedded::{free_port, running_as_root, Cluster, ClusterOptions};
 
-const TARGETS: [&str; 3] = ["direct", "pgfire", "pgbouncer"];
+const TARGETS: [&str; 6] = [
+    "direct",
+    "pgfire",
+    "pgbouncer",
+    "pgfire+sql",
+    "pgfire+webhook",
+    "pgfire+other",
+];
 
 fn main() -> anyhow::Result<()> {
     let secs: u64 = std::env::var("PGFIRE_BENCH_SECONDS")
@@ -52,6 +67,55 @@ fn main() -> anyhow::Result<()> {
         String::from_utf8_lossy(&init.stderr)
     );
 
+    let with_pre = std::env::var("PGFIRE_BENCH_PRE").map_or(true, |v| v != "0");
+    let receiver = if with_pre {
+        Some(allow_receiver()?)
+    } else {
+        None
+    };
+    if let Some(hook_port) = receiver {
+        for (db, slot) in [
+            ("bench_sql", "pgfire_sql"),
+            ("bench_hook", "pgfire_hook"),
+            ("bench_other", "pgfire_other"),
+        ] {
+            cluster.psql("postgres", &format!("CREATE DATABASE {db} TEMPLATE bench"))?;
+            let out = Command::new(env!("CARGO_BIN_EXE_pgfire"))
+                .args(["install", "--slot", slot])
+                .env("DATABASE_URL", cluster.url(db))
+                .output()?;
+            anyhow::ensure!(
+                out.status.success(),
+                "pgfire install: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let (table, kind, event) = match db {
+                "bench_other" => {
+                    cluster.psql(db, "CREATE TABLE users (id serial PRIMARY KEY, email text)")?;
+                    ("users", "user", "PRE_USER_CREATE")
+                }
+                _ => ("pgbench_accounts", "record", "PRE_RECORD_UPDATE"),
+            };
+            let function = match db {
+                "bench_hook" => format!(
+                    "INSERT INTO pgfire.functions (name, kind, target) VALUES ('allow', 'webhook', 'http://127.0.0.1:{hook_port}/pre')"
+                ),
+                _ => "INSERT INTO pgfire.functions (name, kind, target) VALUES ('allow', 'sql', 'allow_all')".into(),
+            };
+            cluster.psql(
+                db,
+                &format!(
+                    "CREATE FUNCTION allow_all(e jsonb) RETURNS jsonb LANGUAGE sql AS $$ SELECT '{{\"allow\": true}}'::jsonb $$;
+                     INSERT INTO pgfire.sources (table_name, kind) VALUES ('{table}', '{kind}');
+                     -- PRE hooks need no old values in the WAL: keep the table as the others have it.
+                     ALTER TABLE {table} REPLICA IDENTITY DEFAULT;
+                     {function};
+                     INSERT INTO pgfire.subscriptions (event_type, function_name) VALUES ('{event}', 'allow');"
+                ),
+            )?;
+        }
+    }
+
     let list = |var: &str, all: &[&'static str]| -> Vec<&'static str> {
         match std::env::var(var) {
             Ok(v) if !v.trim().is_empty() => all
@@ -78,7 +142,6 @@ fn main() -> anyhow::Result<()> {
 
     // pgfire's proxy: the real binary, as users run it.
     let proxy_port = free_port()?;
-    let admin_port = free_port()?;
     let upstream_url = format!(
         "postgres://postgres@{}:{}/bench",
         if unix {
@@ -91,21 +154,39 @@ fn main() -> anyhow::Result<()> {
         },
         cluster.port
     );
-    let pgfire = Command::new(env!("CARGO_BIN_EXE_pgfire"))
-        .args([
-            "run",
-            "--no-consumer",
-            "--listen",
-            &format!("127.0.0.1:{proxy_port}"),
-            "--admin-listen",
-            &format!("127.0.0.1:{admin_port}"),
-        ])
-        .env("DATABASE_URL", &upstream_url)
-        .env("PGFIRE_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()
-        .map(Killed)?;
-    wait_listening(proxy_port, "pgfire")?;
+    let launch = |url: &str, port: u16| -> anyhow::Result<Killed> {
+        let admin_port = free_port()?;
+        let child = Command::new(env!("CARGO_BIN_EXE_pgfire"))
+            .args([
+                "run",
+                "--no-consumer",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--admin-listen",
+                &format!("127.0.0.1:{admin_port}"),
+            ])
+            .env("DATABASE_URL", url)
+            .env("PGFIRE_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .map(Killed)?;
+        wait_listening(port, "pgfire")?;
+        Ok(child)
+    };
+    let pgfire = launch(&upstream_url, proxy_port)?;
+    let mut pre_procs = Vec::new();
+    let mut pre_ports = [0u16; 3];
+    if with_pre {
+        for (i, db) in ["bench_sql", "bench_hook", "bench_other"]
+            .iter()
+            .enumerate()
+        {
+            let port = free_port()?;
+            let url = upstream_url.replace("/bench", &format!("/{db}"));
+            pre_procs.push(launch(&url, port)?);
+            pre_ports[i] = port;
+        }
+    }
 
     let bouncer_port = free_port()?;
     let bouncer = start_pgbouncer(
@@ -116,7 +197,30 @@ fn main() -> anyhow::Result<()> {
         bouncer_port,
     )?;
 
-    let ports = [cluster.port, proxy_port, bouncer_port];
+    let ports = [
+        cluster.port,
+        proxy_port,
+        bouncer_port,
+        pre_ports[0],
+        pre_ports[1],
+        pre_ports[2],
+    ];
+    let dbs = [
+        "bench",
+        "bench",
+        "bench",
+        "bench_sql",
+        "bench_hook",
+        "bench_other",
+    ];
+    // Which targets run a workload: the PRE ones where they mean something.
+    let runs = |t: usize, workload: &str, _mode: &str| match t {
+        0..=2 => true,
+        3 | 4 => with_pre && workload == "tpcb-like",
+        _ => with_pre && workload == "select-only",
+    };
+    let logs = dir.path().join("latency");
+    std::fs::create_dir_all(&logs)?;
     println!(
         "pgfire proxy benchmark: pgbench -T {secs} -j 2, {rounds} rounds, scale 10, PostgreSQL {}, proxies reach it over {}",
         cluster.bin_dir.display(),
@@ -124,20 +228,48 @@ fn main() -> anyhow::Result<()> {
     );
     // Each proxy's own CPU time per transaction, from /proc: a steadier measure of its cost than
     // throughput on a shared machine.
-    let pids = [None, Some(pgfire.0.id()), Some(bouncer.0.id())];
+    let pid_of = |i: usize| pre_procs.get(i).map(|p: &Killed| p.0.id());
+    let pids = [
+        None,
+        Some(pgfire.0.id()),
+        Some(bouncer.0.id()),
+        pid_of(0),
+        pid_of(1),
+        pid_of(2),
+    ];
     let tick_us = 1e6 / clock_ticks_per_second();
     let mut tps: BTreeMap<(String, String, u32, usize), Vec<f64>> = BTreeMap::new();
     let mut cpu: BTreeMap<(String, String, u32, usize), Vec<f64>> = BTreeMap::new();
+    let mut p50: BTreeMap<(String, String, u32, usize), Vec<f64>> = BTreeMap::new();
     for round in 0..rounds {
         for &workload in &workloads {
             for &mode in &modes {
                 for &clients in &clients_list {
                     // Rotate who goes first each round.
-                    for k in 0..3 {
-                        let t = (k + round) % 3;
+                    for k in 0..TARGETS.len() {
+                        let t = (k + round) % TARGETS.len();
+                        if !runs(t, workload, mode) {
+                            continue;
+                        }
                         let before = pids[t].and_then(cpu_ticks);
-                        let (v, txns) =
-                            run_pgbench(&pgbench, ports[t], workload, mode, clients, secs)?;
+                        let log = (workload == "tpcb-like").then(|| logs.join(TARGETS[t]));
+                        let (v, txns) = run_pgbench(
+                            &pgbench,
+                            ports[t],
+                            dbs[t],
+                            workload,
+                            mode,
+                            clients,
+                            secs,
+                            log.as_deref(),
+                        )?;
+                        if let Some(prefix) = &log {
+                            if let Some(ms) = median_latency_ms(prefix)? {
+                                p50.entry((workload.to_string(), mode.to_string(), clients, t))
+                                    .or_default()
+                                    .push(ms);
+                            }
+                        }
                         let used = before
                             .zip(pids[t].and_then(cpu_ticks))
                             .map(|(a, b)| (b - a) as f64 * tick_us / txns.max(1) as f64);
@@ -190,6 +322,69 @@ fn main() -> anyhow::Result<()> {
         "(medians of {rounds} rounds of {secs} s; PgBouncer {} in session mode)",
         pgbouncer_version(pgbouncer_bin)
     );
+    if with_pre {
+        let get = |m: &BTreeMap<(String, String, u32, usize), Vec<f64>>,
+                   w: &str,
+                   mode: &str,
+                   c: u32,
+                   t: usize| {
+            median(
+                m.get(&(w.to_string(), mode.to_string(), c, t))
+                    .cloned()
+                    .unwrap_or_default(),
+            )
+        };
+        println!("\nPRE hooks, TPC-B-like, one held write per transaction:");
+        println!("| protocol | clients | pgfire tps | +sql tps | +sql / pgfire | +webhook tps | +webhook / pgfire | p50 ms pgfire | p50 added +sql | p50 added +webhook | CPU µs/txn pgfire | +sql | +webhook |");
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        for (&mode, &clients) in modes
+            .iter()
+            .flat_map(|m| clients_list.iter().map(move |c| (m, c)))
+        {
+            if !workloads.contains(&"tpcb-like") {
+                break;
+            }
+            let t = |i| get(&tps, "tpcb-like", mode, clients, i);
+            let l = |i| get(&p50, "tpcb-like", mode, clients, i);
+            let c = |i| get(&cpu, "tpcb-like", mode, clients, i);
+            println!(
+                "| {mode} | {clients} | {:.0} | {:.0} | {:.2}x | {:.0} | {:.2}x | {:.2} | {:.2} ms | {:.2} ms | {:.1} | {:.1} | {:.1} |",
+                t(1),
+                t(3),
+                t(3) / t(1),
+                t(4),
+                t(4) / t(1),
+                l(1),
+                l(3) - l(1),
+                l(4) - l(1),
+                c(1),
+                c(3),
+                c(4)
+            );
+        }
+        println!("\nPRE hooks on another table, select-only:");
+        println!("| protocol | clients | pgfire tps | +other tps | +other / pgfire | CPU µs/txn pgfire | +other | PgBouncer |");
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+        for &mode in &modes {
+            for &clients in &clients_list {
+                if !workloads.contains(&"select-only") {
+                    break;
+                }
+                let t = |i| get(&tps, "select-only", mode, clients, i);
+                let c = |i| get(&cpu, "select-only", mode, clients, i);
+                println!(
+                    "| {mode} | {clients} | {:.0} | {:.0} | {:.2}x | {:.1} | {:.1} | {:.1} |",
+                    t(1),
+                    t(5),
+                    t(5) / t(1),
+                    c(1),
+                    c(5),
+                    c(2)
+                );
+            }
+        }
+    }
+    drop(pre_procs);
 
     drop(pgfire);
     drop(bouncer);
@@ -206,13 +401,16 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run_pgbench(
     pgbench: &std::path::Path,
     port: u16,
+    db: &str,
     workload: &str,
     mode: &str,
     clients: u32,
     secs: u64,
+    log: Option<&std::path::Path>,
 ) -> anyhow::Result<(f64, u64)> {
     let mut cmd = Command::new(pgbench);
     cmd.args([
@@ -229,7 +427,11 @@ fn run_pgbench(
     if workload == "select-only" {
         cmd.arg("-S");
     }
-    cmd.arg(format!("postgres://postgres@127.0.0.1:{port}/bench"));
+    if let Some(prefix) = log {
+        cmd.arg("-l")
+            .arg(format!("--log-prefix={}", prefix.display()));
+    }
+    cmd.arg(format!("postgres://postgres@127.0.0.1:{port}/{db}"));
     let out = cmd.output()?;
     let text = String::from_utf8_lossy(&out.stdout);
     anyhow::ensure!(
@@ -250,6 +452,87 @@ fn run_pgbench(
         .and_then(|v| v.trim().parse().ok())
         .ok_or_else(|| anyhow::anyhow!("no transaction count in pgbench output: {text}"))?;
     Ok((tps, txns))
+}
+
+/// The median transaction latency of the pgbench logs written with `prefix` (their third field,
+/// in µs), in ms; the logs are removed.
+fn median_latency_ms(prefix: &std::path::Path) -> anyhow::Result<Option<f64>> {
+    let (Some(dir), Some(stem)) = (prefix.parent(), prefix.file_name()) else {
+        return Ok(None);
+    };
+    let stem = stem.to_string_lossy().into_owned();
+    let mut lat = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if !name.starts_with(&format!("{stem}.")) {
+            continue;
+        }
+        for line in std::fs::read_to_string(&path)?.lines() {
+            if let Some(us) = line
+                .split_whitespace()
+                .nth(2)
+                .and_then(|v| v.parse::<f64>().ok())
+            {
+                lat.push(us / 1000.0);
+            }
+        }
+        std::fs::remove_file(&path)?;
+    }
+    Ok((!lat.is_empty()).then(|| median(lat)))
+}
+
+/// A local HTTP/1.1 receiver (keep-alive) that answers every POST with `{"allow": true}`: the
+/// webhook PRE function's endpoint. Returns its port.
+fn allow_receiver() -> anyhow::Result<u16> {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let port = listener.local_addr()?.port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let _ = stream.set_nodelay(true);
+                let Ok(mut out) = stream.try_clone() else {
+                    return;
+                };
+                let mut reader = BufReader::new(stream);
+                loop {
+                    let mut length = 0usize;
+                    let mut line = String::new();
+                    loop {
+                        line.clear();
+                        match reader.read_line(&mut line) {
+                            Ok(0) | Err(_) => return,
+                            Ok(_) => {}
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                        let lower = line.to_ascii_lowercase();
+                        if let Some(v) = lower.strip_prefix("content-length:") {
+                            length = v.trim().parse().unwrap_or(0);
+                        }
+                    }
+                    let mut body = vec![0; length];
+                    if reader.read_exact(&mut body).is_err() {
+                        return;
+                    }
+                    let answer = r#"{"allow": true}"#;
+                    let response = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{answer}",
+                        answer.len()
+                    );
+                    if out.write_all(response.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    Ok(port)
 }
 
 /// User plus system CPU time of a process so far, in clock ticks (/proc/PID/stat).

@@ -47,6 +47,8 @@ pub struct FunctionDef {
     pub secret: Option<String>,
     /// For `sql` functions: the schema-qualified, quoted name to call.
     pub sql_callable: Option<String>,
+    /// PRE runs: a failing or timed-out run blocks the write (`on_error = 'block'`).
+    pub blocks_on_error: bool,
 }
 
 /// An active subscription of an active function.
@@ -54,6 +56,8 @@ pub struct FunctionDef {
 pub struct Subscription {
     pub function: Arc<FunctionDef>,
     pub priority: i32,
+    /// PRE shadow mode: runs and is recorded, never blocks or rewrites.
+    pub shadow: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -166,6 +170,8 @@ struct FunctionRow {
     timeout_ms: i64,
     active: bool,
     sql_callable: Option<String>,
+    #[serde(default)]
+    on_error: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -174,6 +180,8 @@ struct SubscriptionRow {
     function_name: String,
     priority: i32,
     active: bool,
+    #[serde(default)]
+    shadow: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -272,6 +280,7 @@ impl Catalog {
                     timeout: Duration::from_millis(timeout_ms),
                     secret,
                     sql_callable: f.sql_callable,
+                    blocks_on_error: f.on_error.as_deref() == Some("block"),
                 }),
             );
         }
@@ -292,6 +301,7 @@ impl Catalog {
                     .push(Subscription {
                         function: function.clone(),
                         priority: s.priority,
+                        shadow: s.shadow,
                     });
             }
         }

@@ -40,6 +40,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "events",
         sql: include_str!("../sql/005_events.sql"),
     },
+    Migration {
+        version: 7,
+        name: "pre hooks",
+        sql: include_str!("../sql/007_pre_hooks.sql"),
+    },
 ];
 
 /// The publication pgfire's consumer reads; source tables are added to it.

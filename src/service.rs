@@ -154,7 +154,12 @@ impl Service {
 
         let mut proxy_addr = None;
         if let Some(args) = &cfg.proxy {
-            let config = ProxyConfig::from_args(args, &cfg.database_url)?;
+            let mut config = ProxyConfig::from_args(args, &cfg.database_url)?;
+            config.pre = Some(
+                proxy::pre::PreHooks::start(cfg.database_url.clone(), shutdown.clone())
+                    .await
+                    .map_err(|e| anyhow::anyhow!("cannot start PRE hooks: {e}"))?,
+            );
             let listener = tokio::net::TcpListener::bind(args.listen)
                 .await
                 .with_context(|| {

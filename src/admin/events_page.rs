@@ -146,6 +146,11 @@ fn card(
                 ),
                 (false, _) => status_badge("Inactive"),
             };
+            let status = if s.shadow {
+                format!("{status} <span class=\"note\">(shadow: its decision is recorded, never applied)</span>")
+            } else {
+                status
+            };
             let (toggle, to) = if s.active {
                 ("Deactivate", "false")
             } else {

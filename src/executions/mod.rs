@@ -37,6 +37,10 @@ pub enum Status {
     Error,
     Timeout,
     Dead,
+    /// A PRE run that refused the write.
+    Blocked,
+    /// A PRE run that rewrote the write.
+    Modified,
 }
 
 impl Status {
@@ -46,6 +50,8 @@ impl Status {
             Status::Error => "error",
             Status::Timeout => "timeout",
             Status::Dead => "dead",
+            Status::Blocked => "blocked",
+            Status::Modified => "modified",
         }
     }
 }

@@ -163,6 +163,64 @@ impl Kind for Webhook {
     }
 }
 
+impl Webhook {
+    /// A PRE run: the same signed POST of `body` (the envelope, id `id`); the answer is the body
+    /// of a 2xx response (at most `BODY_READ_LIMIT` bytes), bounded by the function's timeout.
+    pub async fn pre(
+        &self,
+        def: &FunctionDef,
+        id: &str,
+        body: Vec<u8>,
+    ) -> Result<Vec<u8>, FunctionError> {
+        let url = def.target.as_deref().unwrap_or_default();
+        let secret = def.secret.as_deref().ok_or_else(|| {
+            FunctionError::Failed(format!(
+                "webhook function {} has no signing secret",
+                def.name
+            ))
+        })?;
+        let ts = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        let signature = sign(secret, id, ts, &body).map_err(FunctionError::Failed)?;
+        let timeout = || FunctionError::Timeout(def.timeout.as_millis());
+        let exchange = async {
+            let resp = self
+                .http
+                .post(url)
+                .header("content-type", "application/json")
+                .header("webhook-id", id)
+                .header("webhook-timestamp", ts.to_string())
+                .header("webhook-signature", signature)
+                .body(body)
+                .send()
+                .await
+                .map_err(|e| {
+                    FunctionError::Failed(format!("POST {}: {}", redact(url), error_chain(&e)))
+                })?;
+            let status = resp.status();
+            let body = read_head(resp, BODY_READ_LIMIT).await.map_err(|e| {
+                FunctionError::Failed(format!("POST {}: {}", redact(url), error_chain(&e)))
+            })?;
+            if !status.is_success() {
+                let snippet: String = String::from_utf8_lossy(&body)
+                    .chars()
+                    .take(SNIPPET_CHARS)
+                    .collect();
+                return Err(FunctionError::Failed(format!(
+                    "POST {} answered {status}: {snippet}",
+                    redact(url)
+                )));
+            }
+            Ok(body)
+        };
+        tokio::time::timeout(def.timeout, exchange)
+            .await
+            .map_err(|_| timeout())?
+    }
+}
+
 /// Read a response body up to `BODY_READ_LIMIT` bytes, keeping the first `keep`; the rest is
 /// never read (dropping the response then closes its connection).
 async fn read_head(mut resp: reqwest::Response, keep: usize) -> Result<Vec<u8>, reqwest::Error> {

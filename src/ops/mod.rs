@@ -197,6 +197,9 @@ pub struct Subscriber {
     pub active: bool,
     pub function_active: bool,
     pub subscribed_at: String,
+    /// A PRE subscription in shadow mode: it runs and its decision is recorded, but it never
+    /// blocks or rewrites.
+    pub shadow: bool,
 }
 
 /// Subscriptions, of one event type or all, in the order they run (priority, then name).
@@ -204,7 +207,8 @@ pub async fn subscribers(c: &Client, event: Option<&str>) -> Result<Vec<Subscrib
     let rows = c
         .query(
             &format!(
-                "SELECT s.event_type, s.function_name, s.priority, s.active, f.active, {}
+                "SELECT s.event_type, s.function_name, s.priority, s.active, f.active, {},
+                        coalesce((to_jsonb(s) ->> 'shadow')::boolean, false)
                    FROM pgfire.subscriptions s JOIN pgfire.functions f ON f.name = s.function_name
                   WHERE $1::text IS NULL OR s.event_type = $1
                   ORDER BY s.event_type, s.priority, s.function_name",
@@ -222,6 +226,7 @@ pub async fn subscribers(c: &Client, event: Option<&str>) -> Result<Vec<Subscrib
             active: r.get(3),
             function_active: r.get(4),
             subscribed_at: r.get(5),
+            shadow: r.get(6),
         })
         .collect())
 }

@@ -352,7 +352,7 @@ impl fmt::Display for Refusal {
             ),
             Refusal::PgfireObject => write!(
                 f,
-                "pgfire's own schema and triggers cannot be changed through the pgfire proxy"
+                "pgfire's own schema, settings and triggers cannot be changed through the pgfire proxy"
             ),
             Refusal::RuleWritesWatched(t) => {
                 write!(f, "a rule writing {t} is refused: PRE hooks watch it")
@@ -705,6 +705,9 @@ impl<'w> Walk<'w> {
     fn check_setting(&mut self, name: &str, value: &str) {
         if REFUSED_SETTINGS.contains(&name) {
             self.refuse(Refusal::ReplicationRole);
+        } else if name.starts_with("pgfire.") {
+            // The PRE mechanism's own settings (pgfire.proxied, pgfire.pre_mode, ...).
+            self.refuse(Refusal::PgfireObject);
         } else if name == "search_path" && value.to_ascii_lowercase().contains(PGFIRE_SCHEMA) {
             self.refuse(Refusal::PgfireObject);
         }

@@ -90,6 +90,16 @@ impl InFlight {
         self.status = status;
     }
 
+    /// ReadyForQuery messages the server still owes.
+    pub(super) fn owed(&self) -> usize {
+        self.owed
+    }
+
+    /// Transaction status of the last ReadyForQuery.
+    pub(super) fn status(&self) -> u8 {
+        self.status
+    }
+
     /// Nothing in flight and no transaction open.
     pub(super) fn is_idle(&self) -> bool {
         self.owed == 0 && !self.batch_open && !self.copying && self.status == b'I'

@@ -5,6 +5,8 @@
 
 pub mod classify;
 mod in_flight;
+pub mod pre;
+mod relay;
 mod session;
 
 use std::net::SocketAddr;
@@ -61,6 +63,9 @@ pub struct ProxyConfig {
     pub max_clients: usize,
     pub startup_timeout: Duration,
     pub shutdown_timeout: Duration,
+    /// PRE hooks: statements that may write a table with PRE subscriptions are held and run
+    /// through them. None: everything is relayed as is.
+    pub pre: Option<Arc<pre::PreHooks>>,
 }
 
 impl ProxyConfig {
@@ -88,6 +93,7 @@ impl ProxyConfig {
             max_clients: args.max_client_connections.max(1),
             startup_timeout: Duration::from_secs(args.startup_timeout.max(1)),
             shutdown_timeout: Duration::from_secs(args.shutdown_timeout),
+            pre: None,
         })
     }
 
@@ -99,6 +105,7 @@ impl ProxyConfig {
             max_clients: 1000,
             startup_timeout: Duration::from_secs(10),
             shutdown_timeout: Duration::from_secs(30),
+            pre: None,
         }
     }
 }

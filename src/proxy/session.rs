@@ -1,19 +1,19 @@
 //! One client session: the startup phase (SSL/GSS negotiation, cancel requests, the startup
-//! packet), then a relay in both directions that forwards bytes as they arrive and decodes only
-//! Query/Parse/Bind (client) and ReadyForQuery (server). Error and notice frames are relayed as
-//! the bytes they are: in the client's encoding, which need not be UTF-8.
+//! packet, marked `pgfire.proxied` when PRE hooks watch its database), the connection to the
+//! database, then the relay ([`super::relay`]). Error and notice frames are relayed as the bytes
+//! they are: in the client's encoding, which need not be UTF-8.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
-use super::in_flight::InFlight;
+use super::relay::relay;
 use super::{ProxyConfig, Upstream};
-use crate::wire::{self, Backend, Startup, WireError};
+use crate::wire::{self, Startup, WireError};
 
 /// The PRE hooks' seam: sees every Query, Parse and Bind a client sends, before it is forwarded.
 pub trait Hook: Send + Sync {
@@ -34,7 +34,7 @@ impl Hook for NoHook {
 }
 
 /// A connection end: the client's (plain or TLS) or the database's (TCP or Unix socket).
-enum Conn {
+pub(super) enum Conn {
     Tcp(tokio::net::TcpStream),
     Unix(tokio::net::UnixStream),
     Tls(Box<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>),
@@ -94,12 +94,12 @@ impl AsyncWrite for Conn {
     }
 }
 
-const READ_CHUNK: usize = 64 * 1024;
+pub(super) const READ_CHUNK: usize = 64 * 1024;
 
 /// Why a session ended early, as the client is told.
-struct Fatal {
-    code: &'static str,
-    message: String,
+pub(super) struct Fatal {
+    pub(super) code: &'static str,
+    pub(super) message: String,
 }
 
 impl From<WireError> for Fatal {
@@ -157,6 +157,17 @@ pub(super) async fn run(
         }
     };
     let mut upstream = upstream;
+    // PRE hooks for sessions on the database they watch.
+    let pre = match (&config.pre, wire::startup_packet(&packet)) {
+        (Some(pre), Ok(Some((Startup::Startup { params, .. }, _)))) if pre.serves(&params) => {
+            Some(pre.clone())
+        }
+        _ => None,
+    };
+    let packet = match &pre {
+        Some(_) => mark_proxied(packet),
+        None => packet,
+    };
     if upstream.write_all(&packet).await.is_err() {
         return fatal(
             &mut client,
@@ -166,7 +177,16 @@ pub(super) async fn run(
         .await;
     }
     tracing::debug!(%peer, "session started");
-    relay(client, upstream, buf, &config, hook.as_ref(), &drain).await;
+    relay(
+        client,
+        upstream,
+        buf,
+        &config,
+        pre.as_deref(),
+        hook.as_ref(),
+        &drain,
+    )
+    .await;
     drop(permit);
 }
 
@@ -248,7 +268,29 @@ async fn startup(
     }
 }
 
-fn io_fatal(e: std::io::Error) -> Fatal {
+/// The startup packet with `pgfire.proxied=on` (and no `pgfire.*` parameter of the client's):
+/// pgfire's PRE trigger refuses a write to a watched table through the proxy that the proxy did
+/// not hold. Parameters of the packet override `options`, so the client cannot unset it there.
+fn mark_proxied(packet: BytesMut) -> BytesMut {
+    let Ok(Some((Startup::Startup { version, params }, _))) = wire::startup_packet(&packet) else {
+        return packet;
+    };
+    let mut body = BytesMut::new();
+    body.extend_from_slice(&version.to_be_bytes());
+    for (k, v) in params.iter().filter(|(k, _)| !k.starts_with("pgfire.")) {
+        body.extend_from_slice(k.as_bytes());
+        body.extend_from_slice(&[0]);
+        body.extend_from_slice(v.as_bytes());
+        body.extend_from_slice(&[0]);
+    }
+    body.extend_from_slice(b"pgfire.proxied\0on\0\0");
+    let mut out = BytesMut::with_capacity(body.len() + 4);
+    out.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+pub(super) fn io_fatal(e: std::io::Error) -> Fatal {
     Fatal {
         code: wire::CONNECTION_FAILURE,
         message: e.to_string(),
@@ -273,336 +315,4 @@ async fn fatal(client: &mut Conn, code: &str, message: &str) {
     let _ = client.write_all(&b).await;
     let _ = client.flush().await;
     let _ = client.shutdown().await;
-}
-
-/// Tracks frame boundaries in one direction so bytes can be forwarded as they arrive, while
-/// whole frames of the types we inspect are held until complete.
-#[derive(Default)]
-struct Scanner {
-    /// Bytes of the current pass-through frame not yet seen.
-    remaining: usize,
-}
-
-impl Scanner {
-    /// How many bytes at the start of `buf` can be forwarded now. `whole(tag)` says which frames
-    /// to inspect (they are passed complete to `inspect`); `on_frame` sees each frame's tag once,
-    /// before any of its bytes can be forwarded, and may refuse it.
-    fn scan(
-        &mut self,
-        buf: &[u8],
-        mut on_frame: impl FnMut(u8) -> Result<(), WireError>,
-        whole: impl Fn(u8) -> bool,
-        mut inspect: impl FnMut(&[u8]) -> Result<(), WireError>,
-    ) -> Result<usize, WireError> {
-        let mut pos = 0;
-        loop {
-            if self.remaining > 0 {
-                let n = self.remaining.min(buf.len() - pos);
-                pos += n;
-                self.remaining -= n;
-                if self.remaining > 0 {
-                    return Ok(pos);
-                }
-            }
-            let Some((tag, len)) = wire::frame_header(&buf[pos..])? else {
-                return Ok(pos);
-            };
-            if whole(tag) {
-                if buf.len() - pos < len {
-                    return Ok(pos);
-                }
-                on_frame(tag)?;
-                inspect(&buf[pos..pos + len])?;
-                pos += len;
-            } else {
-                on_frame(tag)?;
-                self.remaining = len;
-            }
-        }
-    }
-}
-
-async fn relay(
-    client: Conn,
-    upstream: Conn,
-    pending: BytesMut,
-    config: &ProxyConfig,
-    hook: &dyn Hook,
-    drain: &CancellationToken,
-) {
-    match (client, upstream) {
-        // The common cases: borrowed halves of plain sockets, no locking.
-        (Conn::Tcp(mut c), Conn::Tcp(mut u)) => {
-            let (cr, cw) = c.split();
-            let (ur, uw) = u.split();
-            relay_halves(cr, cw, ur, uw, pending, config, hook, drain).await
-        }
-        (Conn::Tcp(mut c), Conn::Unix(mut u)) => {
-            let (cr, cw) = c.split();
-            let (ur, uw) = u.split();
-            relay_halves(cr, cw, ur, uw, pending, config, hook, drain).await
-        }
-        (c, u) => {
-            let (cr, cw) = tokio::io::split(c);
-            let (ur, uw) = tokio::io::split(u);
-            relay_halves(cr, cw, ur, uw, pending, config, hook, drain).await
-        }
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn relay_halves(
-    mut cr: impl AsyncRead + Unpin,
-    mut cw: impl AsyncWrite + Unpin,
-    mut ur: impl AsyncRead + Unpin,
-    mut uw: impl AsyncWrite + Unpin,
-    pending: BytesMut,
-    config: &ProxyConfig,
-    hook: &dyn Hook,
-    drain: &CancellationToken,
-) {
-    // Shared by both directions (one task: the lock is never contended).
-    let in_flight = Mutex::new(InFlight::new());
-    let mut down = Downstream::default();
-    let outcome = tokio::select! {
-        r = client_to_server(&mut cr, &mut uw, pending, hook, &in_flight) => r,
-        r = server_to_client(&mut ur, &mut cw, &mut down, &in_flight, drain, config) => r,
-    };
-    if let Err(f) = outcome {
-        // The client may be in the middle of a server frame: finish it first, so that the FATAL
-        // arrives as a frame of its own; a client that cannot be given a whole frame in time is
-        // just disconnected.
-        let whole = tokio::time::timeout(FINISH_FRAME_TIMEOUT, down.finish_frame(&mut ur, &mut cw))
-            .await
-            .is_ok_and(|r| r.is_ok());
-        if whole {
-            let mut b = BytesMut::new();
-            wire::error_response(&mut b, "FATAL", f.code, &f.message);
-            let _ = cw.write_all(&b).await;
-        }
-        // Tell the server we are gone, politely.
-        let _ = uw.write_all(&[b'X', 0, 0, 0, 4]).await;
-    }
-    let _ = cw.shutdown().await;
-    let _ = uw.shutdown().await;
-}
-
-/// How long a session that ends with an error waits for the rest of a server frame the client
-/// has begun to receive.
-const FINISH_FRAME_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
-
-/// The server-to-client direction's state, kept outside its future so that, when the session
-/// ends, the proxy knows whether the client stands at a frame boundary.
-#[derive(Default)]
-struct Downstream {
-    buf: BytesMut,
-    scanner: Scanner,
-    /// Bytes at the start of `buf` already scanned and still to be written to the client.
-    ready: usize,
-}
-
-impl Downstream {
-    /// Write the scanned bytes; cancel-safe (progress is recorded after every write). Flushed,
-    /// so that nothing waits in a TLS session's buffer while the proxy waits for the server (a
-    /// no-op on plain sockets).
-    async fn write_ready(&mut self, cw: &mut (impl AsyncWrite + Unpin)) -> std::io::Result<()> {
-        if self.ready == 0 {
-            return Ok(());
-        }
-        while self.ready > 0 {
-            let n = cw.write(&self.buf[..self.ready]).await?;
-            if n == 0 {
-                return Err(std::io::ErrorKind::WriteZero.into());
-            }
-            self.buf.advance(n);
-            self.ready -= n;
-        }
-        cw.flush().await
-    }
-
-    /// Forward the rest of the frame the client is in the middle of, and nothing after it.
-    async fn finish_frame(
-        &mut self,
-        ur: &mut (impl AsyncRead + Unpin),
-        cw: &mut (impl AsyncWrite + Unpin),
-    ) -> std::io::Result<()> {
-        loop {
-            self.write_ready(cw).await?;
-            if self.scanner.remaining == 0 {
-                return Ok(());
-            }
-            if self.buf.is_empty() && ur.read_buf(&mut self.buf).await? == 0 {
-                return Err(std::io::ErrorKind::UnexpectedEof.into());
-            }
-            let n = self.scanner.remaining.min(self.buf.len());
-            self.scanner.remaining -= n;
-            self.ready = n;
-        }
-    }
-}
-
-async fn client_to_server(
-    cr: &mut (impl AsyncRead + Unpin),
-    uw: &mut (impl AsyncWrite + Unpin),
-    mut buf: BytesMut,
-    hook: &dyn Hook,
-    in_flight: &Mutex<InFlight>,
-) -> Result<(), Fatal> {
-    let mut scanner = Scanner::default();
-    let inspect_frontend = hook.wants_frontend();
-    let check = |tag| {
-        if wire::is_frontend_tag(tag) {
-            lock(in_flight).sent(tag);
-            Ok(())
-        } else {
-            Err(WireError::UnknownTag(tag))
-        }
-    };
-    let inspect = |frame: &[u8]| {
-        if let Some(msg) = wire::decode_frontend(frame)? {
-            hook.frontend(&msg);
-        }
-        Ok(())
-    };
-    loop {
-        let n = scanner.scan(
-            &buf,
-            check,
-            |t| inspect_frontend && matches!(t, b'Q' | b'P' | b'B'),
-            inspect,
-        )?;
-        if n > 0 {
-            uw.write_all(&buf[..n]).await.map_err(io_fatal)?;
-            buf.advance(n);
-        }
-        if buf.capacity() - buf.len() < READ_CHUNK / 4 {
-            buf.reserve(READ_CHUNK);
-        }
-        if cr.read_buf(&mut buf).await.map_err(io_fatal)? == 0 {
-            return Ok(()); // the client left
-        }
-    }
-}
-
-async fn server_to_client(
-    ur: &mut (impl AsyncRead + Unpin),
-    cw: &mut (impl AsyncWrite + Unpin),
-    down: &mut Downstream,
-    in_flight: &Mutex<InFlight>,
-    drain: &CancellationToken,
-    config: &ProxyConfig,
-) -> Result<(), Fatal> {
-    down.buf.reserve(READ_CHUNK);
-    let mut deadline: Option<tokio::time::Instant> = None;
-    let shutdown_error = || Fatal {
-        code: wire::ADMIN_SHUTDOWN,
-        message: "terminating connection due to administrator command".into(),
-    };
-    loop {
-        let n = down.scanner.scan(
-            &down.buf[down.ready..],
-            |_| Ok(()),
-            |t| t == b'Z',
-            |frame| {
-                if let Some(Backend::ReadyForQuery(s)) = wire::decode_backend(frame)? {
-                    lock(in_flight).ready(s);
-                }
-                Ok(())
-            },
-        )?;
-        down.ready += n;
-        down.write_ready(cw).await.map_err(io_fatal)?;
-        // Draining: close once nothing is in flight, no transaction is open and the client has
-        // everything the server sent.
-        if deadline.is_some() && down.buf.is_empty() && lock(in_flight).is_idle() {
-            return Err(shutdown_error());
-        }
-        if down.buf.capacity() - down.buf.len() < READ_CHUNK / 4 {
-            down.buf.reserve(READ_CHUNK);
-        }
-        tokio::select! {
-            r = ur.read_buf(&mut down.buf) => {
-                if r.map_err(io_fatal)? == 0 {
-                    return Ok(()); // the server closed (it sent its own FATAL, if any)
-                }
-            }
-            _ = drain.cancelled(), if deadline.is_none() => {
-                deadline = Some(tokio::time::Instant::now() + config.shutdown_timeout);
-            }
-            _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => {
-                return Err(shutdown_error());
-            }
-        }
-    }
-}
-
-/// The in-flight state; a panic elsewhere while it was held cannot leave it half-updated (its
-/// updates do not panic), so a poisoned lock is used as is.
-fn lock(m: &Mutex<InFlight>) -> std::sync::MutexGuard<'_, InFlight> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
-        let mut v = vec![tag];
-        v.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
-        v.extend_from_slice(body);
-        v
-    }
-
-    #[test]
-    fn scanner_forwards_pass_through_bytes_early_and_holds_inspected_frames() {
-        let mut s = Scanner::default();
-        let mut stream = frame(b'd', &[7u8; 100]);
-        stream.extend(frame(b'Q', b"SELECT 1\0"));
-        let ok = |_| Ok(());
-        let q = |t| t == b'Q';
-        let mut seen = Vec::new();
-        // Half a CopyData frame is forwardable at once.
-        assert_eq!(s.scan(&stream[..50], ok, q, |_| Ok(())).unwrap(), 50);
-        // Its rest plus a partial Query: only the CopyData rest.
-        assert_eq!(s.scan(&stream[50..110], ok, q, |_| Ok(())).unwrap(), 55);
-        // The whole Query.
-        assert_eq!(
-            s.scan(&stream[105..], ok, q, |f| {
-                seen.push(f.to_vec());
-                Ok(())
-            })
-            .unwrap(),
-            stream.len() - 105
-        );
-        assert_eq!(seen, vec![frame(b'Q', b"SELECT 1\0")]);
-    }
-
-    #[test]
-    fn scanner_rejects_bad_frames() {
-        let mut s = Scanner::default();
-        let check = |t| {
-            if wire::is_frontend_tag(t) {
-                Ok(())
-            } else {
-                Err(WireError::UnknownTag(t))
-            }
-        };
-        assert!(matches!(
-            s.scan(&frame(b'z', b""), check, |_| false, |_| Ok(())),
-            Err(WireError::UnknownTag(b'z'))
-        ));
-        let mut s = Scanner::default();
-        assert!(s
-            .scan(&[b'Q', 0, 0, 0, 1], check, |_| true, |_| Ok(()))
-            .is_err());
-        let mut s = Scanner::default();
-        assert!(s
-            .scan(
-                &frame(b'Q', b"no terminator"),
-                check,
-                |_| true,
-                |f| wire::decode_frontend(f).map(|_| ())
-            )
-            .is_err());
-    }
 }

@@ -238,6 +238,8 @@ pub struct Notice<'a> {
     pub code: &'a [u8],
     /// `M`: the primary message.
     pub message: &'a [u8],
+    /// `D`: the detail, empty when there is none.
+    pub detail: &'a [u8],
 }
 
 impl Notice<'_> {
@@ -297,6 +299,7 @@ fn notice_fields<'a>(body: &'a [u8], what: &'static str) -> Result<Notice<'a>, W
             b'V' => notice.severity_raw = Some(value),
             b'C' => notice.code = value,
             b'M' => notice.message = value,
+            b'D' => notice.detail = value,
             _ => {}
         }
     }
@@ -512,7 +515,8 @@ mod tests {
                 severity: b"FATAL",
                 severity_raw: Some(b"FATAL"),
                 code: b"08P01",
-                message: b"bad  thing"
+                message: b"bad  thing",
+                detail: b"",
             }))
         );
         // postgres-protocol reads it too.

@@ -32,7 +32,10 @@ pub fn test_cluster_options() -> ClusterOptions {
         .setting("full_page_writes", "off")
         .setting("wal_sender_timeout", "10s")
         .setting("shared_buffers", "64MB")
-        .setting("logical_decoding_work_mem", "64kB");
+        .setting("logical_decoding_work_mem", "64kB")
+        // One slot per test database, and the suite has more tests than the default 64.
+        .setting("max_replication_slots", "512")
+        .setting("max_wal_senders", "128");
     opts.ephemeral = true;
     opts.hba = vec![
         format!("host all {} 127.0.0.1/32 md5", MD5_USER.0),

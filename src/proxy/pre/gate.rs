@@ -1,0 +1,225 @@
+//! What the relay does with a client's Query or Parse when PRE hooks are on: let it through, hold
+//! it (simple protocol: [`super::hold`]), or replace it with a message whose error the server
+//! raises itself, so the session's state after a refusal is the server's own. Pure.
+
+use bytes::{BufMut, BytesMut};
+
+use super::hold::{query_frame, raise_sql};
+use super::PreConfig;
+use crate::proxy::classify::{self, HoldReason, Refusal, Verdict};
+use crate::wire;
+
+/// SQLSTATE feature_not_supported.
+const NOT_SUPPORTED: &str = "0A000";
+/// SQLSTATE insufficient_privilege.
+const PRIVILEGE: &str = "42501";
+
+pub(in crate::proxy) enum Gate {
+    Pass,
+    Hold,
+    /// Send `frame` instead. With `rewrite`, the server's ErrorResponse whose message contains
+    /// `rewrite.0` is replaced by `rewrite.1` on its way to the client.
+    Replace {
+        frame: BytesMut,
+        rewrite: Option<(String, BytesMut)>,
+    },
+}
+
+fn refusal_code(r: &Refusal) -> &'static str {
+    match r {
+        Refusal::Truncate(_) | Refusal::TruncateCascade => NOT_SUPPORTED,
+        _ => PRIVILEGE,
+    }
+}
+
+/// Transaction control: a query string mixing it with a held statement would commit before the
+/// PRE functions decide.
+fn is_transaction_control(stmt: &str) -> bool {
+    let mut words = stmt
+        .split(|c: char| !c.is_ascii_alphanumeric() && c != '_')
+        .filter(|w| !w.is_empty());
+    let first = words.next().unwrap_or("").to_ascii_lowercase();
+    match first.as_str() {
+        "begin" | "start" | "commit" | "end" | "rollback" | "abort" | "savepoint" | "release" => {
+            true
+        }
+        "prepare" => words
+            .next()
+            .is_some_and(|w| w.eq_ignore_ascii_case("transaction")),
+        _ => false,
+    }
+}
+
+enum Decision {
+    Pass,
+    Hold,
+    Refuse(&'static str, String),
+}
+
+fn decide(cfg: &PreConfig, sql: &str) -> Decision {
+    let c = classify::classify(sql, &cfg.watched);
+    match c.verdict() {
+        Verdict::Passes => Decision::Pass,
+        Verdict::Refused { reason } => {
+            if reason.allowable() && cfg.allow_truncate {
+                Decision::Pass
+            } else {
+                Decision::Refuse(refusal_code(reason), format!("pgfire: {reason}"))
+            }
+        }
+        Verdict::Holds { reason, .. } => {
+            let copy_stdin =
+                *reason == HoldReason::CopyFrom && sql.to_ascii_lowercase().contains("stdin");
+            if copy_stdin {
+                return Decision::Refuse(
+                    NOT_SUPPORTED,
+                    "pgfire: COPY FROM STDIN into a table with PRE hooks is not supported through the proxy yet; use INSERT".into(),
+                );
+            }
+            let mixed = c.statements.len() > 1
+                && c.statements
+                    .iter()
+                    .any(|s| sql.get(s.span.clone()).is_some_and(is_transaction_control));
+            if mixed {
+                return Decision::Refuse(
+                    NOT_SUPPORTED,
+                    "pgfire: a query string that writes a table with PRE hooks cannot also hold transaction control (BEGIN, COMMIT, SAVEPOINT, ...); send them as separate queries".into(),
+                );
+            }
+            Decision::Hold
+        }
+    }
+}
+
+/// A simple-protocol Query.
+pub(in crate::proxy) fn query(cfg: &PreConfig, sql: &str) -> Gate {
+    match decide(cfg, sql) {
+        Decision::Pass => Gate::Pass,
+        Decision::Hold => Gate::Hold,
+        Decision::Refuse(code, message) => Gate::Replace {
+            frame: query_frame(&raise_sql(&message, None, code)),
+            rewrite: None,
+        },
+    }
+}
+
+/// An extended-protocol Parse: let through, held (its batch is held when it runs the
+/// statement, see [`super::unit`]), or refused: replaced by a Parse of the same statement name
+/// that fails at once (so the server skips the rest of the batch until Sync, as after any Parse
+/// error), whose error is rewritten into the refusal.
+pub(in crate::proxy) fn parse(cfg: &PreConfig, p: &wire::Parse<'_>, nonce: u64) -> Gate {
+    match decide(cfg, p.sql) {
+        Decision::Pass => Gate::Pass,
+        Decision::Hold => Gate::Hold,
+        Decision::Refuse(code, message) => {
+            let (frame, rewrite) = doomed_parse(p.statement, &message, code, nonce);
+            Gate::Replace {
+                frame,
+                rewrite: Some(rewrite),
+            }
+        }
+    }
+}
+
+/// A Parse of `statement` that fails at once with an error naming a marker, and the
+/// ErrorResponse (`code`, `message`) the marked error is to be rewritten into.
+pub(in crate::proxy) fn doomed_parse(
+    statement: &str,
+    message: &str,
+    code: &str,
+    nonce: u64,
+) -> (BytesMut, (String, BytesMut)) {
+    let marker = format!("pgfire-refused-{nonce:016x}");
+    let sql = format!("SELECT '{marker}'::regclass");
+    let mut frame = BytesMut::new();
+    frame.put_u8(b'P');
+    frame.put_i32((4 + statement.len() + 1 + sql.len() + 1 + 2) as i32);
+    frame.put_slice(statement.as_bytes());
+    frame.put_u8(0);
+    frame.put_slice(sql.as_bytes());
+    frame.put_u8(0);
+    frame.put_i16(0);
+    let mut error = BytesMut::new();
+    wire::error_response(&mut error, "ERROR", code, message);
+    (frame, (marker, error))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy::classify::Watched;
+
+    fn cfg() -> PreConfig {
+        PreConfig {
+            watched: Watched::new(["public.users"]).unwrap(),
+            rows_limit: 1000,
+            ..PreConfig::default()
+        }
+    }
+
+    #[test]
+    fn reads_pass_writes_hold_tampering_is_refused() {
+        let c = cfg();
+        assert!(matches!(query(&c, "SELECT * FROM users"), Gate::Pass));
+        assert!(matches!(
+            query(&c, "INSERT INTO users VALUES (1)"),
+            Gate::Hold
+        ));
+        assert!(matches!(
+            query(&c, "insert into \"USERS\" values (1)"),
+            Gate::Pass
+        ));
+        assert!(matches!(
+            query(&c, "INSERT INTO Users VALUES (1)"),
+            Gate::Hold
+        ));
+        for refused in [
+            "SET session_replication_role = replica",
+            "SET pgfire.pre_mode = 'record:1'",
+            "RESET pgfire.proxied",
+            "TRUNCATE users",
+            "ALTER TABLE users DISABLE TRIGGER ALL",
+            "DELETE FROM pgfire.settings",
+            "BEGIN; INSERT INTO users VALUES (1); COMMIT",
+            "COPY users FROM STDIN",
+        ] {
+            assert!(
+                matches!(query(&c, refused), Gate::Replace { .. }),
+                "{refused}"
+            );
+        }
+    }
+
+    #[test]
+    fn truncate_can_be_allowed() {
+        let mut c = cfg();
+        c.allow_truncate = true;
+        assert!(matches!(query(&c, "TRUNCATE users"), Gate::Pass));
+    }
+
+    #[test]
+    fn a_refused_parse_keeps_its_statement_name() {
+        let p = wire::Parse {
+            statement: "s1",
+            sql: "TRUNCATE users",
+            param_types: vec![25],
+        };
+        let Gate::Replace { frame, rewrite } = parse(&cfg(), &p, 7) else {
+            panic!()
+        };
+        let Some(wire::Frontend::Parse(q)) = wire::decode_frontend(&frame).unwrap() else {
+            panic!()
+        };
+        assert_eq!(q.statement, "s1");
+        assert!(q.sql.contains(&rewrite.unwrap().0));
+        assert!(q.param_types.is_empty());
+    }
+
+    #[test]
+    fn transaction_control_words() {
+        assert!(is_transaction_control("  COMMIT"));
+        assert!(is_transaction_control("prepare transaction 'x'"));
+        assert!(!is_transaction_control("prepare q AS select 1"));
+        assert!(!is_transaction_control("INSERT INTO t VALUES (1)"));
+    }
+}

@@ -1,0 +1,266 @@
+//! PRE hooks in the proxy: the configuration sessions classify against (swapped atomically when
+//! pgfire's tables change, through LISTEN/NOTIFY), the shared clients PRE functions run with, and
+//! the history of PRE runs. [`hold`] is the hold/decide/release state machine of one held
+//! statement, [`decide`] the chain of functions on its rows.
+
+pub mod answer;
+pub(super) mod decide;
+pub(super) mod gate;
+pub(super) mod hold;
+pub mod rows;
+pub(super) mod unit;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde::Deserialize;
+use tokio::sync::mpsc;
+use tokio_postgres::{AsyncMessage, Client, NoTls};
+use tokio_util::sync::CancellationToken;
+
+use super::classify::{TableName, Watched, SAFE_FUNCTIONS};
+use crate::catalog::Catalog;
+use crate::executions::{self, Execution, Progress};
+use crate::functions::webhook::Webhook;
+
+/// Default of `limits.pre_rows_per_statement`.
+pub const DEFAULT_ROWS_LIMIT: u32 = 1000;
+
+/// One immutable PRE configuration: what sessions hold and which functions decide.
+#[derive(Debug, Default)]
+pub struct PreConfig {
+    pub catalog: Catalog,
+    /// Tables with PRE hooks (user and record sources with an active PRE subscription).
+    pub watched: Watched,
+    pub rows_limit: u32,
+    pub allow_truncate: bool,
+}
+
+impl PreConfig {
+    /// Whether any statement can be held at all.
+    pub fn active(&self) -> bool {
+        !self.watched.is_empty()
+    }
+}
+
+/// What the PRE side of the proxy shares between sessions.
+pub struct PreHooks {
+    config: RwLock<Arc<PreConfig>>,
+    pub(super) webhook: Webhook,
+    history: mpsc::Sender<Execution>,
+    /// Makes PRE event ids unique within this process.
+    seq: AtomicU64,
+    /// Bumped at every configuration load (tests wait on it).
+    generation: AtomicU64,
+    /// The database the hooks watch.
+    database: String,
+}
+
+impl PreHooks {
+    /// The configuration in force now.
+    pub fn config(&self) -> Arc<PreConfig> {
+        self.config
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Whether a session with this startup packet's parameters is on the database these hooks
+    /// watch (`database`, defaulting to `user`, as PostgreSQL defaults it). Sessions on other
+    /// databases are relayed without PRE hooks.
+    pub fn serves(&self, params: &[(String, String)]) -> bool {
+        let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+        let db = get("database").filter(|d| !d.is_empty()).or(get("user"));
+        db == Some(self.database.as_str())
+    }
+
+    /// How many configurations were loaded so far.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+
+    fn swap(&self, cfg: PreConfig) {
+        *self.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(cfg);
+        self.generation.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// A number no other held statement of this process gets (the "LSN" part of PRE event ids:
+    /// PRE events have no commit yet).
+    pub(super) fn next_statement(&self) -> u64 {
+        let now = chrono::Utc::now().timestamp_micros().max(0) as u64;
+        (now << 12) | (self.seq.fetch_add(1, Ordering::Relaxed) & 0xFFF)
+    }
+
+    /// Queue run records for `pgfire.executions` (written in batches by the history writer).
+    pub(super) async fn record(&self, runs: Vec<Execution>) {
+        for r in runs {
+            if self.history.send(r).await.is_err() {
+                tracing::warn!("PRE history writer stopped; a PRE run is not recorded");
+            }
+        }
+    }
+
+    /// Load the configuration, then follow its changes until `shutdown`: every NOTIFY on
+    /// `pgfire_config` reloads it for the next statement of every session.
+    pub async fn start(
+        database_url: String,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Arc<PreHooks>> {
+        let (client, notes) = listen(&database_url).await?;
+        let database: String = client
+            .query_one("SELECT current_database()::text", &[])
+            .await?
+            .get(0);
+        let first = load(&client).await;
+        let (history, rx) = mpsc::channel(65_536);
+        let progress = Arc::new(Progress::new(Arc::new(AtomicU64::new(0))));
+        let (recorder, _writer) =
+            executions::start(database_url.clone(), progress, shutdown.clone());
+        tokio::spawn(record_history(rx, recorder));
+        let hooks = Arc::new(PreHooks {
+            config: RwLock::new(Arc::new(PreConfig::default())),
+            webhook: Webhook::new()?,
+            history,
+            seq: AtomicU64::new(0),
+            generation: AtomicU64::new(0),
+            database,
+        });
+        hooks.swap(first);
+        tokio::spawn(follow(hooks.clone(), database_url, client, notes, shutdown));
+        Ok(hooks)
+    }
+}
+
+async fn record_history(mut rx: mpsc::Receiver<Execution>, mut recorder: executions::Recorder) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while let Ok(r) = rx.try_recv() {
+            batch.push(r);
+        }
+        recorder.record(batch, None).await;
+    }
+}
+
+/// A connection that LISTENs on `pgfire_config`; the receiver sees one `()` per notification and
+/// closes when the connection ends.
+async fn listen(url: &str) -> anyhow::Result<(Client, mpsc::UnboundedReceiver<()>)> {
+    let (client, mut conn) = tokio_postgres::connect(url, NoTls).await?;
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+        while let Some(m) = messages.next().await {
+            match m {
+                Ok(AsyncMessage::Notification(_)) => {
+                    if tx.send(()).is_err() {
+                        break;
+                    }
+                }
+                Ok(_) => {}
+                Err(err) => {
+                    tracing::debug!(error = %err, "PRE configuration connection closed");
+                    break;
+                }
+            }
+        }
+    });
+    client.batch_execute("LISTEN pgfire_config").await?;
+    Ok((client, rx))
+}
+
+async fn follow(
+    hooks: Arc<PreHooks>,
+    url: String,
+    mut client: Client,
+    mut notes: mpsc::UnboundedReceiver<()>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            note = notes.recv() => {
+                if note.is_none() {
+                    // The connection ended: reconnect, then reload (changes may have been missed).
+                    loop {
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return,
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        }
+                        match listen(&url).await {
+                            Ok((c, n)) => {
+                                client = c;
+                                notes = n;
+                                break;
+                            }
+                            Err(err) => tracing::warn!(error = %err, "cannot reconnect for PRE configuration"),
+                        }
+                    }
+                }
+                while notes.try_recv().is_ok() {}
+                hooks.swap(load(&client).await);
+            }
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct PreSnapshot {
+    tables: Vec<PreTable>,
+}
+
+#[derive(Deserialize)]
+struct PreTable {
+    schema: String,
+    name: String,
+}
+
+/// Today's PRE configuration; an empty one (nothing held) when pgfire is not installed or its
+/// configuration cannot be read, with a warning.
+async fn load(client: &Client) -> PreConfig {
+    match try_load(client).await {
+        Ok(cfg) => cfg,
+        Err(err) => {
+            tracing::warn!(error = %err, "PRE hooks off: cannot read pgfire's configuration");
+            PreConfig::default()
+        }
+    }
+}
+
+async fn try_load(client: &Client) -> anyhow::Result<PreConfig> {
+    let catalog = Catalog::load(client).await?;
+    let row = client
+        .query_one("SELECT pgfire.pre_snapshot()::text", &[])
+        .await?;
+    let snap: PreSnapshot = serde_json::from_str(row.get::<_, &str>(0))?;
+    let shadowed: Vec<String> = client
+        .query(
+            "SELECT DISTINCT proname::text FROM pg_proc
+              WHERE pronamespace <> 'pg_catalog'::regnamespace AND proname = ANY($1)",
+            &[&SAFE_FUNCTIONS],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let watched = Watched::from_catalog(snap.tables.into_iter().map(|t| TableName {
+        schema: t.schema,
+        name: t.name,
+    }))
+    .with_shadowed_builtins(shadowed);
+    let all = &catalog.settings.all;
+    let rows_limit = all
+        .get("limits.pre_rows_per_statement")
+        .and_then(|v| v.trim().parse::<u32>().ok())
+        .unwrap_or(DEFAULT_ROWS_LIMIT)
+        .max(1);
+    let allow_truncate = all
+        .get("pre.allow_truncate")
+        .is_some_and(|v| matches!(v.trim(), "true" | "on" | "yes" | "1"));
+    Ok(PreConfig {
+        catalog,
+        watched,
+        rows_limit,
+        allow_truncate,
+    })
+}

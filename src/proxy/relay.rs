@@ -1,0 +1,592 @@
+//! The relay of one session once started: bytes forwarded in both directions as they arrive,
+//! frame boundaries tracked, only the frames pgfire looks into decoded (Query, and with PRE hooks
+//! the extended-protocol messages; ReadyForQuery and rewritten errors from the server), and held
+//! statements handed to the PRE state machine with the session's sockets.
+
+use std::sync::Mutex;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+use super::in_flight::InFlight;
+use super::pre::gate::{self, Gate};
+use super::pre::hold::{self, Io};
+use super::pre::unit::{self, Next, Units};
+use super::pre::PreHooks;
+use super::session::{io_fatal, Conn, Fatal, Hook, READ_CHUNK};
+use super::ProxyConfig;
+use crate::wire::{self, Backend, Frontend, WireError};
+
+/// Tracks frame boundaries in one direction so bytes can be forwarded as they arrive, while
+/// whole frames of the types we inspect are held until complete.
+#[derive(Default)]
+struct Scanner {
+    /// Bytes of the current pass-through frame not yet seen.
+    remaining: usize,
+}
+
+impl Scanner {
+    /// How many bytes at the start of `buf` can be forwarded now. `whole(tag)` says which frames
+    /// to inspect (they are passed complete to `inspect`); `on_frame` sees each frame's tag once,
+    /// before any of its bytes can be forwarded, and may refuse it. When `inspect` returns true
+    /// the scan stops before that frame (`.1`): the caller takes it whole from the returned
+    /// position (its `on_frame` has been called).
+    fn scan(
+        &mut self,
+        buf: &[u8],
+        mut on_frame: impl FnMut(u8) -> Result<(), WireError>,
+        whole: impl Fn(u8) -> bool,
+        mut inspect: impl FnMut(&[u8]) -> Result<bool, WireError>,
+    ) -> Result<(usize, bool), WireError> {
+        let mut pos = 0;
+        loop {
+            if self.remaining > 0 {
+                let n = self.remaining.min(buf.len() - pos);
+                pos += n;
+                self.remaining -= n;
+                if self.remaining > 0 {
+                    return Ok((pos, false));
+                }
+            }
+            let Some((tag, len)) = wire::frame_header(&buf[pos..])? else {
+                return Ok((pos, false));
+            };
+            if whole(tag) {
+                if buf.len() - pos < len {
+                    return Ok((pos, false));
+                }
+                on_frame(tag)?;
+                if inspect(&buf[pos..pos + len])? {
+                    return Ok((pos, true));
+                }
+                pos += len;
+            } else {
+                on_frame(tag)?;
+                self.remaining = len;
+            }
+        }
+    }
+}
+
+pub(super) async fn relay(
+    client: Conn,
+    upstream: Conn,
+    pending: BytesMut,
+    config: &ProxyConfig,
+    pre: Option<&PreHooks>,
+    hook: &dyn Hook,
+    drain: &CancellationToken,
+) {
+    match (client, upstream) {
+        // The common cases: borrowed halves of plain sockets, no locking.
+        (Conn::Tcp(mut c), Conn::Tcp(mut u)) => {
+            let (cr, cw) = c.split();
+            let (ur, uw) = u.split();
+            relay_halves(cr, cw, ur, uw, pending, config, pre, hook, drain).await
+        }
+        (Conn::Tcp(mut c), Conn::Unix(mut u)) => {
+            let (cr, cw) = c.split();
+            let (ur, uw) = u.split();
+            relay_halves(cr, cw, ur, uw, pending, config, pre, hook, drain).await
+        }
+        (c, u) => {
+            let (cr, cw) = tokio::io::split(c);
+            let (ur, uw) = tokio::io::split(u);
+            relay_halves(cr, cw, ur, uw, pending, config, pre, hook, drain).await
+        }
+    }
+}
+
+/// Errors of the server to rewrite on their way to the client: the server's ErrorResponse whose
+/// message contains the marker becomes the frame (see [`gate::parse`]).
+type Rewrites = Mutex<Vec<(String, BytesMut)>>;
+/// Rewrites kept at most; older ones (whose batch failed before reaching them) are dropped.
+const MAX_REWRITES: usize = 64;
+
+/// What the client direction stopped for.
+enum Flow {
+    /// The client left.
+    Left,
+    /// A Query, or an extended-protocol batch up to its Sync, to hold once everything before it
+    /// is answered; `closes`: Close messages for the statements the batch parses.
+    Held { bytes: BytesMut, closes: BytesMut },
+}
+
+/// The client-to-server direction's state, kept outside its future, which ends at every held
+/// statement.
+#[derive(Default)]
+struct Upside {
+    buf: BytesMut,
+    scanner: Scanner,
+    /// The extended-protocol batch being gathered (PRE hooks on).
+    units: Units,
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn relay_halves(
+    mut cr: impl AsyncRead + Unpin + Send,
+    mut cw: impl AsyncWrite + Unpin + Send,
+    mut ur: impl AsyncRead + Unpin + Send,
+    mut uw: impl AsyncWrite + Unpin + Send,
+    pending: BytesMut,
+    config: &ProxyConfig,
+    pre: Option<&PreHooks>,
+    hook: &dyn Hook,
+    drain: &CancellationToken,
+) {
+    // Shared by both directions (one task: the locks are never contended).
+    let in_flight = Mutex::new(InFlight::new());
+    let rewrites: Rewrites = Mutex::new(Vec::new());
+    let mut up = Upside {
+        buf: pending,
+        ..Upside::default()
+    };
+    let mut down = Downstream::default();
+    let outcome = loop {
+        let flow = tokio::select! {
+            r = client_to_server(&mut cr, &mut uw, &mut up, hook, pre, &in_flight, &rewrites) => r,
+            r = server_to_client(&mut ur, &mut cw, &mut down, &in_flight, &rewrites, drain, config) => r.map(|()| Flow::Left),
+        };
+        match (flow, pre) {
+            (Ok(Flow::Held { bytes, closes }), Some(pre)) => {
+                let io = (&mut ur, &mut uw, &mut cw);
+                if let Err(f) =
+                    held(&bytes, &closes, io, &mut down, &in_flight, &rewrites, pre).await
+                {
+                    break Err(f);
+                }
+            }
+            (Ok(Flow::Held { bytes, .. }), None) => {
+                if let Err(e) = uw.write_all(&bytes).await {
+                    break Err(io_fatal(e));
+                }
+            }
+            (Ok(Flow::Left), _) => break Ok(()),
+            (Err(f), _) => break Err(f),
+        }
+    };
+    if let Err(f) = outcome {
+        // The client may be in the middle of a server frame: finish it first, so that the FATAL
+        // arrives as a frame of its own; a client that cannot be given a whole frame in time is
+        // just disconnected.
+        let whole = tokio::time::timeout(FINISH_FRAME_TIMEOUT, down.finish_frame(&mut ur, &mut cw))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        if whole {
+            let mut b = BytesMut::new();
+            wire::error_response(&mut b, "FATAL", f.code, &f.message);
+            let _ = cw.write_all(&b).await;
+        }
+        // Tell the server we are gone, politely.
+        let _ = uw.write_all(&[b'X', 0, 0, 0, 4]).await;
+    }
+    let _ = cw.shutdown().await;
+    let _ = uw.shutdown().await;
+}
+
+/// A held Query: once the server has answered everything sent before it, run it through the PRE
+/// hooks (or as is, in a failed transaction, which the server refuses anyway).
+async fn held(
+    frame: &[u8],
+    closes: &[u8],
+    (ur, uw, cw): (
+        &mut (impl AsyncRead + Unpin + Send),
+        &mut (impl AsyncWrite + Unpin + Send),
+        &mut (impl AsyncWrite + Unpin + Send),
+    ),
+    down: &mut Downstream,
+    in_flight: &Mutex<InFlight>,
+    rewrites: &Rewrites,
+    pre: &PreHooks,
+) -> Result<(), Fatal> {
+    loop {
+        scan_down(down, in_flight, rewrites)?;
+        down.write_ready(cw).await.map_err(io_fatal)?;
+        // The held Query itself is counted as sent.
+        if lock(in_flight).owed() <= 1 && down.scanner.remaining == 0 && down.ready == 0 {
+            break;
+        }
+        if ur.read_buf(&mut down.buf).await.map_err(io_fatal)? == 0 {
+            return Err(Fatal {
+                code: wire::CONNECTION_FAILURE,
+                message: "the database closed the connection".into(),
+            });
+        }
+    }
+    let status = lock(in_flight).status();
+    let cfg = pre.config();
+    if !matches!(status, b'I' | b'T') || !cfg.active() {
+        return uw.write_all(frame).await.map_err(io_fatal);
+    }
+    let mut io = Io {
+        ur,
+        uw,
+        cw,
+        buf: &mut down.buf,
+        async_out: BytesMut::new(),
+    };
+    let status = hold::run_query(&mut io, pre, &cfg, frame, closes, status).await?;
+    lock(in_flight).ready(status);
+    Ok(())
+}
+
+/// How long a session that ends with an error waits for the rest of a server frame the client
+/// has begun to receive.
+const FINISH_FRAME_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The server-to-client direction's state, kept outside its future so that, when the session
+/// ends, the proxy knows whether the client stands at a frame boundary.
+#[derive(Default)]
+struct Downstream {
+    buf: BytesMut,
+    scanner: Scanner,
+    /// Bytes at the start of `buf` already scanned and still to be written to the client.
+    ready: usize,
+}
+
+impl Downstream {
+    /// Write the scanned bytes; cancel-safe (progress is recorded after every write). Flushed,
+    /// so that nothing waits in a TLS session's buffer while the proxy waits for the server (a
+    /// no-op on plain sockets).
+    async fn write_ready(&mut self, cw: &mut (impl AsyncWrite + Unpin)) -> std::io::Result<()> {
+        if self.ready == 0 {
+            return Ok(());
+        }
+        while self.ready > 0 {
+            let n = cw.write(&self.buf[..self.ready]).await?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            self.buf.advance(n);
+            self.ready -= n;
+        }
+        cw.flush().await
+    }
+
+    /// Forward the rest of the frame the client is in the middle of, and nothing after it.
+    async fn finish_frame(
+        &mut self,
+        ur: &mut (impl AsyncRead + Unpin),
+        cw: &mut (impl AsyncWrite + Unpin),
+    ) -> std::io::Result<()> {
+        loop {
+            self.write_ready(cw).await?;
+            if self.scanner.remaining == 0 {
+                return Ok(());
+            }
+            if self.buf.is_empty() && ur.read_buf(&mut self.buf).await? == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            let n = self.scanner.remaining.min(self.buf.len());
+            self.scanner.remaining -= n;
+            self.ready = n;
+        }
+    }
+}
+
+async fn client_to_server(
+    cr: &mut (impl AsyncRead + Unpin),
+    uw: &mut (impl AsyncWrite + Unpin),
+    up: &mut Upside,
+    hook: &dyn Hook,
+    pre: Option<&PreHooks>,
+    in_flight: &Mutex<InFlight>,
+    rewrites: &Rewrites,
+) -> Result<Flow, Fatal> {
+    let inspect_frontend = hook.wants_frontend();
+    let note = |list: Vec<(String, BytesMut)>| {
+        if list.is_empty() {
+            return;
+        }
+        let mut all = rewrites.lock().unwrap_or_else(|p| p.into_inner());
+        for r in list {
+            if all.len() >= MAX_REWRITES {
+                all.remove(0);
+            }
+            all.push(r);
+        }
+    };
+    loop {
+        // The configuration in force for the statements of this read.
+        let cfg = pre.map(|p| p.config()).filter(|c| c.active());
+        if cfg.is_none() && up.units.pending() {
+            let (bytes, list) = up.units.take_raw();
+            note(list);
+            uw.write_all(&bytes).await.map_err(io_fatal)?;
+        }
+        let gathering = up.units.pending();
+        let mut gated = None;
+        let mut saw_query = false;
+        let check = |tag| {
+            if wire::is_frontend_tag(tag) {
+                lock(in_flight).sent(tag);
+                Ok(())
+            } else {
+                Err(WireError::UnknownTag(tag))
+            }
+        };
+        let inspect = |frame: &[u8]| {
+            let msg = wire::decode_frontend(frame)?;
+            if let (true, Some(m)) = (inspect_frontend, &msg) {
+                hook.frontend(m);
+            }
+            let Some(cfg) = &cfg else {
+                return Ok(false);
+            };
+            // With PRE hooks, extended-protocol batches are gathered (see pre::unit).
+            if unit::is_extended(frame[0]) || gathering {
+                return Ok(true);
+            }
+            let gate = match &msg {
+                Some(Frontend::Query(q)) => {
+                    saw_query = true;
+                    gate::query(cfg, q.sql)
+                }
+                _ => Gate::Pass,
+            };
+            let stop = !matches!(gate, Gate::Pass);
+            gated = Some(gate);
+            Ok(stop)
+        };
+        let active = cfg.is_some();
+        let whole = |t| {
+            (inspect_frontend && matches!(t, b'Q' | b'P' | b'B'))
+                || (active && (t == b'Q' || unit::is_extended(t) || gathering))
+        };
+        let (n, stopped) = up.scanner.scan(&up.buf, check, whole, inspect)?;
+        if saw_query {
+            up.units.query_sent();
+        }
+        if n > 0 {
+            uw.write_all(&up.buf[..n]).await.map_err(io_fatal)?;
+            up.buf.advance(n);
+        }
+        if stopped {
+            let len = wire::frame_header(&up.buf)?.map_or(up.buf.len(), |(_, l)| l);
+            let frame = up.buf.split_to(len);
+            if let (Some(cfg), Some(pre)) = (&cfg, pre) {
+                if unit::is_extended(frame[0]) {
+                    match up.units.push(cfg, &frame, pre.next_statement())? {
+                        Next::Gather => {}
+                        Next::Forward(bytes, list) => {
+                            note(list);
+                            uw.write_all(&bytes).await.map_err(io_fatal)?;
+                        }
+                        Next::Hold { batch, closes } => {
+                            return Ok(Flow::Held {
+                                bytes: batch,
+                                closes,
+                            })
+                        }
+                    }
+                    continue;
+                }
+                if up.units.pending() {
+                    // Another kind of message interrupts a batch before its Sync.
+                    if let Next::Forward(bytes, list) = up.units.end(false, pre.next_statement()) {
+                        note(list);
+                        uw.write_all(&bytes).await.map_err(io_fatal)?;
+                    }
+                    if let Some(Frontend::Query(q)) = wire::decode_frontend(&frame)? {
+                        gated = Some(gate::query(cfg, q.sql));
+                    }
+                }
+            }
+            match gated {
+                Some(Gate::Hold) => {
+                    up.units.query_sent();
+                    return Ok(Flow::Held {
+                        bytes: frame,
+                        closes: BytesMut::new(),
+                    });
+                }
+                Some(Gate::Replace {
+                    frame: instead,
+                    rewrite,
+                }) => {
+                    note(rewrite.into_iter().collect());
+                    uw.write_all(&instead).await.map_err(io_fatal)?;
+                }
+                Some(Gate::Pass) | None => uw.write_all(&frame).await.map_err(io_fatal)?,
+            }
+            if frame[0] == b'Q' {
+                up.units.query_sent();
+            }
+            continue;
+        }
+        if up.buf.capacity() - up.buf.len() < READ_CHUNK / 4 {
+            up.buf.reserve(READ_CHUNK);
+        }
+        if cr.read_buf(&mut up.buf).await.map_err(io_fatal)? == 0 {
+            return Ok(Flow::Left);
+        }
+    }
+}
+
+/// Scan what the server sent: note every ReadyForQuery, rewrite the errors [`Rewrites`] names.
+fn scan_down(
+    down: &mut Downstream,
+    in_flight: &Mutex<InFlight>,
+    rewrites: &Rewrites,
+) -> Result<(), WireError> {
+    loop {
+        let pending = !rewrites
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty();
+        let mut replacement = None;
+        let (n, stopped) = down.scanner.scan(
+            &down.buf[down.ready..],
+            |_| Ok(()),
+            |t| t == b'Z' || (pending && t == b'E'),
+            |frame| {
+                match wire::decode_backend(frame)? {
+                    Some(Backend::ReadyForQuery(s)) => lock(in_flight).ready(s),
+                    Some(Backend::ErrorResponse(e)) => {
+                        let mut list = rewrites.lock().unwrap_or_else(|p| p.into_inner());
+                        let hit = list.iter().position(|(marker, _)| {
+                            e.message
+                                .windows(marker.len())
+                                .any(|w| w == marker.as_bytes())
+                        });
+                        if let Some(i) = hit {
+                            replacement = Some(list.remove(i).1);
+                            return Ok(true);
+                        }
+                    }
+                    _ => {}
+                }
+                Ok(false)
+            },
+        )?;
+        down.ready += n;
+        let Some(new) = replacement.filter(|_| stopped) else {
+            return Ok(());
+        };
+        let start = down.ready;
+        let len = wire::frame_header(&down.buf[start..])?.map_or(0, |(_, l)| l);
+        let tail = down.buf.split_off(start + len);
+        down.buf.truncate(start);
+        down.buf.extend_from_slice(&new);
+        down.buf.extend_from_slice(&tail);
+        down.ready += new.len();
+    }
+}
+
+async fn server_to_client(
+    ur: &mut (impl AsyncRead + Unpin),
+    cw: &mut (impl AsyncWrite + Unpin),
+    down: &mut Downstream,
+    in_flight: &Mutex<InFlight>,
+    rewrites: &Rewrites,
+    drain: &CancellationToken,
+    config: &ProxyConfig,
+) -> Result<(), Fatal> {
+    down.buf.reserve(READ_CHUNK);
+    let mut deadline: Option<tokio::time::Instant> = None;
+    let shutdown_error = || Fatal {
+        code: wire::ADMIN_SHUTDOWN,
+        message: "terminating connection due to administrator command".into(),
+    };
+    loop {
+        scan_down(down, in_flight, rewrites)?;
+        down.write_ready(cw).await.map_err(io_fatal)?;
+        // Draining: close once nothing is in flight, no transaction is open and the client has
+        // everything the server sent.
+        if deadline.is_some() && down.buf.is_empty() && lock(in_flight).is_idle() {
+            return Err(shutdown_error());
+        }
+        if down.buf.capacity() - down.buf.len() < READ_CHUNK / 4 {
+            down.buf.reserve(READ_CHUNK);
+        }
+        tokio::select! {
+            r = ur.read_buf(&mut down.buf) => {
+                if r.map_err(io_fatal)? == 0 {
+                    return Ok(()); // the server closed (it sent its own FATAL, if any)
+                }
+            }
+            _ = drain.cancelled(), if deadline.is_none() => {
+                deadline = Some(tokio::time::Instant::now() + config.shutdown_timeout);
+            }
+            _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => {
+                return Err(shutdown_error());
+            }
+        }
+    }
+}
+
+/// The in-flight state; a panic elsewhere while it was held cannot leave it half-updated (its
+/// updates do not panic), so a poisoned lock is used as is.
+fn lock(m: &Mutex<InFlight>) -> std::sync::MutexGuard<'_, InFlight> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut v = vec![tag];
+        v.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+        v.extend_from_slice(body);
+        v
+    }
+
+    #[test]
+    fn scanner_forwards_pass_through_bytes_early_and_holds_inspected_frames() {
+        let mut s = Scanner::default();
+        let mut stream = frame(b'd', &[7u8; 100]);
+        stream.extend(frame(b'Q', b"SELECT 1\0"));
+        let ok = |_| Ok(());
+        let q = |t| t == b'Q';
+        let mut seen = Vec::new();
+        // Half a CopyData frame is forwardable at once.
+        assert_eq!(s.scan(&stream[..50], ok, q, |_| Ok(false)).unwrap().0, 50);
+        // Its rest plus a partial Query: only the CopyData rest.
+        assert_eq!(
+            s.scan(&stream[50..110], ok, q, |_| Ok(false)).unwrap().0,
+            55
+        );
+        // The whole Query.
+        assert_eq!(
+            s.scan(&stream[105..], ok, q, |f| {
+                seen.push(f.to_vec());
+                Ok(false)
+            })
+            .unwrap()
+            .0,
+            stream.len() - 105
+        );
+        assert_eq!(seen, vec![frame(b'Q', b"SELECT 1\0")]);
+    }
+
+    #[test]
+    fn scanner_rejects_bad_frames() {
+        let mut s = Scanner::default();
+        let check = |t| {
+            if wire::is_frontend_tag(t) {
+                Ok(())
+            } else {
+                Err(WireError::UnknownTag(t))
+            }
+        };
+        assert!(matches!(
+            s.scan(&frame(b'z', b""), check, |_| false, |_| Ok(false)),
+            Err(WireError::UnknownTag(b'z'))
+        ));
+        let mut s = Scanner::default();
+        assert!(s
+            .scan(&[b'Q', 0, 0, 0, 1], check, |_| true, |_| Ok(false))
+            .is_err());
+        let mut s = Scanner::default();
+        assert!(s
+            .scan(
+                &frame(b'Q', b"no terminator"),
+                check,
+                |_| true,
+                |f| wire::decode_frontend(f).map(|_| false)
+            )
+            .is_err());
+    }
+}
