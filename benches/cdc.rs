@@ -77,7 +77,9 @@ fn main() -> anyhow::Result<()> {
         .setting("autovacuum", "off");
     opts.ephemeral = true;
     let cluster = Cluster::start(&opts)?;
-    let bin = env!("CARGO_BIN_EXE_pgfire");
+    // PGFIRE_BENCH_BIN: another pgfire binary to measure (an A/B comparison with another build).
+    let bin_env = std::env::var("PGFIRE_BENCH_BIN").ok();
+    let bin = bin_env.as_deref().unwrap_or(env!("CARGO_BIN_EXE_pgfire"));
     println!(
         "pgfire CDC benchmark: {rows} inserts per shape, {rounds} rounds (A-B-B-A), PostgreSQL {}",
         cluster.bin_dir.display()

@@ -49,6 +49,25 @@ pub struct FunctionDef {
     pub sql_callable: Option<String>,
     /// PRE runs: a failing or timed-out run blocks the write (`on_error = 'block'`).
     pub blocks_on_error: bool,
+    /// POST events of different rows run at once up to this many.
+    pub concurrency: usize,
+    /// Events are parked, not run, until it is resumed.
+    pub paused: bool,
+    /// Overrides of `delivery.max_attempts` / `delivery.max_age_seconds`.
+    pub max_attempts: Option<u32>,
+    pub max_age: Option<Duration>,
+}
+
+impl FunctionDef {
+    /// Attempts before a failing run is dead.
+    pub fn max_attempts(&self, settings: &Settings) -> u32 {
+        self.max_attempts.unwrap_or(settings.max_attempts)
+    }
+
+    /// Age of a parked run past which it is dead.
+    pub fn max_age(&self, settings: &Settings) -> Duration {
+        self.max_age.unwrap_or(settings.max_age)
+    }
 }
 
 /// An active subscription of an active function.
@@ -58,6 +77,8 @@ pub struct Subscription {
     pub priority: i32,
     /// PRE shadow mode: runs and is recorded, never blocks or rewrites.
     pub shadow: bool,
+    /// A condition on the event (`delivery::filter`); only matching events run it.
+    pub filter: Option<Arc<str>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -111,6 +132,15 @@ pub struct Settings {
     pub reset_ttl: Duration,
     /// Schemas whose tables give `api.dataTable_*` events (`datahub_schemas`; never `pgfire`).
     pub datahub_schemas: Vec<String>,
+    /// Attempts of a failing run in memory before it is parked.
+    pub memory_attempts: u32,
+    /// Age of a parked run past which it is dead.
+    pub max_age: Duration,
+    /// Events held in memory at most, and their envelopes' bytes.
+    pub max_in_flight: usize,
+    pub max_in_flight_bytes: usize,
+    /// History older than this is pruned.
+    pub retention: Duration,
     pub all: HashMap<String, String>,
 }
 
@@ -127,6 +157,11 @@ impl Default for Settings {
             verification_ttl: Duration::from_secs(86_400),
             reset_ttl: Duration::from_secs(3_600),
             datahub_schemas: vec!["public".into()],
+            memory_attempts: 3,
+            max_age: Duration::from_secs(86_400),
+            max_in_flight: 10_000,
+            max_in_flight_bytes: 64 << 20,
+            retention: Duration::from_secs(7 * 86_400),
             all: HashMap::new(),
         }
     }
@@ -139,6 +174,8 @@ pub struct Catalog {
     /// Active subscriptions of active functions by event type, in run order (priority, name).
     pub subscriptions: HashMap<String, Vec<Subscription>>,
     pub sources: HashMap<u32, Source>,
+    /// Every active function by name (paused ones included), for parked runs' retries.
+    pub functions: HashMap<Arc<str>, Arc<FunctionDef>>,
     pub settings: Settings,
     /// Some auth event (`auth.*`, `POST_LOGIN`, `POST_LOGOUT`, `POST_PASSWORD_RESET`) has
     /// subscribers: without any, row changes of auth sources are not looked at for them.
@@ -172,6 +209,13 @@ struct FunctionRow {
     sql_callable: Option<String>,
     #[serde(default)]
     on_error: Option<String>,
+    concurrency: Option<i64>,
+    #[serde(default)]
+    paused: bool,
+    #[serde(default)]
+    max_attempts: Option<i64>,
+    #[serde(default)]
+    max_age_seconds: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -182,6 +226,7 @@ struct SubscriptionRow {
     active: bool,
     #[serde(default)]
     shadow: bool,
+    filter: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -281,9 +326,19 @@ impl Catalog {
                     secret,
                     sql_callable: f.sql_callable,
                     blocks_on_error: f.on_error.as_deref() == Some("block"),
+                    concurrency: f.concurrency.unwrap_or(10).clamp(1, 1000) as usize,
+                    paused: f.paused,
+                    max_attempts: f.max_attempts.map(|n| n.clamp(1, 100) as u32),
+                    max_age: f
+                        .max_age_seconds
+                        .map(|s| Duration::from_secs(s.max(1) as u64)),
                 }),
             );
         }
+        cat.functions = functions
+            .values()
+            .map(|f| (f.name.clone(), f.clone()))
+            .collect();
 
         let mut subs = snap.subscriptions;
         subs.sort_by(|a, b| {
@@ -302,6 +357,10 @@ impl Catalog {
                         function: function.clone(),
                         priority: s.priority,
                         shadow: s.shadow,
+                        filter: s
+                            .filter
+                            .filter(|f| !f.trim().is_empty())
+                            .map(|f| Arc::from(f.as_str())),
                     });
             }
         }
@@ -379,6 +438,21 @@ impl Catalog {
                 .filter(|n| !n.is_empty() && *n != "pgfire")
                 .map(str::to_string)
                 .collect();
+        }
+        if let Some(v) = num("delivery.memory_attempts") {
+            s.memory_attempts = v.clamp(1, 100) as u32;
+        }
+        if let Some(v) = num("delivery.max_age_seconds") {
+            s.max_age = Duration::from_secs(v.max(1));
+        }
+        if let Some(v) = num("delivery.max_in_flight") {
+            s.max_in_flight = v.clamp(1, 1_000_000) as usize;
+        }
+        if let Some(v) = num("delivery.max_in_flight_bytes") {
+            s.max_in_flight_bytes = v.max(1 << 20) as usize;
+        }
+        if let Some(v) = num("history.retention_seconds") {
+            s.retention = Duration::from_secs(v.max(60));
         }
     }
 }

@@ -41,6 +41,11 @@ pub const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../sql/005_events.sql"),
     },
     Migration {
+        version: 6,
+        name: "delivery",
+        sql: include_str!("../sql/006_delivery.sql"),
+    },
+    Migration {
         version: 7,
         name: "pre hooks",
         sql: include_str!("../sql/007_pre_hooks.sql"),

@@ -12,11 +12,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, AdminState};
 use crate::cli::ServiceArgs;
-use crate::dispatch::{DispatchStats, Dispatcher};
+use crate::delivery::{DeliveryStats, Engine};
 use crate::embedded::{Cluster, ClusterOptions};
 use crate::executions::{self, Progress};
 use crate::functions::Kinds;
 use crate::install::{self, PUBLICATION};
+use crate::intake::Intake;
 use crate::proxy::{self, ProxyArgs, ProxyConfig};
 use crate::replication::spill::SpillConfig;
 use crate::replication::{self, ConsumerConfig, ConsumerHealth};
@@ -74,6 +75,13 @@ impl ServiceConfig {
     }
 }
 
+/// Resolves once the consumer streams from the slot (at once for the only pgfire on it).
+async fn holding_the_slot(health: &ConsumerHealth) {
+    while !health.connected.load(std::sync::atomic::Ordering::SeqCst) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A running pgfire.
 pub struct Service {
     shutdown: CancellationToken,
@@ -85,7 +93,7 @@ pub struct Service {
     pub admin_addr: Option<SocketAddr>,
     pub proxy_addr: Option<SocketAddr>,
     pub health: Arc<ConsumerHealth>,
-    pub stats: Arc<DispatchStats>,
+    pub stats: Arc<DeliveryStats>,
 }
 
 impl Service {
@@ -106,7 +114,7 @@ impl Service {
         let dispatch_stop = CancellationToken::new();
         let history_abandon = CancellationToken::new();
         let health = Arc::new(ConsumerHealth::default());
-        let stats = Arc::new(DispatchStats::default());
+        let stats = Arc::new(DeliveryStats::default());
         let mut tasks = Vec::new();
         let mut history = None;
         let mut dispatch = None;
@@ -118,21 +126,42 @@ impl Service {
             let (recorder, writer) =
                 executions::start(cfg.database_url.clone(), shared, history_abandon.clone());
             history = Some(writer);
+            // consumer → intake (decoded items) → delivery (events and checkpoints).
             let (tx, rx) = tokio::sync::mpsc::channel(16);
-            let dispatcher = Dispatcher {
-                catalog: Arc::new(catalog),
+            let (events_tx, events_rx) = tokio::sync::mpsc::channel(16);
+            let catalog = Arc::new(catalog);
+            let intake = Intake {
+                catalog: catalog.clone(),
                 database_url: cfg.database_url.clone(),
                 slot: slot.clone(),
                 warned_identity: Default::default(),
                 builder: Default::default(),
-                kinds: Kinds::new(&cfg.database_url)?,
-                recorder,
-                pending: Vec::new(),
-                pending_must_store: false,
-                checkpoint: None,
                 stats: stats.clone(),
             };
-            dispatch = Some(tokio::spawn(dispatcher.run(rx, dispatch_stop.clone())));
+            let engine = Engine {
+                catalog,
+                kinds: Arc::new(Kinds::new(&cfg.database_url)?),
+                recorder,
+                database_url: cfg.database_url.clone(),
+                stats: stats.clone(),
+            };
+            let intake = tokio::spawn(intake.run(rx, events_tx, dispatch_stop.clone()));
+            // The engine retries parked runs and knows which rows wait behind them: only the
+            // pgfire holding the slot may do that, so a standby starts it once it has the slot.
+            let engine = {
+                let (stop, health) = (dispatch_stop.clone(), health.clone());
+                tokio::spawn(async move {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = holding_the_slot(&health) => {}
+                    }
+                    engine.run(events_rx, stop).await
+                })
+            };
+            dispatch = Some(tokio::spawn(async move {
+                let _ = engine.await;
+                let _ = intake.await;
+            }));
             let consumer = ConsumerConfig {
                 database_url: cfg.database_url.clone(),
                 slot,
@@ -407,8 +436,9 @@ pub async fn dev_cmd(data_dir: PathBuf, pg_port: u16, args: ServiceArgs) -> anyh
     }
 }
 
-/// What the running service says about its consumer: `/healthz` of `admin_url`.
-async fn service_state(admin_url: &str) -> String {
+/// What the running service says about its consumer: `/healthz` of `admin_url`, with the runs
+/// in flight per function (empty when it does not answer).
+async fn service_state(admin_url: &str) -> (String, std::collections::HashMap<String, u64>) {
     let url = format!("{}/healthz", admin_url.trim_end_matches('/'));
     let answer = async {
         let client = reqwest::Client::builder()
@@ -422,14 +452,22 @@ async fn service_state(admin_url: &str) -> String {
         req.send().await?.json::<serde_json::Value>().await
     };
     match answer.await {
-        Ok(body) => match body["replication"]["state"].as_str() {
-            Some(state) => state.to_string(),
-            None => format!(
-                "consumer {}",
-                body["consumer"].as_str().unwrap_or("unknown")
-            ),
-        },
-        Err(err) => format!("no answer from {url} ({err}); is pgfire run running?"),
+        Ok(body) => {
+            let running =
+                serde_json::from_value(body["delivery"]["running"].clone()).unwrap_or_default();
+            let state = match body["replication"]["state"].as_str() {
+                Some(state) => state.to_string(),
+                None => format!(
+                    "consumer {}",
+                    body["consumer"].as_str().unwrap_or("unknown")
+                ),
+            };
+            (state, running)
+        }
+        Err(err) => (
+            format!("no answer from {url} ({err}); is pgfire run running?"),
+            Default::default(),
+        ),
     }
 }
 
@@ -490,7 +528,8 @@ pub async fn status_cmd(url: &str, admin_url: &str) -> anyhow::Result<()> {
     if publication.is_none() {
         println!("publication {PUBLICATION} missing: run pgfire install");
     }
-    println!("service: {}", service_state(admin_url).await);
+    let (state, running) = service_state(admin_url).await;
+    println!("service: {state}");
     // Sources (and their partitions) whose changes lack old values.
     let lacking = client
         .query(
@@ -530,6 +569,9 @@ pub async fn status_cmd(url: &str, admin_url: &str) -> anyhow::Result<()> {
             "warning: datahub events (api.dataTable_*) are off: their event triggers need a superuser (fix: as a superuser, SELECT pgfire.track_datahub())"
         );
     }
+    crate::delivery::status::print(&client, &running)
+        .await
+        .map_err(q)?;
     let rows = client
         .query(
             "SELECT function_name, status, count(*)::bigint, max(started_at)::text, (array_agg(error ORDER BY id DESC))[1]

@@ -23,7 +23,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use tokio_util::sync::CancellationToken;
 
-use crate::dispatch::DispatchStats;
+use crate::delivery::DeliveryStats;
 use crate::events::Lsn;
 use crate::executions::Progress;
 use crate::replication::ConsumerHealth;
@@ -33,6 +33,9 @@ pub mod metric {
     pub const EVENTS: &str = "pgfire_events_total";
     pub const RUNS: &str = "pgfire_function_runs_total";
     pub const FAILURES: &str = "pgfire_function_failures_total";
+    pub const PARKED: &str = "pgfire_runs_parked_total";
+    pub const DEAD: &str = "pgfire_runs_dead_total";
+    pub const IN_FLIGHT: &str = "pgfire_events_in_flight";
     pub const RECEIVED_LSN: &str = "pgfire_received_lsn";
     pub const CONFIRMED_LSN: &str = "pgfire_confirmed_lsn";
     pub const SETTLED_LSN: &str = "pgfire_settled_lsn";
@@ -46,7 +49,7 @@ pub mod metric {
 pub struct AdminState {
     /// `None` when the consumer is not running (`--no-consumer`).
     pub consumer: Option<Arc<ConsumerHealth>>,
-    pub dispatch: Arc<DispatchStats>,
+    pub dispatch: Arc<DeliveryStats>,
     /// The execution history and what the slot may confirm (`None` without a consumer).
     pub history: Option<Arc<Progress>>,
     /// The served database, which the dashboard reads and writes (pgfire's SQL tables).
@@ -164,6 +167,10 @@ async fn healthz(State(s): State<AdminState>) -> impl IntoResponse {
         "dispatch": {
             "error": s.dispatch.stopped.lock().ok().and_then(|e| e.clone()),
         },
+        "delivery": {
+            "in_flight": s.dispatch.in_flight.load(Ordering::Relaxed),
+            "running": s.dispatch.running.lock().ok().map(|r| r.clone()).unwrap_or_default(),
+        },
         "history": s.history.as_ref().map(|h| serde_json::json!({
             "stored_lsn": Lsn(h.stored.load(Ordering::Relaxed)).to_string(),
             "error": h.error.lock().ok().and_then(|e| e.clone()),
@@ -183,6 +190,9 @@ async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {
         (metric::EVENTS, "counter", load(&s.dispatch.events)),
         (metric::RUNS, "counter", load(&s.dispatch.runs)),
         (metric::FAILURES, "counter", load(&s.dispatch.failures)),
+        (metric::PARKED, "counter", load(&s.dispatch.parked)),
+        (metric::DEAD, "counter", load(&s.dispatch.dead)),
+        (metric::IN_FLIGHT, "gauge", load(&s.dispatch.in_flight)),
     ];
     if let Some(c) = &s.consumer {
         values.extend([

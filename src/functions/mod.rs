@@ -1,15 +1,20 @@
 //! Function kinds: what running a subscribed function means for each kind.
 //!
 //! Contract of [`Kind::post`]: deliver one POST event envelope; `Ok` means the function accepted
-//! it (delivery is settled), an error means it may be retried. Delivery is at least once, so a
-//! function may see the same event id twice. Runs of one event happen in priority order, one at
-//! a time; events reach each function in commit order.
+//! it (delivery is settled), an error means it may be retried ([`FunctionError::kind`] says
+//! whether retrying can help, and [`FunctionError::retry_after`] when the function asked for a
+//! pause). Delivery is at least once, so a function may see the same event id twice. Runs of one
+//! event start in priority order; events of one row (see `delivery::key`) reach each function one
+//! at a time in commit order, events of different rows may run concurrently (up to the
+//! function's `concurrency`), so a kind's implementation must allow concurrent calls.
 
 pub mod log;
+pub mod nats;
 pub mod sql;
 pub mod webhook;
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 
@@ -22,6 +27,24 @@ pub enum FunctionError {
     Timeout(u128),
     #[error("{0}")]
     Failed(String),
+    /// The function asked to be called again later (429 or 503 with `Retry-After`).
+    #[error("{message}")]
+    Busy {
+        message: String,
+        retry_after: Duration,
+    },
+    /// Retrying cannot help (the event itself is refused, say): the run is dead at once.
+    #[error("{0}")]
+    Rejected(String),
+}
+
+/// What retrying a failed run can do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// It may work next time.
+    Transient,
+    /// It will fail the same way: no retry.
+    Permanent,
 }
 
 impl FunctionError {
@@ -29,15 +52,31 @@ impl FunctionError {
     pub fn status(&self) -> crate::executions::Status {
         match self {
             FunctionError::Timeout(_) => crate::executions::Status::Timeout,
-            FunctionError::Failed(_) => crate::executions::Status::Error,
+            _ => crate::executions::Status::Error,
+        }
+    }
+
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            FunctionError::Rejected(_) => ErrorKind::Permanent,
+            _ => ErrorKind::Transient,
+        }
+    }
+
+    /// How long the function asked to be left alone, if it did.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            FunctionError::Busy { retry_after, .. } => Some(*retry_after),
+            _ => None,
         }
     }
 }
 
-/// One event on its way to functions; the JSON envelope is built once, when first needed.
+/// One event on its way to functions; the JSON envelope is built once, when first needed (or
+/// given, shared by every run of the event).
 pub struct Delivery<'a> {
     pub event: &'a Event,
-    envelope: OnceLock<Vec<u8>>,
+    envelope: OnceLock<Arc<[u8]>>,
 }
 
 impl<'a> Delivery<'a> {
@@ -48,8 +87,26 @@ impl<'a> Delivery<'a> {
         }
     }
 
+    /// A delivery whose envelope is already built (a parked run's, as stored).
+    pub fn with_envelope(event: &'a Event, envelope: Arc<[u8]>) -> Self {
+        Delivery {
+            event,
+            envelope: OnceLock::from(envelope),
+        }
+    }
+
+    /// The envelope, if it was built (or given) already.
+    pub fn built_envelope(&self) -> Option<Arc<[u8]>> {
+        self.envelope.get().cloned()
+    }
+
     pub fn envelope(&self) -> &[u8] {
-        self.envelope.get_or_init(|| self.event.envelope())
+        self.shared_envelope()
+    }
+
+    fn shared_envelope(&self) -> &Arc<[u8]> {
+        self.envelope
+            .get_or_init(|| Arc::from(self.event.envelope()))
     }
 }
 
@@ -67,6 +124,7 @@ pub struct Kinds {
     pub webhook: webhook::Webhook,
     pub sql: sql::Sql,
     pub log: log::Log,
+    pub nats: nats::Nats,
 }
 
 impl Kinds {
@@ -75,7 +133,13 @@ impl Kinds {
             webhook: webhook::Webhook::new()?,
             sql: sql::Sql::new(database_url)?,
             log: log::Log,
+            nats: nats::Nats::new(),
         })
+    }
+
+    /// The configuration in force changed: kinds that read settings follow it.
+    pub fn configure(&self, catalog: &crate::catalog::Catalog) {
+        self.nats.configure(nats::NatsConfig::from_catalog(catalog));
     }
 
     /// Run `def` for `delivery`, bounded by the function's timeout (a `sql` run may take up to a
@@ -92,11 +156,7 @@ impl Kinds {
             FunctionKind::Sql => return self.sql.post(def, delivery).await,
             // A log line cannot hang: no timer needed.
             FunctionKind::Log => return self.log.post(def, delivery).await,
-            FunctionKind::Nats => {
-                return Err(FunctionError::Failed(
-                    "nats functions are not available in this version of pgfire".into(),
-                ))
-            }
+            FunctionKind::Nats => &self.nats,
         };
         match tokio::time::timeout(def.timeout, kind.post(def, delivery)).await {
             Ok(r) => r,

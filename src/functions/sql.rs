@@ -6,6 +6,13 @@
 //! function's timeout: then its query is cancelled, and if it has not ended within a short grace
 //! (it caught the cancel, say) its backend is terminated and its session dropped, never reused.
 //! A run never waits for a session another run holds: the pool opens a new one when none is idle.
+//!
+//! No loops: the call's transaction first writes a transactional logical message
+//! ([`ORIGIN_MESSAGE_PREFIX`], the function's name), so the consumer knows which function wrote
+//! the changes of that transaction and does not run that function for them again (other
+//! functions still get them). PostgreSQL's replication origins would say the same, but on
+//! PostgreSQL 15 one origin can be set up by one session at a time, which would serialise a
+//! function's runs.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,6 +37,9 @@ const CANCEL_GRACE: Duration = Duration::from_secs(1);
 /// drops the session instead of returning it to the pool.
 const RESET: &str = "CLOSE ALL; SET SESSION AUTHORIZATION DEFAULT; RESET ALL; DEALLOCATE ALL; \
                      UNLISTEN *; SELECT pg_advisory_unlock_all(); DISCARD TEMP; DISCARD SEQUENCES";
+
+/// The prefix of the logical message naming the `sql` function that wrote a transaction.
+pub const ORIGIN_MESSAGE_PREFIX: &str = "pgfire.origin";
 
 pub struct Sql {
     sessions: Arc<Sessions>,
@@ -57,6 +67,7 @@ impl Sql {
     /// One run of `callable` with `envelope`, bounded by `timeout` (plus the cancel grace).
     async fn run(
         &self,
+        function: &str,
         callable: &str,
         envelope: &str,
         timeout: Duration,
@@ -77,13 +88,18 @@ impl Sql {
             pid: Some(session.pid),
             sessions: self.sessions.clone(),
         };
-        let sql = format!("SELECT {callable}($1::text::jsonb)::text");
+        // The marker is written first (a MATERIALIZED CTE runs before the call), so it precedes
+        // every change of the transaction in the stream.
+        let sql = format!(
+            "WITH origin AS MATERIALIZED (SELECT pg_logical_emit_message(true, '{ORIGIN_MESSAGE_PREFIX}', $2::text)) \
+             SELECT {callable}($1::text::jsonb)::text FROM origin"
+        );
         let outcome = {
             let client = &session.client;
             // Both go out together; the reset runs after the call's implicit transaction, whether
             // the call succeeded or failed.
-            let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 1] =
-                [(&envelope, Type::TEXT)];
+            let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 2] =
+                [(&envelope, Type::TEXT), (&function, Type::TEXT)];
             let call = futures_util::future::join(
                 client.query_typed(&sql, &params),
                 client.batch_execute(RESET),
@@ -163,7 +179,7 @@ impl Kind for Sql {
             })?;
             let envelope = std::str::from_utf8(d.envelope())
                 .map_err(|e| FunctionError::Failed(e.to_string()))?;
-            self.run(callable, envelope, def.timeout).await
+            self.run(&def.name, callable, envelope, def.timeout).await
         })
     }
 }

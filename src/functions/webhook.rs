@@ -36,7 +36,10 @@ impl Webhook {
     pub fn new() -> anyhow::Result<Webhook> {
         let http = reqwest::Client::builder()
             .user_agent(concat!("pgfire/", env!("CARGO_PKG_VERSION")))
-            .pool_max_idle_per_host(8)
+            // Keep-alive connections per host, as many as runs may overlap (a function's
+            // concurrency is at most 1000); each request goes out in one segment (no Nagle).
+            .pool_max_idle_per_host(1024)
+            .pool_idle_timeout(std::time::Duration::from_secs(60))
             .tcp_nodelay(true)
             .redirect(reqwest::redirect::Policy::custom(redirect_policy))
             .build()?;
@@ -125,6 +128,14 @@ impl Kind for Webhook {
                 .is_redirection()
                 .then(|| redirect_target(&resp))
                 .flatten();
+            let retry_after = matches!(status.as_u16(), 429 | 503)
+                .then(|| {
+                    resp.headers()
+                        .get(reqwest::header::RETRY_AFTER)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| parse_retry_after(v, SystemTime::now()))
+                })
+                .flatten();
             let body = read_head(resp, SNIPPET_BYTES).await.map_err(|e| {
                 if e.is_timeout() {
                     FunctionError::Timeout(def.timeout.as_millis())
@@ -155,10 +166,14 @@ impl Kind for Webhook {
                 .chars()
                 .take(SNIPPET_CHARS)
                 .collect();
-            Err(FunctionError::Failed(format!(
-                "POST {} answered {status}: {snippet}",
-                redact(url)
-            )))
+            let message = format!("POST {} answered {status}: {snippet}", redact(url));
+            match retry_after {
+                Some(retry_after) => Err(FunctionError::Busy {
+                    message,
+                    retry_after,
+                }),
+                None => Err(FunctionError::Failed(message)),
+            }
         })
     }
 }
@@ -259,6 +274,21 @@ fn redact(url: &str) -> String {
     }
 }
 
+/// A `Retry-After` value: seconds, or an HTTP date (RFC 9110), as a delay from `now` (at most a
+/// day; a date in the past is no delay).
+fn parse_retry_after(value: &str, now: SystemTime) -> Option<std::time::Duration> {
+    let value = value.trim();
+    let secs = match value.parse::<u64>() {
+        Ok(s) => s,
+        Err(_) => {
+            let at = chrono::DateTime::parse_from_rfc2822(value).ok()?;
+            let now = chrono::DateTime::<chrono::Utc>::from(now);
+            (at.with_timezone(&chrono::Utc) - now).num_seconds().max(0) as u64
+        }
+    };
+    Some(std::time::Duration::from_secs(secs.min(86_400)))
+}
+
 fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut src = e.source();
@@ -290,6 +320,29 @@ mod tests {
     #[test]
     fn bad_secret_is_an_error() {
         assert!(sign("whsec_!!!", "id", 1, b"{}").is_err());
+    }
+
+    #[test]
+    fn retry_after_in_seconds_or_as_a_date() {
+        use std::time::Duration;
+        let now = UNIX_EPOCH + Duration::from_secs(1_445_412_480); // Wed, 21 Oct 2015 07:28:00 GMT
+        assert_eq!(
+            parse_retry_after("120", now),
+            Some(Duration::from_secs(120))
+        );
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:28:30 GMT", now),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:00:00 GMT", now),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(parse_retry_after("soon", now), None);
+        assert_eq!(
+            parse_retry_after("99999999", now),
+            Some(Duration::from_secs(86_400))
+        );
     }
 
     #[test]

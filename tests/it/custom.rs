@@ -282,7 +282,7 @@ async fn system_events_are_redelivered_with_the_same_ids() {
     .await
     .unwrap();
     let mut first = spawn();
-    crate::support::wait_running(&db, "SELECT%gate%").await;
+    crate::support::wait_running(&db, "%capture.gate(%").await;
     crate::support::eventually(
         std::time::Duration::from_secs(30),
         "the transaction's five events",

@@ -40,6 +40,7 @@ async fn install_is_idempotent_and_uninstall_removes_everything() {
             "executions",
             "functions",
             "migrations",
+            "parked",
             "settings",
             "sources",
             "subscriptions"

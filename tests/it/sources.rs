@@ -25,7 +25,10 @@ fn subscribe(kind: &str) -> String {
 async fn wait_events(c: &tokio_postgres::Client, n: usize) -> Vec<Value> {
     eventually(Duration::from_secs(30), &format!("{n} events"), || async {
         let rows: Vec<Value> = c
-            .query("SELECT envelope::text FROM captured ORDER BY n", &[])
+            .query(
+                "SELECT envelope::text FROM captured ORDER BY envelope->>'id'",
+                &[],
+            )
             .await
             .unwrap()
             .iter()

@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 use pgfire::embedded::{Cluster, ClusterOptions};
 
+pub mod hook;
+pub mod nats;
 pub mod relay;
 pub mod webhook;
 
