@@ -112,7 +112,7 @@ impl ExecutionsArgs {
 }
 
 #[derive(Debug, clap::Args)]
-#[command(group(clap::ArgGroup::new("which").required(true).args(["execution", "function", "since"])))]
+#[command(group(clap::ArgGroup::new("which").required(true).multiple(true).args(["execution", "function", "since"])))]
 pub struct RedeliverArgs {
     /// The dead run one execution recorded (its id in `pgfire executions`).
     #[arg(long)]

@@ -83,7 +83,7 @@ fn bad_time(t: &str) -> OpsError {
 }
 
 /// Check that PostgreSQL reads `t` as a timestamp.
-async fn check_time(c: &Client, t: &str) -> Result<()> {
+pub(crate) async fn check_time(c: &Client, t: &str) -> Result<()> {
     c.query_one("SELECT $1::text::timestamptz", &[&t])
         .await
         .map(|_| ())

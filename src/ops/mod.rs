@@ -555,6 +555,9 @@ pub async fn redeliver(c: &Client, what: &Redeliver) -> Result<i64> {
         } => {
             let since = history::resolve_time(since)?;
             let until = until.as_deref().map(history::resolve_time).transpose()?;
+            for t in std::iter::once(&since).chain(until.iter()) {
+                history::check_time(c, t).await?;
+            }
             c.query_one(
                 "SELECT pgfire.redeliver($1::text::timestamptz, coalesce($2::text::timestamptz, now()), $3::text)",
                 &[&since, &until, function],

@@ -297,3 +297,83 @@ async fn status_asks_a_token_guarded_service_with_its_token() {
     );
     service.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redeliver_sends_dead_runs_again() {
+    use crate::support::hook::{Answer, Hook};
+    let db = TestDb::new();
+    install_pgfire(&db).await;
+    let hook = Hook::start(|_, _| Answer::status(500)).await;
+    db.psql(&format!(
+        "INSERT INTO pgfire.functions (name, kind, target, max_attempts) VALUES ('hook', 'webhook', '{}', 1);
+         INSERT INTO pgfire.event_types (name, description) VALUES ('ORDER_SHIPPED', 'shipped');
+         INSERT INTO pgfire.subscriptions (event_type, function_name) VALUES ('ORDER_SHIPPED', 'hook');",
+        hook.url()
+    ));
+    let service = crate::support::start_service(&db).await;
+    db.psql("SELECT pgfire.emit('ORDER_SHIPPED', '{\"n\": 1}'); SELECT pgfire.emit('ORDER_SHIPPED', '{\"n\": 2}')");
+    let c = db.client().await;
+    let dead = "SELECT count(*) FROM pgfire.parked WHERE status = 'dead'";
+    crate::support::eventually(
+        std::time::Duration::from_secs(30),
+        "two dead runs",
+        || async {
+            (crate::support::count(&c, dead).await == 2
+                && crate::support::count(
+                    &c,
+                    "SELECT count(*) FROM pgfire.executions WHERE status = 'dead'",
+                )
+                .await
+                    == 2)
+                .then_some(())
+        },
+    )
+    .await;
+    let id = texts(
+        &c,
+        "SELECT max(id)::text FROM pgfire.executions WHERE status = 'dead'",
+    )
+    .await;
+    hook.script(|_, _| Answer::status(200));
+
+    let out = ok(&db, &["redeliver", "--execution", &id[0]]);
+    assert!(out.contains("1 dead run sent again"), "{out}");
+    let out = ok(&db, &["redeliver", "--execution", &id[0], "--json"]);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()["redelivered"],
+        0,
+        "{out}"
+    );
+    let out = ok(&db, &["redeliver", "--function", "hook", "--since", "1h"]);
+    assert!(out.contains("1 dead run sent again"), "{out}");
+    crate::support::eventually(
+        std::time::Duration::from_secs(30),
+        "both delivered",
+        || async {
+            (crate::support::count(
+                &c,
+                "SELECT count(*) FROM pgfire.executions WHERE status = 'ok'",
+            )
+            .await
+                == 2
+                && crate::support::count(&c, "SELECT count(*) FROM pgfire.parked").await == 0)
+                .then_some(())
+        },
+    )
+    .await;
+    let out = ok(&db, &["redeliver", "--function", "hook"]);
+    assert!(out.contains("no dead runs matched"), "{out}");
+
+    let err = fails(&db, &["redeliver", "--function", "nobody"]);
+    assert!(err.contains("unknown function \"nobody\""), "{err}");
+    let err = fails(&db, &["redeliver", "--execution", "999999"]);
+    assert!(err.contains("no execution 999999"), "{err}");
+    let err = fails(&db, &["redeliver", "--since", "soon-ish"]);
+    assert!(err.contains("invalid time \"soon-ish\""), "{err}");
+    let err = fails(
+        &db,
+        &["redeliver", "--execution", "1", "--function", "hook"],
+    );
+    assert!(err.contains("--execution names one run"), "{err}");
+    service.stop().await;
+}

@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::support::webhook::Receiver;
-use crate::support::{eventually, init_logs, install_pgfire, start_service, texts, TestDb};
+use crate::support::{count, eventually, init_logs, install_pgfire, start_service, texts, TestDb};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -581,6 +581,7 @@ async fn the_seed_flows_work_in_a_real_browser() {
     let db = TestDb::new();
     install_pgfire(&db).await;
     let receiver = Receiver::start().await;
+    let flaky = Flaky::start().await;
     db.psql(&format!(
         "CREATE TABLE public.users (id bigserial PRIMARY KEY, email text NOT NULL);
          INSERT INTO pgfire.sources (table_name, kind) VALUES ('public.users', 'user');
@@ -589,8 +590,12 @@ async fn the_seed_flows_work_in_a_real_browser() {
          INSERT INTO pgfire.functions (name, kind, target) VALUES
              ('notify', 'webhook', '{}'), ('welcome_mail', 'sql', 'public.reject');
          INSERT INTO pgfire.subscriptions (event_type, function_name) VALUES ('POST_USER_CREATE', 'welcome_mail');
-         UPDATE pgfire.settings SET value = '1' WHERE key = 'delivery.max_attempts';",
-        receiver.url("/hook")
+         UPDATE pgfire.settings SET value = '1' WHERE key = 'delivery.max_attempts';
+         INSERT INTO pgfire.functions (name, kind, target, max_attempts) VALUES ('flaky', 'webhook', '{}', 1);
+         INSERT INTO pgfire.event_types (name, description) VALUES ('ORDER_SHIPPED', 'An order left the warehouse');
+         INSERT INTO pgfire.subscriptions (event_type, function_name) VALUES ('ORDER_SHIPPED', 'flaky');",
+        receiver.url("/hook"),
+        flaky.hook()
     ));
     let service = start_service(&db).await;
     let base = format!("http://{}", service.admin_addr.unwrap());
@@ -606,17 +611,27 @@ async fn the_seed_flows_work_in_a_real_browser() {
         (!n.is_empty() && n.iter().all(|s| s != "ok")).then_some(())
     })
     .await;
+    // A dead run to redeliver once its endpoint works again.
+    db.psql("SELECT pgfire.emit('ORDER_SHIPPED', '{\"order\": 7}')");
+    eventually(WAIT, "the dead run of flaky", || async {
+        let dead = texts(&c, "SELECT status FROM pgfire.parked WHERE function_name = 'flaky' AND status = 'dead'").await;
+        let recorded = texts(&c, "SELECT status FROM pgfire.executions WHERE function_name = 'flaky' AND status = 'dead'").await;
+        (!dead.is_empty() && !recorded.is_empty()).then_some(())
+    })
+    .await;
 
     let shots = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/artifacts/dashboard");
     std::fs::create_dir_all(&shots).unwrap();
     let _ = std::fs::remove_file(shots.join("failure.png"));
     let url = db.url();
+    let control = flaky.control();
     let out = tokio::task::spawn_blocking(move || {
         Command::new("node")
             .arg(root.join("browser/dashboard.js"))
             .arg(&base)
             .arg(&shots)
             .env("DATABASE_URL", url)
+            .env("FLAKY_CONTROL", control)
             .current_dir(&root)
             .output()
             .unwrap()
@@ -638,6 +653,11 @@ async fn the_seed_flows_work_in_a_real_browser() {
         )
         .await
             == ["welcome_mail"]
+    );
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM pgfire.executions WHERE function_name = 'flaky' AND status = 'ok'").await,
+        1,
+        "the redelivered run succeeded"
     );
     assert!(
         !receiver.received().is_empty(),
@@ -699,4 +719,54 @@ async fn pages_say_when_the_database_cannot_be_reached() {
     })
     .await;
     service.stop().await;
+}
+
+/// A webhook endpoint that fails (500, "try later <b>…</b>") until `POST /control/heal`.
+struct Flaky {
+    addr: std::net::SocketAddr,
+}
+
+impl Flaky {
+    async fn start() -> Flaky {
+        use axum::routing::post;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        let healed = Arc::new(AtomicBool::new(false));
+        let h = healed.clone();
+        let app = axum::Router::new()
+            .route(
+                "/control/heal",
+                post(move || {
+                    h.store(true, Ordering::SeqCst);
+                    async { "healed" }
+                }),
+            )
+            .route(
+                "/hook",
+                post(move || {
+                    let ok = healed.load(Ordering::SeqCst);
+                    async move {
+                        match ok {
+                            true => (axum::http::StatusCode::OK, "ok".to_string()),
+                            false => (
+                                axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                                "try later <b>soon</b>".to_string(),
+                            ),
+                        }
+                    }
+                }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        Flaky { addr }
+    }
+
+    fn hook(&self) -> String {
+        format!("http://{}/hook", self.addr)
+    }
+
+    fn control(&self) -> String {
+        format!("http://{}/control/heal", self.addr)
+    }
 }

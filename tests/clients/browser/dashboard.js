@@ -138,9 +138,14 @@ async function main() {
     await fetch(process.env.FLAKY_CONTROL, { method: "POST" });
     await dead.getByRole("button", { name: "Redeliver" }).click();
     await page.getByText(/dead run of execution \d+ sent again/).waitFor();
-    await runs.getByRole("row", { name: /flaky/ }).filter({ hasText: /\bok\b/ }).first().waitFor();
-    await page.reload();
-    await page.getByText("No parked or dead runs.").waitFor();
+    await runs.locator('tr[data-status="ok"]', { hasText: "flaky" }).first().waitFor();
+    // Settled: it leaves the retry queue.
+    for (let i = 0; ; i++) {
+      await page.reload();
+      if (await queue.getByRole("row", { name: /flaky/ }).count() === 0) break;
+      check(i < 50, "flaky left the retry queue");
+      await page.waitForTimeout(200);
+    }
     await shot(page, "executions-redelivered");
   }
 
