@@ -40,9 +40,14 @@ pub struct DbArgs {
 /// Flags of the running service (`run` and `dev`).
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServiceArgs {
-    /// Address of the admin HTTP endpoint (/healthz, /metrics).
+    /// Address of the admin HTTP endpoint (the dashboard, /healthz, /metrics). Off loopback it
+    /// needs --admin-token.
     #[arg(long, default_value = "127.0.0.1:9187", env = "PGFIRE_ADMIN_LISTEN")]
     pub admin_listen: SocketAddr,
+    /// Token every admin request must carry (Authorization: Bearer, or open the dashboard once
+    /// with ?token=...); required when --admin-listen is not a loopback address.
+    #[arg(long, env = "PGFIRE_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
     /// Do not start the replication consumer.
     #[arg(long)]
     pub no_consumer: bool,
@@ -107,7 +112,28 @@ pub enum Command {
     Events {
         #[command(flatten)]
         db: DbArgs,
+        /// JSON for scripts instead of a table.
+        #[arg(long)]
+        json: bool,
     },
+    /// Subscribe a function to an event type (or set the priority of a subscription and
+    /// activate it).
+    Subscribe(crate::ops::cli::SubscribeArgs),
+    /// Remove a function's subscription to an event type (its execution history stays).
+    Unsubscribe(crate::ops::cli::UnsubscribeArgs),
+    /// List every function with its kind, target, timeout and subscriptions.
+    Functions {
+        #[command(flatten)]
+        db: DbArgs,
+        /// JSON for scripts instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the execution history, newest first.
+    Executions(crate::ops::cli::ExecutionsArgs),
+    /// Send dead runs again (one execution, every dead run of a function, or those of a time
+    /// range).
+    Redeliver(crate::ops::cli::RedeliverArgs),
     /// Show slot lag, backlog and recent failures.
     Status {
         #[command(flatten)]
@@ -186,7 +212,15 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             pg_port,
             service,
         } => crate::service::dev_cmd(data_dir, pg_port, service).await,
-        Command::Events { db } => crate::catalog::events_cmd(&db.database_url).await,
+        Command::Events { db, json: false } => crate::catalog::events_cmd(&db.database_url).await,
+        Command::Events { db, json: true } => crate::ops::cli::events_json(&db.database_url).await,
+        Command::Subscribe(a) => a.run().await,
+        Command::Unsubscribe(a) => a.run().await,
+        Command::Functions { db, json } => {
+            crate::ops::cli::functions_cmd(&db.database_url, json).await
+        }
+        Command::Executions(a) => a.run().await,
+        Command::Redeliver(a) => a.run().await,
         Command::Status { db, admin_url } => {
             crate::service::status_cmd(&db.database_url, &admin_url).await
         }

@@ -3,7 +3,8 @@
 //! Layers, data flowing one way: `wire` (codec) → `replication` / `proxy` (IO) → `events` (domain)
 //! → `intake` (items to events, configuration as of commit) → `delivery` (scheduling, retries,
 //! the slot's low-water mark) → `functions` (kinds). `catalog` holds the SQL configuration snapshot, `install`
-//! the migrations, `service` wires everything for `pgfire run`, `embedded` runs a private
+//! the migrations, `service` wires everything for `pgfire run`, `admin` serves the dashboard over `ops`
+//! (operator actions on the SQL tables, shared with the CLI), `embedded` runs a private
 //! PostgreSQL for `pgfire dev` and the tests.
 
 pub mod admin;
@@ -18,6 +19,7 @@ pub mod functions;
 pub mod fuzz;
 pub mod install;
 pub mod intake;
+pub mod ops;
 pub mod proxy;
 pub mod replication;
 pub mod service;

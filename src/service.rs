@@ -38,6 +38,8 @@ pub struct ServiceConfig {
     pub replication_timeout: Duration,
     /// Where large streamed transactions are spilled, and beyond how much memory.
     pub spill: SpillConfig,
+    /// The token every admin request must carry (required off loopback).
+    pub admin_token: Option<String>,
 }
 
 impl ServiceConfig {
@@ -51,6 +53,7 @@ impl ServiceConfig {
             status_interval: Duration::from_secs(1),
             replication_timeout: Duration::from_secs(30),
             spill: SpillConfig::default(),
+            admin_token: None,
         }
     }
 
@@ -67,6 +70,7 @@ impl ServiceConfig {
                 dir: args.spill_dir.unwrap_or_else(SpillConfig::default_dir),
                 budget: args.max_transaction_memory,
             },
+            admin_token: args.admin_token,
         }
     }
 }
@@ -204,12 +208,16 @@ impl Service {
 
         let mut admin_addr = None;
         if let Some(addr) = cfg.admin_listen {
-            let listener = admin::bind(addr).await?;
+            let listener = admin::bind(addr, cfg.admin_token.as_deref()).await?;
             admin_addr = Some(listener.local_addr()?);
             let state = AdminState {
                 consumer: cfg.consumer.then(|| health.clone()),
                 dispatch: stats.clone(),
                 history: progress.clone(),
+                database_url: cfg.database_url.clone(),
+                token: cfg.admin_token.clone(),
+                proxy_addr,
+                proxy_connections: None,
             };
             let token = shutdown.clone();
             tasks.push(tokio::spawn(async move {
@@ -404,7 +412,7 @@ pub async fn dev_cmd(data_dir: PathBuf, pg_port: u16, args: ServiceArgs) -> anyh
         "\npgfire dev is running.\n\
          \n  database (direct):   {url}\
          \n  through pgfire:      {}\
-         \n  admin:               http://{admin}/healthz\n\
+         \n  dashboard:           http://{admin}/  (/healthz, /metrics)\n\
          \nTry it: a user row becomes a POST_USER_CREATE event, logged by the demo function `log_users`:\n\
          \n  psql {app_url} -c \"INSERT INTO users (email, name) VALUES ('ada@example.com', 'Ada')\"\
          \n  psql {app_url} -c \"SELECT name, subscribers, description FROM pgfire.events\"\
@@ -436,12 +444,12 @@ async fn service_state(admin_url: &str) -> (String, std::collections::HashMap<St
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(3))
             .build()?;
-        client
-            .get(&url)
-            .send()
-            .await?
-            .json::<serde_json::Value>()
-            .await
+        // An admin endpoint with a token (--admin-token) wants it too.
+        let mut req = client.get(&url);
+        if let Ok(token) = std::env::var("PGFIRE_ADMIN_TOKEN") {
+            req = req.bearer_auth(token);
+        }
+        req.send().await?.json::<serde_json::Value>().await
     };
     match answer.await {
         Ok(body) => {

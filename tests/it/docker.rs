@@ -34,6 +34,21 @@ async fn the_compose_file_and_the_dockerfile_hold_together() {
             assert!(real.contains(&image), "{name} names {image:?}");
         }
     }
+    // The admin endpoint listens beyond loopback in the container: it needs a token.
+    let env = &services["pgfire"]["environment"];
+    let listen: std::net::SocketAddr = env["PGFIRE_ADMIN_LISTEN"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let token = env["PGFIRE_ADMIN_TOKEN"]
+        .as_str()
+        .expect("PGFIRE_ADMIN_TOKEN");
+    let token = token
+        .strip_prefix("${PGFIRE_ADMIN_TOKEN:-")
+        .and_then(|t| t.strip_suffix('}'))
+        .unwrap_or(token);
+    pgfire::admin::guard::check_exposure(listen, Some(token)).expect("a usable token");
     let postgres = serde_norway::to_string(&services["postgres"]["command"]).unwrap();
     assert!(postgres.contains("wal_level=logical"), "{postgres}");
     for needed in ["postgres", "install", "demo", "pgfire", "receiver"] {

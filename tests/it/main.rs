@@ -5,8 +5,10 @@ mod capture;
 mod support;
 
 mod auth;
+mod cli;
 mod consumer;
 mod custom;
+mod dashboard;
 mod datahub;
 mod delivery;
 mod delivery_faults;

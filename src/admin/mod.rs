@@ -1,14 +1,25 @@
-//! The admin HTTP endpoint: `/healthz` (200 when the consumer streams, 503 with its state and
-//! the reason when not: reconnecting, or stopped on an error retrying cannot fix) and `/metrics` in Prometheus' text format.
+//! The admin HTTP endpoint, wired here: `/healthz` (200 when the consumer streams, 503 with its
+//! state and the reason when not: reconnecting, or stopped on an error retrying cannot fix),
+//! `/metrics` in Prometheus' text format, and the dashboard (pages, their JSON API and assets),
+//! behind [`guard`] (loopback or a token, CSRF checks on every state-changing request).
+
+mod api;
+mod chart;
+mod events_page;
+mod executions_page;
+mod functions_page;
+pub mod guard;
+mod html;
+mod status;
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::extract::{FromRef, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::Router;
 use tokio_util::sync::CancellationToken;
 
@@ -41,6 +52,32 @@ pub struct AdminState {
     pub dispatch: Arc<DeliveryStats>,
     /// The execution history and what the slot may confirm (`None` without a consumer).
     pub history: Option<Arc<Progress>>,
+    /// The served database, which the dashboard reads and writes (pgfire's SQL tables).
+    pub database_url: String,
+    /// The token every request must carry (`--admin-token`); required off loopback.
+    pub token: Option<String>,
+    /// Where the proxy listens, when it runs.
+    pub proxy_addr: Option<SocketAddr>,
+    /// Client connections the proxy holds: a hook for the proxy to update (nothing sets it
+    /// yet, so the status bar says the count is not exposed).
+    pub proxy_connections: Option<Arc<std::sync::atomic::AtomicU64>>,
+}
+
+/// What every handler of the endpoint shares.
+pub struct Dashboard {
+    pub state: AdminState,
+    pub db: status::AdminDb,
+    /// The per-process secret state-changing requests must echo (forms and `x-csrf-token`).
+    pub csrf: String,
+    pub lag: status::LagHistory,
+}
+
+type Shared = Arc<Dashboard>;
+
+impl FromRef<Shared> for AdminState {
+    fn from_ref(d: &Shared) -> AdminState {
+        d.state.clone()
+    }
 }
 
 pub async fn serve(
@@ -48,16 +85,53 @@ pub async fn serve(
     state: AdminState,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    let dashboard = Arc::new(Dashboard {
+        db: status::AdminDb::new(&state.database_url),
+        csrf: guard::new_secret()?,
+        lag: Default::default(),
+        state,
+    });
+    tokio::spawn(status::sample_lag(dashboard.clone(), shutdown.clone()));
     let app = Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
-        .with_state(state);
+        .route("/", get(events_page::page))
+        .route("/events/subscribe", post(events_page::subscribe))
+        .route("/events/active", post(events_page::set_active))
+        .route(
+            "/events/unsubscribe",
+            get(events_page::confirm_unsubscribe).post(events_page::unsubscribe),
+        )
+        .route("/functions", get(functions_page::page))
+        .route("/functions/active", post(functions_page::set_active))
+        .route("/functions/test", post(functions_page::test_event))
+        .route("/executions", get(executions_page::page))
+        .route("/executions/redeliver", post(executions_page::redeliver))
+        .route("/api/status", get(api::status))
+        .route("/api/events", get(api::events))
+        .route("/api/functions", get(api::functions))
+        .route("/api/executions", get(api::executions))
+        .route("/api/chart", get(api::chart))
+        .route("/assets/app.js", get(api::script))
+        .route("/assets/app.css", get(api::style))
+        .fallback(api::not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            dashboard.clone(),
+            guard::guard,
+        ))
+        .with_state(dashboard);
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
 }
 
-pub async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+/// Listen on `addr`: refused off loopback without a token, since the dashboard changes the
+/// configuration.
+pub async fn bind(
+    addr: SocketAddr,
+    token: Option<&str>,
+) -> anyhow::Result<tokio::net::TcpListener> {
+    guard::check_exposure(addr, token)?;
     tokio::net::TcpListener::bind(addr).await.map_err(|e| {
         anyhow::anyhow!("cannot listen on {addr} for the admin endpoint: {e} (use --admin-listen)")
     })
