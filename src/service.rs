@@ -182,8 +182,10 @@ impl Service {
         }
 
         let mut proxy_addr = None;
+        let mut proxy_connections = None;
         if let Some(args) = &cfg.proxy {
             let mut config = ProxyConfig::from_args(args, &cfg.database_url)?;
+            proxy_connections = Some(config.connections.clone());
             config.pre = Some(
                 proxy::pre::PreHooks::start(cfg.database_url.clone(), shutdown.clone())
                     .await
@@ -217,7 +219,7 @@ impl Service {
                 database_url: cfg.database_url.clone(),
                 token: cfg.admin_token.clone(),
                 proxy_addr,
-                proxy_connections: None,
+                proxy_connections,
             };
             let token = shutdown.clone();
             tasks.push(tokio::spawn(async move {

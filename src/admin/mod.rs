@@ -43,6 +43,7 @@ pub mod metric {
     pub const CONNECTED: &str = "pgfire_replication_connected";
     pub const STREAMED_BYTES: &str = "pgfire_streamed_transaction_bytes";
     pub const SPILLED_BYTES: &str = "pgfire_spilled_transaction_bytes_total";
+    pub const PROXY_CONNECTIONS: &str = "pgfire_proxy_connections";
 }
 
 #[derive(Clone)]
@@ -208,6 +209,9 @@ async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {
             (metric::STREAMED_BYTES, "gauge", load(&c.streamed_bytes)),
             (metric::SPILLED_BYTES, "counter", load(&c.spilled_bytes)),
         ]);
+    }
+    if let Some(p) = &s.proxy_connections {
+        values.push((metric::PROXY_CONNECTIONS, "gauge", load(p)));
     }
     let out: String = values
         .into_iter()

@@ -199,6 +199,7 @@ impl StatusBar {
         );
         let proxy = match (&self.proxy, self.proxy_connections) {
             (None, _) => "off".to_string(),
+            (Some(a), Some(1)) => format!("{a} · 1 connection"),
             (Some(a), Some(n)) => format!("{a} · {n} connections"),
             (Some(a), None) => format!("{a} · connections not exposed"),
         };

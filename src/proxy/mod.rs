@@ -66,6 +66,8 @@ pub struct ProxyConfig {
     /// PRE hooks: statements that may write a table with PRE subscriptions are held and run
     /// through them. None: everything is relayed as is.
     pub pre: Option<Arc<pre::PreHooks>>,
+    /// Client sessions open now (for the admin endpoint).
+    pub connections: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl ProxyConfig {
@@ -94,6 +96,7 @@ impl ProxyConfig {
             startup_timeout: Duration::from_secs(args.startup_timeout.max(1)),
             shutdown_timeout: Duration::from_secs(args.shutdown_timeout),
             pre: None,
+            connections: Default::default(),
         })
     }
 
@@ -106,6 +109,7 @@ impl ProxyConfig {
             startup_timeout: Duration::from_secs(10),
             shutdown_timeout: Duration::from_secs(30),
             pre: None,
+            connections: Default::default(),
         }
     }
 }
@@ -175,7 +179,11 @@ pub async fn serve_with_hook(
                 let permit = permits.clone().try_acquire_owned().ok();
                 let (config, hook, drain) = (config.clone(), hook.clone(), drain.clone());
                 tracker.spawn(async move {
+                    use std::sync::atomic::Ordering;
+                    let open = config.connections.clone();
+                    open.fetch_add(1, Ordering::Relaxed);
                     session::run(socket, peer, config, hook, permit, drain).await;
+                    open.fetch_sub(1, Ordering::Relaxed);
                 });
             }
         }

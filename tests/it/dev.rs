@@ -102,6 +102,25 @@ async fn dev_runs_the_demo_stops_on_ctrl_c_and_reuses_its_data() {
         .await
         .unwrap();
     assert_eq!(health.status(), 200);
+    // The application's session through the proxy is counted, on /metrics and the status bar.
+    let metrics = reqwest::get(format!("http://127.0.0.1:{admin}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.lines().any(|l| l == "pgfire_proxy_connections 1"),
+        "{metrics}"
+    );
+    let page = reqwest::get(format!("http://127.0.0.1:{admin}/"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains("1 connection"), "the status bar counts it");
+    drop(app);
     drop(c);
     let status = interrupt(&mut child);
     assert!(status.success(), "exit status {status:?}");
