@@ -34,11 +34,7 @@ pub fn wire(data: &[u8]) {
 pub fn pgoutput(data: &[u8]) {
     let mut decoder = Decoder::new();
     let mut out = Vec::new();
-    let mut rest = data;
-    while rest.len() >= 2 {
-        let len = u16::from_be_bytes([rest[0], rest[1]]) as usize;
-        let body = &rest[2..(2 + len).min(rest.len())];
-        rest = &rest[(2 + len).min(rest.len())..];
+    for body in payloads(data) {
         if decoder
             .decode(Bytes::copy_from_slice(body), &mut out)
             .is_err()
@@ -52,6 +48,21 @@ pub fn pgoutput(data: &[u8]) {
         }
         out.clear();
     }
+}
+
+/// The payloads of a `pgoutput` input: each after its 16-bit big-endian length (the last one
+/// cut short where the input ends).
+fn payloads(data: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut rest = data;
+    std::iter::from_fn(move || {
+        if rest.len() < 2 {
+            return None;
+        }
+        let end = (2 + u16::from_be_bytes([rest[0], rest[1]]) as usize).min(rest.len());
+        let body = &rest[2..end];
+        rest = &rest[end..];
+        Some(body)
+    })
 }
 
 static WATCHED: LazyLock<Watched> = LazyLock::new(|| {
@@ -163,13 +174,11 @@ mod tests {
                     .join(format!("fuzz/seeds/pgoutput/seed-{name}")),
             )
             .expect("seed");
-            let (mut decoder, mut out, mut rest) = (Decoder::new(), Vec::new(), &data[..]);
-            while rest.len() >= 2 {
-                let len = u16::from_be_bytes([rest[0], rest[1]]) as usize;
+            let (mut decoder, mut out) = (Decoder::new(), Vec::new());
+            for body in super::payloads(&data) {
                 decoder
-                    .decode(bytes::Bytes::copy_from_slice(&rest[2..2 + len]), &mut out)
+                    .decode(bytes::Bytes::copy_from_slice(body), &mut out)
                     .unwrap_or_else(|e| panic!("seed {name}: {e}"));
-                rest = &rest[2 + len..];
             }
             assert!(
                 matches!(out.first(), Some(Item::Row(_))),

@@ -29,17 +29,7 @@ impl ConnectError {
 /// configuration and the TLS connector `sslmode` and `sslrootcert` ask for.
 pub fn config(url: &str) -> Result<(tokio_postgres::Config, MakeTls), ConnectError> {
     let settings = tls::settings(url)?;
-    let client = match settings.client_config()? {
-        Some(c) => c,
-        // sslmode=disable: tokio-postgres never asks the connector for TLS.
-        None => tls::TlsSettings {
-            mode: tls::SslMode::Prefer,
-            root_cert: None,
-            stripped: String::new(),
-        }
-        .client_config()?
-        .expect("a TLS configuration for prefer"),
-    };
+    let client = settings.connector_config()?;
     let config = settings.stripped.parse()?;
     Ok((config, MakeTls::new((*client).clone())))
 }

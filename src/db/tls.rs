@@ -87,9 +87,11 @@ pub struct TlsSettings {
 pub fn settings(conn: &str) -> Result<TlsSettings, TlsError> {
     let mut mode = None;
     let mut root = None;
-    let stripped = if conn.starts_with("postgres://") || conn.starts_with("postgresql://") {
+    let mut kept = Vec::new();
+    // A URL keeps its base and joins parameters with `&`; a key=value string with spaces.
+    let url = conn.starts_with("postgres://") || conn.starts_with("postgresql://");
+    let base = if url {
         let (base, query) = conn.split_once('?').unwrap_or((conn, ""));
-        let mut kept = Vec::new();
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
             match k {
@@ -99,11 +101,8 @@ pub fn settings(conn: &str) -> Result<TlsSettings, TlsError> {
                 _ => kept.push(pair.to_string()),
             }
         }
-        let m = SslMode::parse(mode.as_deref().unwrap_or("prefer"))?;
-        kept.push(format!("sslmode={}", tokio_postgres_mode(m)));
-        format!("{base}?{}", kept.join("&"))
+        Some(base)
     } else {
-        let mut kept = Vec::new();
         for (k, v) in key_values(conn)? {
             match k.as_str() {
                 "sslmode" => mode = Some(v),
@@ -115,13 +114,16 @@ pub fn settings(conn: &str) -> Result<TlsSettings, TlsError> {
                 )),
             }
         }
-        let m = SslMode::parse(mode.as_deref().unwrap_or("prefer"))?;
-        kept.push(format!("sslmode={}", tokio_postgres_mode(m)));
-        kept.join(" ")
+        None
     };
     let mode = match mode.or_else(|| std::env::var("PGSSLMODE").ok()) {
         Some(m) => SslMode::parse(&m)?,
         None => SslMode::Prefer,
+    };
+    kept.push(format!("sslmode={}", tokio_postgres_mode(mode)));
+    let stripped = match base {
+        Some(base) => format!("{base}?{}", kept.join("&")),
+        None => kept.join(" "),
     };
     let root_cert = root
         .or_else(|| std::env::var("PGSSLROOTCERT").ok())
@@ -130,11 +132,6 @@ pub fn settings(conn: &str) -> Result<TlsSettings, TlsError> {
             let default = Path::new(&std::env::var("HOME").ok()?).join(".postgresql/root.crt");
             default.exists().then_some(default)
         });
-    // The environment's mode may differ from the one written into `stripped`: rewrite it.
-    let stripped = match stripped.rfind("sslmode=") {
-        Some(i) => format!("{}sslmode={}", &stripped[..i], tokio_postgres_mode(mode)),
-        None => stripped,
-    };
     Ok(TlsSettings {
         mode,
         root_cert,
@@ -153,13 +150,19 @@ fn tokio_postgres_mode(m: SslMode) -> &'static str {
 impl TlsSettings {
     /// The rustls configuration for these settings; `None` with `sslmode=disable`.
     pub fn client_config(&self) -> Result<Option<Arc<ClientConfig>>, TlsError> {
-        if self.mode == SslMode::Disable {
-            return Ok(None);
+        match self.mode {
+            SslMode::Disable => Ok(None),
+            _ => self.connector_config().map(Some),
         }
+    }
+
+    /// The rustls configuration a connector holds whatever the mode (with `sslmode=disable`
+    /// nothing asks it for TLS, and it is the unverified one).
+    pub fn connector_config(&self) -> Result<Arc<ClientConfig>, TlsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let roots = match &self.root_cert {
-            Some(path) => Some(load_roots(path)?),
-            None => None,
+            Some(path) if self.mode != SslMode::Disable => Some(load_roots(path)?),
+            _ => None,
         };
         let verifier: Arc<dyn ServerCertVerifier> = match (self.mode, roots) {
             (SslMode::VerifyFull, Some(roots)) => webpki(roots, &provider)?,
@@ -175,7 +178,7 @@ impl TlsSettings {
             .dangerous()
             .with_custom_certificate_verifier(verifier)
             .with_no_client_auth();
-        Ok(Some(Arc::new(config)))
+        Ok(Arc::new(config))
     }
 }
 

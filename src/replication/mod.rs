@@ -232,13 +232,12 @@ pub async fn run(
 /// The configuration in force where the slot stands, as the message that carries a
 /// configuration change in the stream (dispatch applies it before the items after it).
 async fn configuration_at_slot(config: &ConsumerConfig) -> Result<Item, ConsumerError> {
-    let fail = |e: String| ConsumerError::Resync(e);
     let client = crate::db::connect(&config.database_url)
         .await
-        .map_err(|e| fail(e.to_string()))?;
+        .map_err(|e| ConsumerError::Resync(e.to_string()))?;
     let (snapshot, at) = crate::catalog::snapshot_as_of_slot(&client, &config.slot)
         .await
-        .map_err(|e| fail(e.to_string()))?;
+        .map_err(|e| ConsumerError::Resync(e.to_string()))?;
     Ok(Item::Message {
         prefix: crate::catalog::CONFIG_MESSAGE_PREFIX.to_string(),
         content: bytes::Bytes::from(snapshot),

@@ -59,7 +59,6 @@ pub struct SpillDir {
     dir: PathBuf,
     /// `<slot>-<pid>-`: files of this process; those of processes gone are leftovers.
     prefix: String,
-    slot: String,
     next: u64,
 }
 
@@ -96,7 +95,6 @@ impl SpillDir {
         Ok(SpillDir {
             dir: dir.to_path_buf(),
             prefix: format!("{slot}-{pid}-"),
-            slot: slot.to_string(),
             next: 0,
         })
     }
@@ -124,10 +122,6 @@ impl SpillDir {
 
     pub fn path(&self) -> &Path {
         &self.dir
-    }
-
-    pub fn slot(&self) -> &str {
-        &self.slot
     }
 }
 
