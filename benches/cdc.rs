@@ -258,6 +258,9 @@ fn run_pgfire(bin: &str, url: &str, slot: &str, end: &str) -> anyhow::Result<(f6
         .build()?;
     let secs = rt.block_on(async {
         let http = reqwest::Client::new();
+        // When the whole backlog had arrived (the received position at its end): the rest is
+        // pgfire's own work after the last commit, printed with the run.
+        let mut received_at = None;
         loop {
             if let Some(status) = child.try_wait()? {
                 anyhow::bail!("pgfire exited early: {status}");
@@ -268,24 +271,31 @@ fn run_pgfire(bin: &str, url: &str, slot: &str, end: &str) -> anyhow::Result<(f6
             }
             if let Ok(resp) = http.get(&metrics).send().await {
                 let text = resp.text().await.unwrap_or_default();
-                let settled = text
-                    .lines()
-                    .find_map(|l| l.strip_prefix("pgfire_settled_lsn "))
-                    .and_then(|v| v.trim().parse::<u64>().ok())
-                    .unwrap_or(0);
-                if settled >= target.0 {
-                    let spilled = text
-                        .lines()
-                        .find_map(|l| l.strip_prefix("pgfire_spilled_transaction_bytes_total "))
+                let gauge = |name: &str| {
+                    text.lines()
+                        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
                         .and_then(|v| v.trim().parse::<u64>().ok())
-                        .unwrap_or(0);
+                        .unwrap_or(0)
+                };
+                if received_at.is_none() && gauge("pgfire_received_lsn") >= target.0 {
+                    received_at = Some(t0.elapsed().as_secs_f64());
+                }
+                if gauge("pgfire_settled_lsn") >= target.0 {
+                    let secs = t0.elapsed().as_secs_f64();
+                    let spilled = gauge("pgfire_spilled_transaction_bytes_total");
                     if spilled > 0 {
                         println!(
                             "  (pgfire spilled {} MB of the transaction to files)",
                             spilled >> 20
                         );
                     }
-                    return Ok(t0.elapsed().as_secs_f64());
+                    if let Some(at) = received_at {
+                        println!(
+                            "  (pgfire had received the backlog at {at:.2} s, settled it {:.2} s later)",
+                            secs - at
+                        );
+                    }
+                    return Ok(secs);
                 }
             }
             tokio::time::sleep(Duration::from_millis(10)).await;

@@ -9,6 +9,12 @@
 //! delivered again (after a restart, or a retry whose ack was lost) is de-duplicated by
 //! JetStream, while two functions publishing one event to one stream are not taken for each
 //! other; header `Pgfire-Event-Id` carries the event id alone.
+//!
+//! PRE events go by core NATS request/reply instead: a request to `<target>.<event_type>` with
+//! the envelope, answered by a subscriber with the PRE answer (`{"allow": ...}`), within the
+//! function's timeout. A subject that a JetStream stream takes (a target that also publishes POST
+//! events, say) would store the request and answer it with the stream's acknowledgement, so such
+//! a request is refused with an error that says so, before anything is sent.
 
 use std::collections::HashSet;
 use std::sync::RwLock;
@@ -78,9 +84,12 @@ impl From<NatsError> for FunctionError {
 
 struct Conn {
     config: NatsConfig,
+    client: async_nats::Client,
     js: jetstream::Context,
     /// Targets whose subjects the stream is known to take.
     ensured: HashSet<String>,
+    /// PRE subjects no stream took when last asked (asked again once a stream changes here).
+    free: HashSet<String>,
 }
 
 pub struct Nats {
@@ -109,13 +118,11 @@ impl Nats {
         }
     }
 
-    /// A JetStream context for `target`, connected with the current configuration, its stream
-    /// taking `<target>.>`.
-    async fn context(
+    /// The connection for the current configuration (made, or made again, as needed), locked.
+    async fn connection(
         &self,
-        target: &str,
         timeout: Duration,
-    ) -> Result<jetstream::Context, NatsError> {
+    ) -> Result<tokio::sync::MappedMutexGuard<'_, Conn>, NatsError> {
         let config = self
             .config
             .read()
@@ -126,17 +133,79 @@ impl Nats {
         if guard.as_ref().is_none_or(|c| c.config != config) {
             *guard = Some(connect(&config, timeout).await?);
         }
-        let Some(conn) = guard.as_mut() else {
-            return Err(NatsError::Connect {
-                url: config.url.clone(),
-                reason: "no connection".into(),
-            });
-        };
+        tokio::sync::MutexGuard::try_map(guard, Option::as_mut).map_err(|_| NatsError::Connect {
+            url: config.url.clone(),
+            reason: "no connection".into(),
+        })
+    }
+
+    /// A JetStream context for `target`, connected with the current configuration, its stream
+    /// taking `<target>.>`.
+    async fn context(
+        &self,
+        target: &str,
+        timeout: Duration,
+    ) -> Result<jetstream::Context, NatsError> {
+        let mut conn = self.connection(timeout).await?;
         if !conn.ensured.contains(target) {
-            ensure_stream(&conn.js, &config.stream, target).await?;
+            ensure_stream(&conn.js, &conn.config.stream, target).await?;
             conn.ensured.insert(target.to_string());
+            conn.free.clear();
         }
         Ok(conn.js.clone())
+    }
+
+    /// A PRE run: a request of `body` (the envelope of event `id`) to `<target>.<event_type>`;
+    /// the answer is the reply's payload, bounded by the function's timeout.
+    pub async fn pre(
+        &self,
+        def: &FunctionDef,
+        event_type: &str,
+        id: &str,
+        body: Vec<u8>,
+    ) -> Result<Vec<u8>, FunctionError> {
+        let target = def.target.as_deref().unwrap_or_default();
+        let subject = format!("{target}.{event_type}");
+        let exchange = async {
+            let client = {
+                let mut conn = self.connection(def.timeout).await?;
+                if !conn.free.contains(&subject) {
+                    // Without JetStream on the server nothing can take the subject.
+                    if let Ok(stream) = conn.js.stream_by_subject(subject.as_str()).await {
+                        return Err(FunctionError::Failed(format!(
+                            "NATS subject {subject} is taken by JetStream stream {stream}: a PRE \
+                             request there would be stored, not answered; give the PRE function \
+                             a subject prefix of its own"
+                        )));
+                    }
+                    conn.free.insert(subject.clone());
+                }
+                conn.client.clone()
+            };
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Pgfire-Event-Id", id);
+            let request = async_nats::Request::new()
+                .payload(Bytes::from(body))
+                .headers(headers)
+                .timeout(Some(def.timeout));
+            match client.send_request(subject.clone(), request).await {
+                Ok(reply) => Ok(reply.payload.to_vec()),
+                Err(e) => Err(match e.kind() {
+                    async_nats::client::RequestErrorKind::TimedOut => {
+                        FunctionError::Timeout(def.timeout.as_millis())
+                    }
+                    async_nats::client::RequestErrorKind::NoResponders => FunctionError::Failed(
+                        format!("no NATS subscriber answers requests on {subject}"),
+                    ),
+                    async_nats::client::RequestErrorKind::Other => {
+                        FunctionError::Failed(format!("NATS request to {subject} failed: {e}"))
+                    }
+                }),
+            }
+        };
+        tokio::time::timeout(def.timeout, exchange)
+            .await
+            .unwrap_or(Err(FunctionError::Timeout(def.timeout.as_millis())))
     }
 }
 
@@ -165,8 +234,10 @@ async fn connect(config: &NatsConfig, timeout: Duration) -> Result<Conn, NatsErr
         })?;
     Ok(Conn {
         config: config.clone(),
-        js: jetstream::new(client),
+        js: jetstream::new(client.clone()),
+        client,
         ensured: HashSet::new(),
+        free: HashSet::new(),
     })
 }
 

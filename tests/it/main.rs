@@ -23,6 +23,7 @@ mod logs;
 mod pre;
 mod pre_extended;
 mod pre_forms;
+mod pre_nats;
 mod proxy;
 mod resilience;
 mod sources;

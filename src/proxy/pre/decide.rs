@@ -239,9 +239,14 @@ async fn call(
                 Err(e) => Err(e),
             }
         }
-        FunctionKind::Nats => Err(FunctionError::Failed(
-            "nats PRE functions are not available in this version of pgfire".into(),
-        )),
+        FunctionKind::Nats => {
+            let body = serde_json::to_vec(envelope).unwrap_or_default();
+            let event_type = envelope["event_type"].as_str().unwrap_or_default();
+            match hooks.nats.pre(f, event_type, id, body).await {
+                Ok(bytes) => answer::parse(&bytes).map_err(invalid),
+                Err(e) => Err(e),
+            }
+        }
         FunctionKind::Sql => {
             let Some(callable) = f.sql_callable.as_deref() else {
                 return Ok(plain(Err(FunctionError::Failed(format!(

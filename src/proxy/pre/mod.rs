@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use super::classify::{TableName, Watched, SAFE_FUNCTIONS};
 use crate::catalog::Catalog;
 use crate::executions::{self, Execution, Progress};
+use crate::functions::nats::{Nats, NatsConfig};
 use crate::functions::webhook::Webhook;
 
 /// Default of `limits.pre_rows_per_statement`.
@@ -49,6 +50,7 @@ impl PreConfig {
 pub struct PreHooks {
     config: RwLock<Arc<PreConfig>>,
     pub(super) webhook: Webhook,
+    pub(super) nats: Nats,
     history: mpsc::Sender<Execution>,
     /// Makes PRE event ids unique within this process.
     seq: AtomicU64,
@@ -82,6 +84,7 @@ impl PreHooks {
     }
 
     fn swap(&self, cfg: PreConfig) {
+        self.nats.configure(NatsConfig::from_catalog(&cfg.catalog));
         *self.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(cfg);
         self.generation.fetch_add(1, Ordering::SeqCst);
     }
@@ -122,6 +125,7 @@ impl PreHooks {
         let hooks = Arc::new(PreHooks {
             config: RwLock::new(Arc::new(PreConfig::default())),
             webhook: Webhook::new()?,
+            nats: Nats::new(),
             history,
             seq: AtomicU64::new(0),
             generation: AtomicU64::new(0),
