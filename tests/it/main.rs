@@ -24,6 +24,7 @@ mod pre;
 mod pre_extended;
 mod pre_forms;
 mod proxy;
+mod proxy_tls;
 mod resilience;
 mod sources;
 mod standby;
