@@ -43,6 +43,18 @@ impl SslMode {
         })
     }
 
+    /// The mode as `sslmode` spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SslMode::Disable => "disable",
+            SslMode::Allow => "allow",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
+        }
+    }
+
     /// Whether a server without TLS is refused.
     pub fn requires_tls(self) -> bool {
         matches!(

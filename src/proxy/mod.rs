@@ -1,13 +1,16 @@
 //! The PostgreSQL wire-protocol proxy: clients connect here, every client session is relayed to
-//! one upstream session on the database. Authentication, cancel keys and everything else pass
-//! through unchanged; pgfire looks only at Query, Parse and Bind (for PRE hooks) and at the
+//! one upstream session on the database (TLS on each leg as configured). Authentication, cancel
+//! keys and everything else pass through unchanged, but for SCRAM channel binding, which is not
+//! offered ([`scram`]); pgfire looks only at Query, Parse and Bind (for PRE hooks) and at the
 //! server's ReadyForQuery.
 
 pub mod classify;
 mod in_flight;
 pub mod pre;
 mod relay;
+mod scram;
 mod session;
+mod upstream;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -21,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use session::{Hook, NoHook};
+pub use upstream::{Upstream, UpstreamError, UpstreamTls};
 
 /// Proxy flags for `pgfire run` and `pgfire dev`.
 #[derive(Debug, Clone, clap::Args)]
@@ -48,17 +52,13 @@ pub struct ProxyArgs {
     pub shutdown_timeout: u64,
 }
 
-/// Where the database is.
-#[derive(Debug, Clone)]
-pub enum Upstream {
-    Tcp(String, u16),
-    Unix(PathBuf),
-}
-
 /// Everything the proxy needs to run.
 #[derive(Clone)]
 pub struct ProxyConfig {
     pub upstream: Upstream,
+    /// TLS to the database (`sslmode`, `sslrootcert`), for sessions and cancel requests.
+    pub upstream_tls: UpstreamTls,
+    /// TLS with clients (`--tls-cert`); without it their SSL requests are declined.
     pub tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
     pub max_clients: usize,
     pub startup_timeout: Duration,
@@ -71,39 +71,34 @@ pub struct ProxyConfig {
 }
 
 impl ProxyConfig {
-    /// The proxy's configuration from its flags; the upstream is the database URL's first host.
+    /// The proxy's configuration from its flags; the upstream is the database URL's first host,
+    /// reached with TLS as the URL says.
     pub fn from_args(args: &ProxyArgs, database_url: &str) -> anyhow::Result<ProxyConfig> {
-        let config: tokio_postgres::Config =
-            database_url.parse().context("invalid database URL")?;
-        let port = config.get_ports().first().copied().unwrap_or(5432);
-        let upstream = match config.get_hosts().first() {
-            Some(tokio_postgres::config::Host::Tcp(h)) => Upstream::Tcp(h.clone(), port),
-            Some(tokio_postgres::config::Host::Unix(dir)) => {
-                Upstream::Unix(dir.join(format!(".s.PGSQL.{port}")))
-            }
-            None => Upstream::Unix(PathBuf::from(format!(
-                "/var/run/postgresql/.s.PGSQL.{port}"
-            ))),
-        };
-        let tls = match (&args.tls_cert, &args.tls_key) {
-            (Some(cert), Some(key)) => Some(Arc::new(tls_config(cert, key)?)),
-            _ => None,
-        };
+        let mut config = ProxyConfig::for_database(database_url)?;
+        if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+            config.tls = Some(Arc::new(tls_config(cert, key)?));
+        }
+        config.max_clients = args.max_client_connections.max(1);
+        config.startup_timeout = Duration::from_secs(args.startup_timeout.max(1));
+        config.shutdown_timeout = Duration::from_secs(args.shutdown_timeout);
+        Ok(config)
+    }
+
+    /// Default limits, no TLS with clients, the database of a `postgres://` URL or `key=value`
+    /// string with TLS as its `sslmode` and `sslrootcert` (or `PGSSLMODE`, `PGSSLROOTCERT`) say.
+    pub fn for_database(database_url: &str) -> Result<ProxyConfig, UpstreamError> {
+        let (upstream, tls) = Upstream::from_url(database_url)?;
         Ok(ProxyConfig {
-            upstream,
-            tls,
-            max_clients: args.max_client_connections.max(1),
-            startup_timeout: Duration::from_secs(args.startup_timeout.max(1)),
-            shutdown_timeout: Duration::from_secs(args.shutdown_timeout),
-            pre: None,
-            connections: Default::default(),
+            upstream_tls: tls,
+            ..ProxyConfig::new(upstream)
         })
     }
 
-    /// A configuration for tests and embedding: no TLS, default limits.
+    /// A configuration for tests and embedding: no TLS on either leg, default limits.
     pub fn new(upstream: Upstream) -> ProxyConfig {
         ProxyConfig {
             upstream,
+            upstream_tls: UpstreamTls::disabled(),
             tls: None,
             max_clients: 1000,
             startup_timeout: Duration::from_secs(10),

@@ -1,7 +1,8 @@
 //! The relay of one session once started: bytes forwarded in both directions as they arrive,
 //! frame boundaries tracked, only the frames pgfire looks into decoded (Query, and with PRE hooks
-//! the extended-protocol messages; ReadyForQuery and rewritten errors from the server), and held
-//! statements handed to the PRE state machine with the session's sockets.
+//! the extended-protocol messages; SCRAM's first message to a TLS upstream; ReadyForQuery,
+//! AuthenticationSASL and rewritten errors from the server), and held statements handed to the
+//! PRE state machine with the session's sockets.
 
 use std::sync::Mutex;
 
@@ -14,6 +15,7 @@ use super::pre::gate::{self, Gate};
 use super::pre::hold::{self, Io};
 use super::pre::unit::{self, Next, Units};
 use super::pre::PreHooks;
+use super::scram;
 use super::session::{io_fatal, Conn, Fatal, Hook, READ_CHUNK};
 use super::ProxyConfig;
 use crate::wire::{self, Backend, Frontend, WireError};
@@ -78,22 +80,27 @@ pub(super) async fn relay(
     hook: &dyn Hook,
     drain: &CancellationToken,
 ) {
+    let up = Upside {
+        buf: pending,
+        tls_upstream: matches!(upstream, Conn::DbTls(_)),
+        ..Upside::default()
+    };
     match (client, upstream) {
         // The common cases: borrowed halves of plain sockets, no locking.
         (Conn::Tcp(mut c), Conn::Tcp(mut u)) => {
             let (cr, cw) = c.split();
             let (ur, uw) = u.split();
-            relay_halves(cr, cw, ur, uw, pending, config, pre, hook, drain).await
+            relay_halves(cr, cw, ur, uw, up, config, pre, hook, drain).await
         }
         (Conn::Tcp(mut c), Conn::Unix(mut u)) => {
             let (cr, cw) = c.split();
             let (ur, uw) = u.split();
-            relay_halves(cr, cw, ur, uw, pending, config, pre, hook, drain).await
+            relay_halves(cr, cw, ur, uw, up, config, pre, hook, drain).await
         }
         (c, u) => {
             let (cr, cw) = tokio::io::split(c);
             let (ur, uw) = tokio::io::split(u);
-            relay_halves(cr, cw, ur, uw, pending, config, pre, hook, drain).await
+            relay_halves(cr, cw, ur, uw, up, config, pre, hook, drain).await
         }
     }
 }
@@ -121,6 +128,15 @@ struct Upside {
     scanner: Scanner,
     /// The extended-protocol batch being gathered (PRE hooks on).
     units: Units,
+    /// The database is reached over TLS: SCRAM with the GS2 flag "y" cannot succeed.
+    tls_upstream: bool,
+}
+
+/// Write to the server, flushed: a TLS stream may keep written bytes until flushed (a no-op on
+/// plain sockets).
+async fn send(uw: &mut (impl AsyncWrite + Unpin), bytes: &[u8]) -> Result<(), Fatal> {
+    uw.write_all(bytes).await.map_err(io_fatal)?;
+    uw.flush().await.map_err(io_fatal)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -129,7 +145,7 @@ async fn relay_halves(
     mut cw: impl AsyncWrite + Unpin + Send,
     mut ur: impl AsyncRead + Unpin + Send,
     mut uw: impl AsyncWrite + Unpin + Send,
-    pending: BytesMut,
+    mut up: Upside,
     config: &ProxyConfig,
     pre: Option<&PreHooks>,
     hook: &dyn Hook,
@@ -138,10 +154,6 @@ async fn relay_halves(
     // Shared by both directions (one task: the locks are never contended).
     let in_flight = Mutex::new(InFlight::new());
     let rewrites: Rewrites = Mutex::new(Vec::new());
-    let mut up = Upside {
-        buf: pending,
-        ..Upside::default()
-    };
     let mut down = Downstream::default();
     let outcome = loop {
         let flow = tokio::select! {
@@ -158,8 +170,8 @@ async fn relay_halves(
                 }
             }
             (Ok(Flow::Held { bytes, .. }), None) => {
-                if let Err(e) = uw.write_all(&bytes).await {
-                    break Err(io_fatal(e));
+                if let Err(f) = send(&mut uw, &bytes).await {
+                    break Err(f);
                 }
             }
             (Ok(Flow::Left), _) => break Ok(()),
@@ -179,7 +191,7 @@ async fn relay_halves(
             let _ = cw.write_all(&b).await;
         }
         // Tell the server we are gone, politely.
-        let _ = uw.write_all(&[b'X', 0, 0, 0, 4]).await;
+        let _ = send(&mut uw, &[b'X', 0, 0, 0, 4]).await;
     }
     let _ = cw.shutdown().await;
     let _ = uw.shutdown().await;
@@ -217,7 +229,7 @@ async fn held(
     let status = lock(in_flight).status();
     let cfg = pre.config();
     if !matches!(status, b'I' | b'T') || !cfg.active() {
-        return uw.write_all(frame).await.map_err(io_fatal);
+        return send(uw, frame).await;
     }
     let mut io = Io {
         ur,
@@ -313,11 +325,13 @@ async fn client_to_server(
         if cfg.is_none() && up.units.pending() {
             let (bytes, list) = up.units.take_raw();
             note(list);
-            uw.write_all(&bytes).await.map_err(io_fatal)?;
+            send(uw, &bytes).await?;
         }
         let gathering = up.units.pending();
         let mut gated = None;
         let mut saw_query = false;
+        let mut binding_refused = false;
+        let check_binding = up.tls_upstream;
         let check = |tag| {
             if wire::is_frontend_tag(tag) {
                 lock(in_flight).sent(tag);
@@ -327,6 +341,10 @@ async fn client_to_server(
             }
         };
         let inspect = |frame: &[u8]| {
+            if frame[0] == b'p' {
+                binding_refused = scram::client_expects_binding(frame);
+                return Ok(binding_refused);
+            }
             let msg = wire::decode_frontend(frame)?;
             if let (true, Some(m)) = (inspect_frontend, &msg) {
                 hook.frontend(m);
@@ -351,15 +369,25 @@ async fn client_to_server(
         };
         let active = cfg.is_some();
         let whole = |t| {
-            (inspect_frontend && matches!(t, b'Q' | b'P' | b'B'))
+            (check_binding && t == b'p')
+                || (inspect_frontend && matches!(t, b'Q' | b'P' | b'B'))
                 || (active && (t == b'Q' || unit::is_extended(t) || gathering))
         };
         let (n, stopped) = up.scanner.scan(&up.buf, check, whole, inspect)?;
         if saw_query {
             up.units.query_sent();
         }
+        if binding_refused {
+            return Err(Fatal {
+                code: wire::PROTOCOL_VIOLATION,
+                message: "SCRAM channel binding cannot pass through pgfire's proxy when it \
+                          reaches the database over TLS: connect with channel_binding=disable, \
+                          or to the proxy without TLS"
+                    .into(),
+            });
+        }
         if n > 0 {
-            uw.write_all(&up.buf[..n]).await.map_err(io_fatal)?;
+            send(uw, &up.buf[..n]).await?;
             up.buf.advance(n);
         }
         if stopped {
@@ -371,7 +399,7 @@ async fn client_to_server(
                         Next::Gather => {}
                         Next::Forward(bytes, list) => {
                             note(list);
-                            uw.write_all(&bytes).await.map_err(io_fatal)?;
+                            send(uw, &bytes).await?;
                         }
                         Next::Hold { batch, closes } => {
                             return Ok(Flow::Held {
@@ -386,7 +414,7 @@ async fn client_to_server(
                     // Another kind of message interrupts a batch before its Sync.
                     if let Next::Forward(bytes, list) = up.units.end(false, pre.next_statement()) {
                         note(list);
-                        uw.write_all(&bytes).await.map_err(io_fatal)?;
+                        send(uw, &bytes).await?;
                     }
                     if let Some(Frontend::Query(q)) = wire::decode_frontend(&frame)? {
                         gated = Some(gate::query(cfg, q.sql));
@@ -406,9 +434,9 @@ async fn client_to_server(
                     rewrite,
                 }) => {
                     note(rewrite.into_iter().collect());
-                    uw.write_all(&instead).await.map_err(io_fatal)?;
+                    send(uw, &instead).await?;
                 }
-                Some(Gate::Pass) | None => uw.write_all(&frame).await.map_err(io_fatal)?,
+                Some(Gate::Pass) | None => send(uw, &frame).await?,
             }
             if frame[0] == b'Q' {
                 up.units.query_sent();
@@ -439,8 +467,12 @@ fn scan_down(
         let (n, stopped) = down.scanner.scan(
             &down.buf[down.ready..],
             |_| Ok(()),
-            |t| t == b'Z' || (pending && t == b'E'),
+            |t| t == b'Z' || t == b'R' || (pending && t == b'E'),
             |frame| {
+                if frame[0] == b'R' {
+                    replacement = scram::without_channel_binding(frame);
+                    return Ok(replacement.is_some());
+                }
                 match wire::decode_backend(frame)? {
                     Some(Backend::ReadyForQuery(s)) => lock(in_flight).ready(s),
                     Some(Backend::ErrorResponse(e)) => {

@@ -12,7 +12,8 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
 use super::relay::relay;
-use super::{ProxyConfig, Upstream};
+use super::upstream;
+use super::ProxyConfig;
 use crate::wire::{self, Startup, WireError};
 
 /// The PRE hooks' seam: sees every Query, Parse and Bind a client sends, before it is forwarded.
@@ -33,11 +34,14 @@ impl Hook for NoHook {
     }
 }
 
-/// A connection end: the client's (plain or TLS) or the database's (TCP or Unix socket).
+/// A connection end: the client's (plain or TLS) or the database's (TCP, TLS or Unix socket).
 pub(super) enum Conn {
     Tcp(tokio::net::TcpStream),
     Unix(tokio::net::UnixStream),
-    Tls(Box<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>),
+    /// The client's TLS, terminated here.
+    ClientTls(Box<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>),
+    /// TLS to the database.
+    DbTls(Box<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>),
     /// A placeholder while the real stream is moved.
     Gone,
 }
@@ -53,7 +57,11 @@ macro_rules! delegate {
                 let $s = std::pin::Pin::new($s);
                 $e
             }
-            Conn::Tls($s) => {
+            Conn::ClientTls($s) => {
+                let $s = std::pin::Pin::new($s.as_mut());
+                $e
+            }
+            Conn::DbTls($s) => {
                 let $s = std::pin::Pin::new($s.as_mut());
                 $e
             }
@@ -146,7 +154,7 @@ pub(super) async fn run(
                 )
                 .await;
             };
-            match connect(&config.upstream).await {
+            match connect(&config).await {
                 Ok(u) => (u, packet),
                 Err(err) => {
                     tracing::warn!(error = %err, "cannot reach the database");
@@ -168,7 +176,7 @@ pub(super) async fn run(
         Some(_) => mark_proxied(packet),
         None => packet,
     };
-    if upstream.write_all(&packet).await.is_err() {
+    if upstream.write_all(&packet).await.is_err() || upstream.flush().await.is_err() {
         return fatal(
             &mut client,
             wire::CONNECTION_FAILURE,
@@ -231,7 +239,7 @@ async fn startup(
                             code: wire::PROTOCOL_VIOLATION,
                             message: format!("TLS handshake failed: {e}"),
                         })?;
-                        *client = Conn::Tls(Box::new(stream));
+                        *client = Conn::ClientTls(Box::new(stream));
                         tls_done = true;
                     }
                     None => client.write_all(b"N").await.map_err(io_fatal)?,
@@ -248,14 +256,22 @@ async fn startup(
                 });
             }
             Startup::Cancel { .. } => {
-                // Backend keys pass through unchanged, so the request goes to the database as is.
+                // Backend keys pass through unchanged, so the request goes to the database as is,
+                // over the transport a session would use (TLS as `sslmode` says).
                 let packet = buf.split_to(len);
-                if let Ok(mut up) = connect(&config.upstream).await {
-                    let _ = up.write_all(&packet).await;
-                    let mut sink = [0u8; 16];
-                    let _ =
-                        tokio::time::timeout(std::time::Duration::from_secs(5), up.read(&mut sink))
-                            .await;
+                match connect(config).await {
+                    Err(err) => tracing::warn!(error = %err, "cannot forward a cancel request"),
+                    Ok(mut up) => {
+                        let _ = up.write_all(&packet).await;
+                        let _ = up.flush().await;
+                        // The server answers nothing; wait for it to close, not longer than 5 s.
+                        let mut sink = [0u8; 16];
+                        let _ = tokio::time::timeout(
+                            std::time::Duration::from_secs(5),
+                            up.read(&mut sink),
+                        )
+                        .await;
+                    }
                 }
                 return Ok(None);
             }
@@ -297,15 +313,19 @@ pub(super) fn io_fatal(e: std::io::Error) -> Fatal {
     }
 }
 
-async fn connect(upstream: &Upstream) -> std::io::Result<Conn> {
-    Ok(match upstream {
-        Upstream::Tcp(host, port) => {
-            let s = tokio::net::TcpStream::connect((host.as_str(), *port)).await?;
-            s.set_nodelay(true)?;
-            Conn::Tcp(s)
-        }
-        Upstream::Unix(path) => Conn::Unix(tokio::net::UnixStream::connect(path).await?),
-    })
+/// The connection to the database, TLS included, within the startup timeout.
+async fn connect(config: &ProxyConfig) -> Result<Conn, upstream::UpstreamError> {
+    let connect = upstream::connect(&config.upstream, &config.upstream_tls);
+    match tokio::time::timeout(config.startup_timeout, connect).await {
+        Ok(r) => r,
+        Err(_) => Err(upstream::UpstreamError::Io {
+            addr: config.upstream.describe(),
+            error: std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no answer within {} s", config.startup_timeout.as_secs()),
+            ),
+        }),
+    }
 }
 
 /// Send a FATAL ErrorResponse and close.

@@ -25,6 +25,7 @@ mod pre_extended;
 mod pre_forms;
 mod pre_nats;
 mod proxy;
+mod proxy_tls;
 mod resilience;
 mod sources;
 mod standby;

@@ -773,7 +773,7 @@ async fn tls_is_terminated_with_a_certificate_and_declined_without() {
 }
 
 /// Run a script of tests/clients with the installed driver; the test fails if it is not there.
-fn client_script(program: &str, script: &str, url: &str) -> String {
+pub fn client_script(program: &str, script: &str, url: &str) -> String {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients");
     let (bin, note) = match program {
         "python" => (root.join(".venv/bin/python"), "psycopg"),

@@ -12,12 +12,12 @@ use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
 use crate::support::{count, eventually, texts};
 
 /// A CA, and a server certificate it signed for `localhost` only (not for 127.0.0.1).
-struct Pki {
+pub struct Pki {
     dir: tempfile::TempDir,
 }
 
 impl Pki {
-    fn new() -> Pki {
+    pub fn new() -> Pki {
         let dir = tempfile::tempdir().unwrap();
         let ca_key = KeyPair::generate().unwrap();
         let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -44,13 +44,26 @@ impl Pki {
         Pki { dir }
     }
 
-    fn path(&self, name: &str) -> PathBuf {
+    pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
 }
 
 /// A cluster that accepts only TLS connections over TCP (trust, and SCRAM for `scram_user`).
 fn tls_cluster(data: &Path, pki: &Pki) -> Cluster {
+    tls_cluster_with(
+        data,
+        pki,
+        &[
+            "hostssl all scram_user 127.0.0.1/32 scram-sha-256",
+            "hostssl all all 127.0.0.1/32 trust",
+        ],
+    )
+}
+
+/// A cluster that accepts over TCP only TLS connections, by the `hostssl` rules given (its Unix
+/// socket trusts everyone, for the tests' own setup).
+pub fn tls_cluster_with(data: &Path, pki: &Pki, hostssl: &[&str]) -> Cluster {
     // The first start creates the data directory; the certificate goes in it (the server
     // wants its key owned by its own user, which the start arranges).
     Cluster::start(&ClusterOptions::new(data)).unwrap().stop();
@@ -69,11 +82,8 @@ fn tls_cluster(data: &Path, pki: &Pki) -> Cluster {
         .setting("ssl_cert_file", "server.crt")
         .setting("ssl_key_file", "server.key")
         .setting("password_encryption", "scram-sha-256");
-    opts.hba = vec![
-        "hostssl all scram_user 127.0.0.1/32 scram-sha-256".into(),
-        "hostssl all all 127.0.0.1/32 trust".into(),
-        "hostnossl all all 0.0.0.0/0 reject".into(),
-    ];
+    opts.hba = hostssl.iter().map(|l| l.to_string()).collect();
+    opts.hba.push("hostnossl all all 0.0.0.0/0 reject".into());
     Cluster::start(&opts).unwrap()
 }
 

@@ -58,7 +58,9 @@ pub(super) struct Reply {
 
 impl Io<'_> {
     pub(super) async fn send(&mut self, bytes: &[u8]) -> Result<(), Fatal> {
-        self.uw.write_all(bytes).await.map_err(io_fatal)
+        self.uw.write_all(bytes).await.map_err(io_fatal)?;
+        // Flushed: a TLS upstream may keep written bytes until then.
+        self.uw.flush().await.map_err(io_fatal)
     }
 
     /// The next whole server frame.

@@ -17,7 +17,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use serde::Deserialize;
 use tokio::sync::mpsc;
-use tokio_postgres::{AsyncMessage, Client, NoTls};
+use tokio_postgres::{AsyncMessage, Client};
 use tokio_util::sync::CancellationToken;
 
 use super::classify::{TableName, Watched, SAFE_FUNCTIONS};
@@ -150,7 +150,9 @@ async fn record_history(mut rx: mpsc::Receiver<Execution>, mut recorder: executi
 /// A connection that LISTENs on `pgfire_config`; the receiver sees one `()` per notification and
 /// closes when the connection ends.
 async fn listen(url: &str) -> anyhow::Result<(Client, mpsc::UnboundedReceiver<()>)> {
-    let (client, mut conn) = tokio_postgres::connect(url, NoTls).await?;
+    // TLS as the URL says, like every connection to the database.
+    let (config, tls) = crate::db::config(url)?;
+    let (client, mut conn) = config.connect(tls).await?;
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
