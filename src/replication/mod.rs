@@ -383,6 +383,7 @@ async fn session(
                 ReplicationMessage::XLogData { wal_start, data, .. } => {
                     s.received = s.received.max(wal_start);
                     decoder.decode(data, &mut batch)?;
+                    s.health.received_lsn.store(s.received.0, Ordering::Relaxed);
                     // A committed streamed transaction is handed over a batch at a time.
                     while decoder.replaying() {
                         let room = BATCH.saturating_sub(batch.len());
@@ -394,7 +395,6 @@ async fn session(
                             }
                         }
                     }
-                    s.health.received_lsn.store(s.received.0, Ordering::Relaxed);
                     s.health.streamed_bytes.store(decoder.streamed_bytes as u64, Ordering::Relaxed);
                     s.health.spilled_bytes.store(decoder.spilled_bytes, Ordering::Relaxed);
                 }
