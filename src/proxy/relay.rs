@@ -3,7 +3,7 @@
 //! the extended-protocol messages; ReadyForQuery and rewritten errors from the server), and held
 //! statements handed to the PRE state machine with the session's sockets.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -16,6 +16,7 @@ use super::pre::unit::{self, Next, Units};
 use super::pre::PreHooks;
 use super::session::{io_fatal, Conn, Fatal, Hook, READ_CHUNK};
 use super::ProxyConfig;
+use crate::metrics::{Action, Metrics};
 use crate::wire::{self, Backend, Frontend, WireError};
 
 /// Tracks frame boundaries in one direction so bytes can be forwarded as they arrive, while
@@ -121,6 +122,8 @@ struct Upside {
     scanner: Scanner,
     /// The extended-protocol batch being gathered (PRE hooks on).
     units: Units,
+    /// Where statements are counted.
+    metrics: Arc<Metrics>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -140,6 +143,7 @@ async fn relay_halves(
     let rewrites: Rewrites = Mutex::new(Vec::new());
     let mut up = Upside {
         buf: pending,
+        metrics: config.metrics.clone(),
         ..Upside::default()
     };
     let mut down = Downstream::default();
@@ -318,8 +322,14 @@ async fn client_to_server(
         let gathering = up.units.pending();
         let mut gated = None;
         let mut saw_query = false;
+        let metrics = up.metrics.clone();
+        // Without PRE hooks every statement streams; with them the gate says (below).
+        let streams_all = cfg.is_none();
         let check = |tag| {
             if wire::is_frontend_tag(tag) {
+                if streams_all && matches!(tag, b'Q' | b'P') {
+                    metrics.statement(Action::Streamed);
+                }
                 lock(in_flight).sent(tag);
                 Ok(())
             } else {
@@ -341,7 +351,9 @@ async fn client_to_server(
             let gate = match &msg {
                 Some(Frontend::Query(q)) => {
                     saw_query = true;
-                    gate::query(cfg, q.sql)
+                    let gate = gate::query(cfg, q.sql);
+                    metrics.statement(gate.action());
+                    gate
                 }
                 _ => Gate::Pass,
             };
@@ -367,7 +379,7 @@ async fn client_to_server(
             let frame = up.buf.split_to(len);
             if let (Some(cfg), Some(pre)) = (&cfg, pre) {
                 if unit::is_extended(frame[0]) {
-                    match up.units.push(cfg, &frame, pre.next_statement())? {
+                    match up.units.push(cfg, &frame, pre.next_statement(), &metrics)? {
                         Next::Gather => {}
                         Next::Forward(bytes, list) => {
                             note(list);
@@ -389,7 +401,9 @@ async fn client_to_server(
                         uw.write_all(&bytes).await.map_err(io_fatal)?;
                     }
                     if let Some(Frontend::Query(q)) = wire::decode_frontend(&frame)? {
-                        gated = Some(gate::query(cfg, q.sql));
+                        let gate = gate::query(cfg, q.sql);
+                        metrics.statement(gate.action());
+                        gated = Some(gate);
                     }
                 }
             }
