@@ -14,7 +14,8 @@ const MAX_BATCHES: usize = 4096;
 
 #[derive(Debug, Default)]
 pub struct PendingCommits {
-    /// (end LSN of the batch's last commit, commit time of its first in µs since the epoch).
+    /// (just past the LSN of the batch's last commit record, commit time of its first in µs
+    /// since the epoch).
     batches: Mutex<VecDeque<(u64, i64)>>,
 }
 
@@ -26,7 +27,9 @@ impl PendingCommits {
         let (Some(first), Some(last)) = (first, last) else {
             return;
         };
-        let (time, end) = (first.time.timestamp_micros(), last.end_lsn.0);
+        // Settled positions are transaction ends: past a commit record's LSN means past the
+        // commit (`end_lsn` is known only for streamed transactions).
+        let (time, end) = (first.time.timestamp_micros(), last.lsn.0 + 1);
         let mut q = self.batches.lock().unwrap_or_else(|p| p.into_inner());
         prune(&mut q, settled);
         if q.len() >= MAX_BATCHES {
@@ -79,7 +82,7 @@ mod tests {
             lsn: Lsn(end - 1),
             commit: Some(Arc::new(Commit {
                 lsn: Lsn(end - 1),
-                end_lsn: Lsn(end),
+                end_lsn: Lsn(0),
                 time: Utc.timestamp_opt(secs, 0).unwrap(),
                 xid: 1,
             })),
