@@ -80,6 +80,13 @@ async fn metrics_count_events_runs_pre_decisions_and_statements() {
     let (p, conn) = tokio_postgres::connect(&url, NoTls).await.unwrap();
     tokio::spawn(conn);
     p.simple_query("SELECT 1").await.unwrap();
+    // The extended protocol: a Parse, streamed.
+    let one: i32 = p
+        .query_one("SELECT $1::int4", &[&1i32])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(one, 1);
     p.simple_query(&format!(
         "INSERT INTO users (email, name) VALUES ('{ROW_VALUE}', 'x')"
     ))
@@ -193,7 +200,7 @@ async fn metrics_count_events_runs_pre_decisions_and_statements() {
 
     // Proxy statements and connections.
     let statements = |a: &str| m.get("pgfire_proxy_statements_total", &[("action", a)]);
-    assert_eq!(statements("streamed"), Some(1.0));
+    assert_eq!(statements("streamed"), Some(2.0));
     assert_eq!(statements("held"), Some(2.0));
     assert_eq!(statements("refused"), Some(1.0));
     assert_eq!(m.get("pgfire_proxy_connections", &[]), Some(1.0));
