@@ -254,10 +254,46 @@ async fn metrics_count_events_runs_pre_decisions_and_statements() {
     service.stop().await;
 }
 
+/// The proxy alone, on a database without pgfire: every statement streams, the consumer's
+/// families are absent, and the database gauges are missing with `database_up` 0, not an error.
+#[tokio::test]
+async fn metrics_of_a_proxy_without_hooks_or_consumer() {
+    let db = TestDb::new();
+    let service = start_with(&db, false).await;
+    let url = format!(
+        "postgres://postgres@{}/{}",
+        service.proxy_addr.unwrap(),
+        db.name
+    );
+    let (p, conn) = tokio_postgres::connect(&url, NoTls).await.unwrap();
+    tokio::spawn(conn);
+    p.simple_query("CREATE TABLE t (id int); INSERT INTO t VALUES (1)")
+        .await
+        .unwrap();
+    let one: i32 = p.query_one("SELECT id FROM t", &[]).await.unwrap().get(0);
+    assert_eq!(one, 1);
+    let m = scrape(service.admin_addr.unwrap()).await;
+    let statements = |a: &str| m.get("pgfire_proxy_statements_total", &[("action", a)]);
+    assert_eq!(statements("streamed"), Some(2.0));
+    assert_eq!(statements("held"), Some(0.0));
+    assert_eq!(statements("refused"), Some(0.0));
+    assert_eq!(m.get("pgfire_replication_connected", &[]), None);
+    assert_eq!(m.get("pgfire_slot_lag_seconds", &[]), None);
+    assert_eq!(m.get("pgfire_metrics_database_up", &[]), Some(0.0));
+    assert!(!m.text.contains("pgfire_parked_runs"), "{}", m.text);
+    drop(p);
+    service.stop().await;
+}
+
 /// pgfire with the consumer, the proxy and the admin endpoint on free ports.
 async fn start(db: &TestDb) -> pgfire::service::Service {
+    start_with(db, true).await
+}
+
+async fn start_with(db: &TestDb, consumer: bool) -> pgfire::service::Service {
     crate::support::init_logs();
     let mut cfg = pgfire::service::ServiceConfig::new(db.url());
+    cfg.consumer = consumer;
     cfg.admin_listen = Some("127.0.0.1:0".parse().unwrap());
     cfg.status_interval = Duration::from_millis(100);
     cfg.proxy = Some(pgfire::proxy::ProxyArgs {
