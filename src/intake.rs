@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use crate::catalog::{self, Catalog};
 use crate::events::{self, row as row_events, Event, Lsn};
 use crate::functions::sql::ORIGIN_MESSAGE_PREFIX;
+use crate::metrics::Metrics;
 use crate::replication::decode::Item;
 
 pub use crate::catalog::CONFIG_MESSAGE_PREFIX;
@@ -56,6 +57,8 @@ pub struct Intake {
     pub builder: events::Builder,
     /// Where intake says why it stopped (delivery then stops, and the consumer with it).
     pub stats: Arc<crate::delivery::DeliveryStats>,
+    /// Where events are counted by type.
+    pub metrics: Arc<Metrics>,
 }
 
 impl Intake {
@@ -89,7 +92,9 @@ impl Intake {
                     } if prefix == CONFIG_MESSAGE_PREFIX => {
                         let at = commit.map(|c| c.lsn).unwrap_or(lsn);
                         // The events before it go out under the configuration they were built with.
-                        if !out.is_empty() && !send(&tx, &mut out, &self.catalog).await {
+                        if !out.is_empty()
+                            && !send(&tx, &mut out, &self.catalog, &self.metrics).await
+                        {
                             return;
                         }
                         match self.apply_config(&content, at, &shutdown).await {
@@ -115,7 +120,7 @@ impl Intake {
                     }
                     Item::Checkpoint(lsn) => {
                         out.checkpoint = Some(lsn);
-                        if !send(&tx, &mut out, &self.catalog).await {
+                        if !send(&tx, &mut out, &self.catalog, &self.metrics).await {
                             return;
                         }
                     }
@@ -137,7 +142,7 @@ impl Intake {
                     }
                 }
             }
-            if !out.is_empty() && !send(&tx, &mut out, &self.catalog).await {
+            if !out.is_empty() && !send(&tx, &mut out, &self.catalog, &self.metrics).await {
                 return;
             }
         }
@@ -203,7 +208,20 @@ impl Intake {
 }
 
 /// Hand `out` to delivery and start a new batch under `catalog`; false when delivery is gone.
-async fn send(tx: &mpsc::Sender<Batch>, out: &mut Batch, catalog: &Arc<Catalog>) -> bool {
+/// Its events are counted by type: events are built only for types with a subscription, so the
+/// label values are bounded by `pgfire.subscriptions` (anything else counts as `other`).
+async fn send(
+    tx: &mpsc::Sender<Batch>,
+    out: &mut Batch,
+    catalog: &Arc<Catalog>,
+    metrics: &Metrics,
+) -> bool {
+    if !out.events.is_empty() {
+        let subscribed = &out.catalog.subscriptions;
+        metrics.events(out.events.iter().map(|e| &*e.event_type), |t| {
+            subscribed.contains_key(t)
+        });
+    }
     let next = Batch {
         catalog: catalog.clone(),
         events: Vec::new(),

@@ -19,6 +19,7 @@ pub mod functions;
 pub mod fuzz;
 pub mod install;
 pub mod intake;
+pub mod metrics;
 pub mod ops;
 pub mod proxy;
 pub mod replication;

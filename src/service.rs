@@ -18,6 +18,7 @@ use crate::executions::{self, Progress};
 use crate::functions::Kinds;
 use crate::install::{self, PUBLICATION};
 use crate::intake::Intake;
+use crate::metrics::{Metrics, Phase};
 use crate::proxy::{self, ProxyArgs, ProxyConfig};
 use crate::replication::spill::SpillConfig;
 use crate::replication::{self, ConsumerConfig, ConsumerHealth};
@@ -115,16 +116,19 @@ impl Service {
         let history_abandon = CancellationToken::new();
         let health = Arc::new(ConsumerHealth::default());
         let stats = Arc::new(DeliveryStats::default());
+        let metrics = Arc::new(Metrics::default());
         let mut tasks = Vec::new();
         let mut history = None;
         let mut dispatch = None;
         let mut progress = None;
+        let slot = installation.as_ref().map(|(slot, _)| slot.clone());
         if let Some((slot, catalog)) = installation {
             let settled = health.settled_lsn.clone();
             let shared = Arc::new(Progress::new(settled.clone()));
             progress = Some(shared.clone());
             let (recorder, writer) =
                 executions::start(cfg.database_url.clone(), shared, history_abandon.clone());
+            let recorder = recorder.counting(metrics.clone(), Phase::Post);
             history = Some(writer);
             // consumer → intake (decoded items) → delivery (events and checkpoints).
             let (tx, rx) = tokio::sync::mpsc::channel(16);
@@ -137,6 +141,7 @@ impl Service {
                 warned_identity: Default::default(),
                 builder: Default::default(),
                 stats: stats.clone(),
+                metrics: metrics.clone(),
             };
             let engine = Engine {
                 catalog,
@@ -186,10 +191,15 @@ impl Service {
         if let Some(args) = &cfg.proxy {
             let mut config = ProxyConfig::from_args(args, &cfg.database_url)?;
             proxy_connections = Some(config.connections.clone());
+            config.metrics = metrics.clone();
             config.pre = Some(
-                proxy::pre::PreHooks::start(cfg.database_url.clone(), shutdown.clone())
-                    .await
-                    .map_err(|e| anyhow::anyhow!("cannot start PRE hooks: {e}"))?,
+                proxy::pre::PreHooks::start(
+                    cfg.database_url.clone(),
+                    metrics.clone(),
+                    shutdown.clone(),
+                )
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot start PRE hooks: {e}"))?,
             );
             let listener = tokio::net::TcpListener::bind(args.listen)
                 .await
@@ -220,6 +230,8 @@ impl Service {
                 token: cfg.admin_token.clone(),
                 proxy_addr,
                 proxy_connections,
+                metrics: metrics.clone(),
+                slot: slot.clone(),
             };
             let token = shutdown.clone();
             tasks.push(tokio::spawn(async move {

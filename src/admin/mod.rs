@@ -7,9 +7,11 @@ mod api;
 mod chart;
 mod events_page;
 mod executions_page;
+mod exposition;
 mod functions_page;
 pub mod guard;
 mod html;
+pub mod metric;
 mod status;
 
 use std::net::SocketAddr;
@@ -26,25 +28,8 @@ use tokio_util::sync::CancellationToken;
 use crate::delivery::DeliveryStats;
 use crate::events::Lsn;
 use crate::executions::Progress;
+use crate::metrics::Metrics;
 use crate::replication::ConsumerHealth;
-
-/// Metric names, in one place.
-pub mod metric {
-    pub const EVENTS: &str = "pgfire_events_total";
-    pub const RUNS: &str = "pgfire_function_runs_total";
-    pub const FAILURES: &str = "pgfire_function_failures_total";
-    pub const PARKED: &str = "pgfire_runs_parked_total";
-    pub const DEAD: &str = "pgfire_runs_dead_total";
-    pub const IN_FLIGHT: &str = "pgfire_events_in_flight";
-    pub const RECEIVED_LSN: &str = "pgfire_received_lsn";
-    pub const CONFIRMED_LSN: &str = "pgfire_confirmed_lsn";
-    pub const SETTLED_LSN: &str = "pgfire_settled_lsn";
-    pub const RECONNECTS: &str = "pgfire_replication_reconnects_total";
-    pub const CONNECTED: &str = "pgfire_replication_connected";
-    pub const STREAMED_BYTES: &str = "pgfire_streamed_transaction_bytes";
-    pub const SPILLED_BYTES: &str = "pgfire_spilled_transaction_bytes_total";
-    pub const PROXY_CONNECTIONS: &str = "pgfire_proxy_connections";
-}
 
 #[derive(Clone)]
 pub struct AdminState {
@@ -62,6 +47,10 @@ pub struct AdminState {
     /// Client connections the proxy holds: a hook for the proxy to update (nothing sets it
     /// yet, so the status bar says the count is not exposed).
     pub proxy_connections: Option<Arc<std::sync::atomic::AtomicU64>>,
+    /// Events, runs, PRE decisions and proxy statements, as the service's parts count them.
+    pub metrics: Arc<Metrics>,
+    /// The slot the consumer reads (`None` without a consumer), for its lag in bytes.
+    pub slot: Option<String>,
 }
 
 /// What every handler of the endpoint shares.
@@ -71,6 +60,8 @@ pub struct Dashboard {
     /// The per-process secret state-changing requests must echo (forms and `x-csrf-token`).
     pub csrf: String,
     pub lag: status::LagHistory,
+    /// What `/metrics` reads from the database, cached.
+    pub gauges: exposition::DbGauges,
 }
 
 type Shared = Arc<Dashboard>;
@@ -90,6 +81,7 @@ pub async fn serve(
         db: status::AdminDb::new(&state.database_url),
         csrf: guard::new_secret()?,
         lag: Default::default(),
+        gauges: Default::default(),
         state,
     });
     tokio::spawn(status::sample_lag(dashboard.clone(), shutdown.clone()));
@@ -185,37 +177,7 @@ async fn healthz(State(s): State<AdminState>) -> impl IntoResponse {
     (code, axum::Json(body))
 }
 
-async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {
-    let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-    let mut values = vec![
-        (metric::EVENTS, "counter", load(&s.dispatch.events)),
-        (metric::RUNS, "counter", load(&s.dispatch.runs)),
-        (metric::FAILURES, "counter", load(&s.dispatch.failures)),
-        (metric::PARKED, "counter", load(&s.dispatch.parked)),
-        (metric::DEAD, "counter", load(&s.dispatch.dead)),
-        (metric::IN_FLIGHT, "gauge", load(&s.dispatch.in_flight)),
-    ];
-    if let Some(c) = &s.consumer {
-        values.extend([
-            (
-                metric::CONNECTED,
-                "gauge",
-                c.connected.load(Ordering::Relaxed) as u64,
-            ),
-            (metric::RECEIVED_LSN, "gauge", load(&c.received_lsn)),
-            (metric::CONFIRMED_LSN, "gauge", load(&c.confirmed_lsn)),
-            (metric::SETTLED_LSN, "gauge", load(&c.settled_lsn)),
-            (metric::RECONNECTS, "counter", load(&c.reconnects)),
-            (metric::STREAMED_BYTES, "gauge", load(&c.streamed_bytes)),
-            (metric::SPILLED_BYTES, "counter", load(&c.spilled_bytes)),
-        ]);
-    }
-    if let Some(p) = &s.proxy_connections {
-        values.push((metric::PROXY_CONNECTIONS, "gauge", load(p)));
-    }
-    let out: String = values
-        .into_iter()
-        .map(|(name, kind, v)| format!("# TYPE {name} {kind}\n{name} {v}\n"))
-        .collect();
-    ([("content-type", "text/plain; version=0.0.4")], out)
+async fn metrics(State(d): State<Shared>) -> impl IntoResponse {
+    let body = exposition::render(&d).await;
+    ([("content-type", "text/plain; version=0.0.4")], body)
 }

@@ -12,6 +12,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::events::{EventId, Lsn};
+use crate::metrics::{Metrics, Phase};
 
 mod copy;
 
@@ -114,9 +115,17 @@ pub struct Recorder {
     last_must_store: u64,
     /// The last checkpoint sent to the writer.
     sent_checkpoint: Option<Lsn>,
+    /// Where the runs are counted for `/metrics`, and as which phase.
+    metrics: Option<(Arc<Metrics>, Phase)>,
 }
 
 impl Recorder {
+    /// Count every run recorded from now on in `metrics`, as runs of `phase`.
+    pub fn counting(mut self, metrics: Arc<Metrics>, phase: Phase) -> Recorder {
+        self.metrics = Some((metrics, phase));
+        self
+    }
+
     /// Dispatch passed `checkpoint`, with every run before it recorded: settle it now unless a
     /// record that must be stored first is still on its way (`unsent_must_store`: among the runs
     /// not yet handed to [`Recorder::record`]). A checkpoint not settled here is settled by the
@@ -139,6 +148,9 @@ impl Recorder {
         let new_checkpoint = checkpoint.is_some() && checkpoint != self.sent_checkpoint;
         if runs.is_empty() && !new_checkpoint {
             return;
+        }
+        if let Some((metrics, phase)) = &self.metrics {
+            metrics.runs(*phase, &runs);
         }
         self.next_seq += 1;
         let must_store = runs.iter().any(|r| r.status != Status::Ok);
@@ -192,6 +204,7 @@ pub fn start(
         next_seq: 0,
         last_must_store: 0,
         sent_checkpoint: None,
+        metrics: None,
     };
     (recorder, task)
 }
@@ -373,6 +386,7 @@ mod tests {
             next_seq: 0,
             last_must_store: 0,
             sent_checkpoint: None,
+            metrics: None,
         };
         (r, rx, progress)
     }

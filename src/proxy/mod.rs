@@ -68,6 +68,8 @@ pub struct ProxyConfig {
     pub pre: Option<Arc<pre::PreHooks>>,
     /// Client sessions open now (for the admin endpoint).
     pub connections: Arc<std::sync::atomic::AtomicU64>,
+    /// Where statements are counted (streamed, held, refused).
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl ProxyConfig {
@@ -105,6 +107,7 @@ impl ProxyConfig {
             shutdown_timeout: Duration::from_secs(30),
             pre: None,
             connections: Default::default(),
+            metrics: Default::default(),
         }
     }
 }

@@ -4,7 +4,7 @@
 //! AuthenticationSASL and rewritten errors from the server), and held statements handed to the
 //! PRE state machine with the session's sockets.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -18,6 +18,7 @@ use super::pre::PreHooks;
 use super::scram;
 use super::session::{io_fatal, Conn, Fatal, Hook, READ_CHUNK};
 use super::ProxyConfig;
+use crate::metrics::{Action, Metrics};
 use crate::wire::{self, Backend, Frontend, WireError};
 
 /// Tracks frame boundaries in one direction so bytes can be forwarded as they arrive, while
@@ -83,6 +84,7 @@ pub(super) async fn relay(
     let up = Upside {
         buf: pending,
         tls_upstream: matches!(upstream, Conn::DbTls(_)),
+        metrics: config.metrics.clone(),
         ..Upside::default()
     };
     match (client, upstream) {
@@ -130,6 +132,8 @@ struct Upside {
     units: Units,
     /// The database is reached over TLS: SCRAM with the GS2 flag "y" cannot succeed.
     tls_upstream: bool,
+    /// Where statements are counted.
+    metrics: Arc<Metrics>,
 }
 
 /// Write to the server, flushed: a TLS stream may keep written bytes until flushed (a no-op on
@@ -332,8 +336,14 @@ async fn client_to_server(
         let mut saw_query = false;
         let mut binding_refused = false;
         let check_binding = up.tls_upstream;
+        let metrics = up.metrics.clone();
+        // Without PRE hooks every statement streams; with them the gate says (below).
+        let streams_all = cfg.is_none();
         let check = |tag| {
             if wire::is_frontend_tag(tag) {
+                if streams_all && matches!(tag, b'Q' | b'P') {
+                    metrics.statement(Action::Streamed);
+                }
                 lock(in_flight).sent(tag);
                 Ok(())
             } else {
@@ -359,7 +369,9 @@ async fn client_to_server(
             let gate = match &msg {
                 Some(Frontend::Query(q)) => {
                     saw_query = true;
-                    gate::query(cfg, q.sql)
+                    let gate = gate::query(cfg, q.sql);
+                    metrics.statement(gate.action());
+                    gate
                 }
                 _ => Gate::Pass,
             };
@@ -395,7 +407,7 @@ async fn client_to_server(
             let frame = up.buf.split_to(len);
             if let (Some(cfg), Some(pre)) = (&cfg, pre) {
                 if unit::is_extended(frame[0]) {
-                    match up.units.push(cfg, &frame, pre.next_statement())? {
+                    match up.units.push(cfg, &frame, pre.next_statement(), &metrics)? {
                         Next::Gather => {}
                         Next::Forward(bytes, list) => {
                             note(list);
@@ -417,7 +429,9 @@ async fn client_to_server(
                         send(uw, &bytes).await?;
                     }
                     if let Some(Frontend::Query(q)) = wire::decode_frontend(&frame)? {
-                        gated = Some(gate::query(cfg, q.sql));
+                        let gate = gate::query(cfg, q.sql);
+                        metrics.statement(gate.action());
+                        gated = Some(gate);
                     }
                 }
             }

@@ -5,6 +5,7 @@
 
 pub mod conn;
 pub mod decode;
+mod pending;
 pub mod position;
 mod row;
 pub mod spill;
@@ -25,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use self::conn::{ConnError, ReplicationConn, ReplicationMessage};
 use self::decode::{DecodeError, Decoder, Item};
+pub use self::pending::PendingCommits;
 use crate::replication::position::Lsn;
 
 /// Items per batch handed to dispatch.
@@ -115,6 +117,8 @@ pub struct ConsumerHealth {
     pub standby: AtomicBool,
     /// Bytes of streamed transactions written to spill files so far.
     pub spilled_bytes: AtomicU64,
+    /// Commits handed to dispatch and not settled yet (the slot lag in seconds).
+    pub pending: PendingCommits,
     pub last_error: Mutex<Option<String>>,
     /// Cancelled when the consumer stopped for good on an error retrying cannot fix (the
     /// reason is in `last_error`); `pgfire run` exits non-zero on it.
@@ -130,6 +134,16 @@ impl ConsumerHealth {
 
     pub fn last_error(&self) -> Option<String> {
         self.last_error.lock().ok().and_then(|e| e.clone())
+    }
+
+    /// Seconds since the commit of the oldest transaction handed to dispatch and not settled
+    /// (delivered, or parked, everywhere it goes); 0 when everything received is settled.
+    pub fn lag_seconds(&self, now: chrono::DateTime<chrono::Utc>) -> f64 {
+        let settled = Lsn(self.settled_lsn.load(Ordering::SeqCst));
+        match self.pending.oldest(settled) {
+            Some(us) => ((now.timestamp_micros() - us).max(0) as f64) / 1e6,
+            None => 0.0,
+        }
     }
 
     /// One line for people: `streaming`, `connecting`, `reconnecting: <why>` or `stopped: <why>`.
@@ -524,6 +538,8 @@ impl Stream<'_> {
         if items.is_empty() {
             return Ok(true);
         }
+        let settled = Lsn(self.settled.load(Ordering::Relaxed));
+        self.health.pending.handed(&items, settled);
         let handed = loop {
             tokio::select! {
                 biased;

@@ -20,6 +20,7 @@ mod events;
 mod functions;
 mod install;
 mod logs;
+mod metrics;
 mod pre;
 mod pre_extended;
 mod pre_forms;

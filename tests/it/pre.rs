@@ -32,7 +32,7 @@ impl PreProxy {
     pub async fn start(db: &TestDb) -> PreProxy {
         crate::support::init_logs();
         let shutdown = CancellationToken::new();
-        let hooks = PreHooks::start(db.url(), shutdown.clone())
+        let hooks = PreHooks::start(db.url(), Default::default(), shutdown.clone())
             .await
             .expect("start PRE hooks");
         let mut config = ProxyConfig::new(Upstream::Tcp("127.0.0.1".into(), cluster().port));

@@ -276,9 +276,10 @@ async fn pre_hooks_block_and_rewrite_through_a_tls_upstream() {
     // The PRE hooks' own connections (configuration, history) go over TLS with the same URL.
     let shutdown = CancellationToken::new();
     let _stop = shutdown.clone().drop_guard();
-    let hooks = pgfire::proxy::pre::PreHooks::start(url.clone(), shutdown.clone())
-        .await
-        .expect("PRE hooks over TLS");
+    let hooks =
+        pgfire::proxy::pre::PreHooks::start(url.clone(), Default::default(), shutdown.clone())
+            .await
+            .expect("PRE hooks over TLS");
     let proxy = TlsProxy::start(&url, |c| c.pre = Some(hooks)).await;
     let c = connect(&proxy.url("")).await.unwrap();
     let err = c

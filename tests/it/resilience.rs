@@ -259,9 +259,14 @@ async fn healthz_and_metrics_report_the_stream() {
         .text()
         .await
         .unwrap();
-    assert!(metrics.contains("pgfire_events_total 1"), "{metrics}");
     assert!(
-        metrics.contains("pgfire_function_runs_total 1"),
+        metrics.contains("pgfire_events_total{type=\"POST_USER_CREATE\"} 1\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(
+            "pgfire_function_runs_total{function=\"deliver\",phase=\"post\",status=\"ok\"} 1\n"
+        ),
         "{metrics}"
     );
     service.stop().await;

@@ -124,6 +124,7 @@ pub(super) async fn run(
                     (status, Some(text), effect)
                 }
             };
+            hooks.metrics.pre_decision(&f.name, status, sub.shadow);
             let error = match (sub.shadow, &error) {
                 (true, _) if status != Status::Ok => Some(format!(
                     "shadow mode (not applied): {}",

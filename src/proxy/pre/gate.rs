@@ -6,6 +6,7 @@ use bytes::{BufMut, BytesMut};
 
 use super::hold::{query_frame, raise_sql};
 use super::PreConfig;
+use crate::metrics::Action;
 use crate::proxy::classify::{self, HoldReason, Refusal, Verdict};
 use crate::wire;
 
@@ -23,6 +24,17 @@ pub(in crate::proxy) enum Gate {
         frame: BytesMut,
         rewrite: Option<(String, BytesMut)>,
     },
+}
+
+impl Gate {
+    /// What the proxy does with the statement, for `pgfire_proxy_statements_total`.
+    pub(in crate::proxy) fn action(&self) -> Action {
+        match self {
+            Gate::Pass => Action::Streamed,
+            Gate::Hold => Action::Held,
+            Gate::Replace { .. } => Action::Refused,
+        }
+    }
 }
 
 fn refusal_code(r: &Refusal) -> &'static str {

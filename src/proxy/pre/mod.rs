@@ -25,6 +25,7 @@ use crate::catalog::Catalog;
 use crate::executions::{self, Execution, Progress};
 use crate::functions::nats::{Nats, NatsConfig};
 use crate::functions::webhook::Webhook;
+use crate::metrics::{Metrics, Phase};
 
 /// Default of `limits.pre_rows_per_statement`.
 pub const DEFAULT_ROWS_LIMIT: u32 = 1000;
@@ -58,6 +59,8 @@ pub struct PreHooks {
     generation: AtomicU64,
     /// The database the hooks watch.
     database: String,
+    /// Where PRE runs and decisions are counted.
+    pub(super) metrics: Arc<Metrics>,
 }
 
 impl PreHooks {
@@ -106,9 +109,11 @@ impl PreHooks {
     }
 
     /// Load the configuration, then follow its changes until `shutdown`: every NOTIFY on
-    /// `pgfire_config` reloads it for the next statement of every session.
+    /// `pgfire_config` reloads it for the next statement of every session. PRE runs and
+    /// decisions are counted in `metrics`.
     pub async fn start(
         database_url: String,
+        metrics: Arc<Metrics>,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Arc<PreHooks>> {
         let (client, notes) = listen(&database_url).await?;
@@ -121,6 +126,7 @@ impl PreHooks {
         let progress = Arc::new(Progress::new(Arc::new(AtomicU64::new(0))));
         let (recorder, _writer) =
             executions::start(database_url.clone(), progress, shutdown.clone());
+        let recorder = recorder.counting(metrics.clone(), Phase::Pre);
         tokio::spawn(record_history(rx, recorder));
         let hooks = Arc::new(PreHooks {
             config: RwLock::new(Arc::new(PreConfig::default())),
@@ -130,6 +136,7 @@ impl PreHooks {
             seq: AtomicU64::new(0),
             generation: AtomicU64::new(0),
             database,
+            metrics,
         });
         hooks.swap(first);
         tokio::spawn(follow(hooks.clone(), database_url, client, notes, shutdown));

@@ -10,6 +10,7 @@ use bytes::{BufMut, BytesMut};
 
 use super::gate::{self, Gate};
 use super::PreConfig;
+use crate::metrics::Metrics;
 use crate::wire::{self, Frontend, WireError};
 
 /// The extended-protocol messages a batch is made of.
@@ -84,8 +85,15 @@ impl Units {
         )
     }
 
-    /// Add one whole extended-protocol frame.
-    pub fn push(&mut self, cfg: &PreConfig, frame: &[u8], nonce: u64) -> Result<Next, WireError> {
+    /// Add one whole extended-protocol frame (a Parse is counted in `metrics` as streamed, held
+    /// or refused).
+    pub fn push(
+        &mut self,
+        cfg: &PreConfig,
+        frame: &[u8],
+        nonce: u64,
+        metrics: &Metrics,
+    ) -> Result<Next, WireError> {
         let tag = frame[0];
         let body = frame.get(5..).ok_or(WireError::Malformed("short"))?;
         match tag {
@@ -94,7 +102,9 @@ impl Units {
                     return Err(WireError::Malformed("Parse"));
                 };
                 let name = p.statement.to_string();
-                match gate::parse(cfg, &p, nonce) {
+                let gate = gate::parse(cfg, &p, nonce);
+                metrics.statement(gate.action());
+                match gate {
                     Gate::Pass => {
                         self.held_statements.remove(&name);
                         self.buf.extend_from_slice(frame);
@@ -234,7 +244,7 @@ mod tests {
         let c = cfg();
         let mut last = Next::Gather;
         for f in frames {
-            last = u.push(&c, f, 1).unwrap();
+            last = u.push(&c, f, 1, &Metrics::default()).unwrap();
         }
         last
     }
@@ -313,8 +323,9 @@ mod tests {
         assert!(matches!(run(&mut u, &refused), Next::Forward(_, r) if r.len() == 1));
         // Garbage is an error, never a panic.
         let c = cfg();
-        assert!(u.push(&c, &msg(b'E', b"no terminator"), 1).is_err());
-        assert!(u.push(&c, &msg(b'C', b""), 1).is_err());
-        assert!(u.push(&c, &msg(b'B', b"\0"), 1).is_err());
+        let m = Metrics::default();
+        assert!(u.push(&c, &msg(b'E', b"no terminator"), 1, &m).is_err());
+        assert!(u.push(&c, &msg(b'C', b""), 1, &m).is_err());
+        assert!(u.push(&c, &msg(b'B', b"\0"), 1, &m).is_err());
     }
 }
