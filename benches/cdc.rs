@@ -278,7 +278,7 @@ fn run_pgfire(bin: &str, url: &str, slot: &str, end: &str) -> anyhow::Result<(f6
                         .unwrap_or(0)
                 };
                 if received_at.is_none() && gauge("pgfire_received_lsn") >= target.0 {
-                    received_at = Some(t0.elapsed().as_secs_f64());
+                    received_at = Some((t0.elapsed().as_secs_f64(), cpu_seconds(child.id())));
                 }
                 if gauge("pgfire_settled_lsn") >= target.0 {
                     let secs = t0.elapsed().as_secs_f64();
@@ -289,10 +289,12 @@ fn run_pgfire(bin: &str, url: &str, slot: &str, end: &str) -> anyhow::Result<(f6
                             spilled >> 20
                         );
                     }
-                    if let Some(at) = received_at {
+                    let cpu = cpu_seconds(child.id());
+                    if let Some((at, cpu_at)) = received_at {
                         println!(
-                            "  (pgfire had received the backlog at {at:.2} s, settled it {:.2} s later)",
-                            secs - at
+                            "  (pgfire had received the backlog at {at:.2} s, settled it {:.2} s later; CPU {cpu_at:.2} s, then {:.2} s)",
+                            secs - at,
+                            cpu - cpu_at
                         );
                     }
                     return Ok(secs);
@@ -313,4 +315,19 @@ fn run_pgfire(bin: &str, url: &str, slot: &str, end: &str) -> anyhow::Result<(f6
         .status()?;
     child.wait()?;
     Ok((secs, rss))
+}
+
+/// CPU time (user and system) the process `pid` has used so far, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which is in parentheses and may hold spaces): utime and
+    // stime are the 12th and 13th of them, in clock ticks (100 per second on Linux).
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<f64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    f.iter().sum::<f64>() / 100.0
 }
