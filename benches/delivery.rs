@@ -4,7 +4,9 @@
 //! starts); then commit-to-handler latency at 1 000 commits/s for a webhook and a `sql` function.
 //!
 //! `cargo bench --bench delivery` (env: PGFIRE_BENCH_EVENTS, default 20000; PGFIRE_BENCH_ONLY,
-//! e.g. `webhook,slow,nats,latency`; PGFIRE_BENCH_CONCURRENCY, default 64).
+//! e.g. `webhook,slow,nats,latency,bigtxn`; PGFIRE_BENCH_CONCURRENCY, default 64;
+//! PGFIRE_BENCH_BIG_ROWS, default 500000: the rows of the one transaction `bigtxn` delivers to
+//! the 5 ms receiver, with pgfire's peak RSS).
 
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -92,12 +94,14 @@ fn main() -> anyhow::Result<()> {
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
     );
     let mut table = Vec::new();
+    let last_peak = std::sync::Mutex::new(0u64);
 
     let throughput = |name: &str,
                       kind: &str,
                       target: &str,
                       delay_ms: u64,
                       n: u64,
+                      txn_rows: u64,
                       nats_url: Option<&str>|
      -> anyhow::Result<f64> {
         let db = format!("bench_{name}");
@@ -117,11 +121,11 @@ fn main() -> anyhow::Result<()> {
                  INSERT INTO pgfire.subscriptions (event_type, function_name) VALUES ('POST_RECORD_CREATE', 'f');"
             ))
             .await?;
-            // The backlog, in 100-row transactions, while pgfire is not running.
+            // The backlog, in transactions of `txn_rows` rows, while pgfire is not running.
             c.batch_execute(&format!(
                 "DO $$ BEGIN FOR b IN 0..{} LOOP INSERT INTO items (name, amount)
-                   SELECT 'item ' || i, i * 1.25 FROM generate_series(b * 100 + 1, b * 100 + 100) i; COMMIT; END LOOP; END $$",
-                n / 100 - 1
+                   SELECT 'item ' || i, i * 1.25 FROM generate_series(b * {txn_rows} + 1, b * {txn_rows} + {txn_rows}) i; COMMIT; END LOOP; END $$",
+                (n / txn_rows).max(1) - 1
             ))
             .await?;
             anyhow::Ok(())
@@ -156,15 +160,23 @@ fn main() -> anyhow::Result<()> {
             };
             anyhow::Ok(secs)
         })?;
+        let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap_or_default();
+        let peak_mb = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap_or(0)
+            / 1024;
         let _ = child.kill();
         let _ = child.wait();
         let rate = n as f64 / secs.max(1e-6);
-        println!("  {name:<22} {rate:>9.0} events/s ({n} events, {secs:.2} s first to last)");
+        println!("  {name:<22} {rate:>9.0} events/s ({n} events, {secs:.2} s first to last, pgfire peak RSS {peak_mb} MB)");
+        *last_peak.lock().unwrap() = peak_mb;
         Ok(rate)
     };
 
     if want("webhook") {
-        let r = throughput("webhook", "webhook", &hook, 0, events, None)?;
+        let r = throughput("webhook", "webhook", &hook, 0, events, 100, None)?;
         table.push((
             "webhook, immediate Rust receiver".to_string(),
             format!("{r:.0} events/s"),
@@ -172,7 +184,7 @@ fn main() -> anyhow::Result<()> {
     }
     if want("slow") {
         let n = (events / 2).max(1000);
-        let r = throughput("slow", "webhook", &hook, 5, n, None)?;
+        let r = throughput("slow", "webhook", &hook, 5, n, 100, None)?;
         table.push((
             "webhook, receiver taking 5 ms".to_string(),
             format!("{r:.0} events/s"),
@@ -189,13 +201,22 @@ fn main() -> anyhow::Result<()> {
             .spawn()?;
         std::thread::sleep(Duration::from_millis(500));
         let url = format!("nats://127.0.0.1:{port}");
-        let r = throughput("nats", "nats", "bench", 0, events * 2, Some(&url));
+        let r = throughput("nats", "nats", "bench", 0, events * 2, 100, Some(&url));
         let _ = nats.kill();
         let _ = nats.wait();
         let r = r?;
         table.push((
             "NATS JetStream (acked publishes)".to_string(),
             format!("{r:.0} events/s"),
+        ));
+    }
+    if want("bigtxn") {
+        let n = env_or("PGFIRE_BENCH_BIG_ROWS", 500_000);
+        let r = throughput("bigtxn", "webhook", &hook, 5, n, n, None)?;
+        let peak = *last_peak.lock().unwrap();
+        table.push((
+            format!("one {n}-row transaction, receiver taking 5 ms"),
+            format!("{r:.0} events/s, pgfire peak RSS {peak} MB"),
         ));
     }
     if want("latency") {
