@@ -160,7 +160,8 @@ fn main() -> anyhow::Result<()> {
             };
             anyhow::Ok(secs)
         })?;
-        let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap_or_default();
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap_or_default();
         let peak_mb = status
             .lines()
             .find_map(|l| l.strip_prefix("VmHWM:"))
