@@ -244,7 +244,7 @@ impl Decoder {
         let mut result = Ok(());
         for (xid, t) in self.streamed.iter_mut() {
             let before = t.spilled_bytes();
-            match t.spill(dir, *xid) {
+            match super::spill::blocking(|| t.spill(dir, *xid)) {
                 Ok(freed) => {
                     self.streamed_bytes = self.streamed_bytes.saturating_sub(freed);
                     self.spilled_bytes += t.spilled_bytes() - before;
@@ -286,6 +286,13 @@ impl Decoder {
     /// Hand over up to `limit` changes of the committed streamed transaction being replayed
     /// (already decoded); its checkpoint follows its last change.
     pub fn drain(&mut self, out: &mut Vec<Item>, limit: usize) -> Result<(), DecodeError> {
+        match self.replay.as_ref().is_some_and(|r| r.replay.reads_spill()) {
+            true => super::spill::blocking(|| self.drain_now(out, limit)),
+            false => self.drain_now(out, limit),
+        }
+    }
+
+    fn drain_now(&mut self, out: &mut Vec<Item>, limit: usize) -> Result<(), DecodeError> {
         let Some(mut r) = self.replay.take() else {
             return Ok(());
         };

@@ -53,6 +53,17 @@ impl Default for SpillConfig {
     }
 }
 
+/// Run `f`, which writes or reads spill files, without holding up the other tasks of this
+/// worker thread: on a multi-threaded runtime they move to another thread meanwhile.
+pub(super) fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
+}
+
 /// The directory of one slot's spill files.
 #[derive(Debug)]
 pub struct SpillDir {

@@ -226,6 +226,11 @@ pub(super) struct Replay {
 }
 
 impl Replay {
+    /// Whether the next changes come from the spill file (reads that may wait for the disk).
+    pub fn reads_spill(&self) -> bool {
+        self.spilled.is_some()
+    }
+
     /// The next change kept: the bytes of memory it held, and its item unless its
     /// subtransaction aborted. `None` once all are handed over.
     pub fn next_change(&mut self) -> std::io::Result<Option<(usize, Option<Item>)>> {

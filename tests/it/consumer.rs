@@ -348,7 +348,8 @@ async fn the_consumer_stops_when_dispatch_is_gone() {
     assert!(state.starts_with("stopped: dispatch stopped"), "{state}");
 }
 
-#[tokio::test]
+// Multi-threaded, as `pgfire run` is: spilling runs off the worker's other tasks there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transaction_beyond_the_memory_budget_is_spilled_to_files_and_delivered_whole() {
     let db = TestDb::new();
     install_pgfire(&db).await;
