@@ -22,6 +22,7 @@ mod install;
 mod logs;
 mod metrics;
 mod pre;
+mod pre_copy;
 mod pre_extended;
 mod pre_forms;
 mod pre_nats;

@@ -86,7 +86,7 @@ async fn tokio_postgres_parameters_statements_and_pipelines() {
 }
 
 /// Run a script of tests/clients with its driver (installed by scripts/test).
-fn client_script(program: &str, script: &str, url: &str) -> String {
+pub fn client_script(program: &str, script: &str, url: &str) -> String {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients");
     let bin = match program {
         "python" => root.join(".venv/bin/python"),
