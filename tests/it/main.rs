@@ -26,6 +26,7 @@ mod pre_copy;
 mod pre_extended;
 mod pre_forms;
 mod pre_nats;
+mod pre_split;
 mod proxy;
 mod proxy_tls;
 mod resilience;

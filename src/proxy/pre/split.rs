@@ -134,11 +134,25 @@ async fn statements_one_by_one(
         }
     }
     if ours && status == b'T' {
+        // The implicit block's end: the client sees what the server says at commit (an error
+        // of a deferred constraint, notices), not the proxy's CommandComplete.
         let done = io.query("COMMIT").await?;
-        io.send_client(done.frames).await?;
+        io.send_client(without_completions(&done)).await?;
         status = done.status;
     }
     Ok(status)
+}
+
+/// The frames of `reply` less its CommandCompletes.
+fn without_completions(reply: &Reply) -> BytesMut {
+    let mut out = BytesMut::new();
+    for (i, &(start, tag)) in reply.starts.iter().enumerate() {
+        let end = reply.starts.get(i + 1).map_or(reply.frames.len(), |s| s.0);
+        if tag != b'C' {
+            out.put_slice(&reply.frames[start..end]);
+        }
+    }
+    out
 }
 
 /// What [`plain`] leaves out of the server's answer.
