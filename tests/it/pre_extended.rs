@@ -149,3 +149,23 @@ async fn node_postgres() {
         0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_fetched_before_its_sync_is_refused_with_what_to_do() {
+    let db = TestDb::new();
+    let proxy = setup(&db, TIDY).await;
+    let url = proxy.url(&db);
+    let out = tokio::task::spawn_blocking(move || client_script("python", "pre_flush.py", &url))
+        .await
+        .unwrap();
+    assert!(out.ends_with("ok\n"), "{out}");
+    let direct = db.client().await;
+    assert_eq!(
+        count(
+            &direct,
+            "SELECT count(*) FROM users WHERE email = 'flush@x.y'"
+        )
+        .await,
+        1
+    );
+}

@@ -15,7 +15,7 @@
 use bytes::BytesMut;
 use tokio::io::AsyncReadExt;
 
-use super::hold::{count_frames, intact, query_frame, Io, Reply, CHECK_SQL};
+use super::hold::{intact, query_frame, Io, Reply, CHECK_SQL};
 use crate::proxy::session::{io_fatal, Fatal};
 use crate::wire;
 
@@ -32,10 +32,14 @@ pub(super) struct Replay {
 
 impl Replay {
     fn keep(&mut self, frame: &[u8]) {
+        self.keep_within(frame, REPLAY_LIMIT)
+    }
+
+    fn keep_within(&mut self, frame: &[u8], limit: usize) {
         if self.too_large {
             return;
         }
-        if self.frames.len() + frame.len() > REPLAY_LIMIT {
+        if self.frames.len() + frame.len() > limit {
             self.too_large = true;
             self.frames = BytesMut::new();
             return;
@@ -101,22 +105,16 @@ pub(super) async fn rerun(
     io.send(&out).await?;
     let prepared = io.reply().await?;
     let mut run = Reply::default();
-    let mut closes = count_frames(closes);
-    // What comes before the CopyInResponse the client already has; an error or the end first.
+    // What comes before the CopyInResponse the client already has (CloseComplete,
+    // BindComplete ...) is left out; an error or the end may come first.
     loop {
         let f = io.frame().await?;
-        match f[0] {
-            b'G' => {
-                io.reply_into(&mut run).await?;
-                break;
-            }
-            b'3' if closes > 0 => closes -= 1,
-            b'E' | b'Z' | b'A' | b'S' => {
-                if io.absorb(&mut run, f)? {
-                    break;
-                }
-            }
-            _ => {}
+        if f[0] == b'G' {
+            io.reply_into(&mut run).await?;
+            break;
+        }
+        if matches!(f[0], b'E' | b'Z' | b'A' | b'S') && io.absorb(&mut run, f)? {
+            break;
         }
     }
     let check = io.reply().await?;
@@ -192,4 +190,30 @@ pub(super) async fn relay_data(
 /// Whether the next client message still belongs to the COPY.
 fn wants_client_frame(done: bool, synced: bool, extended: bool) -> bool {
     !done || (extended && !synced)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replay_data_is_bounded() {
+        let mut r = Replay::default();
+        r.keep_within(b"d\0\0\0\x06ab", 20);
+        r.keep_within(b"d\0\0\0\x06cd", 20);
+        assert_eq!(r.frames.len(), 14);
+        assert!(!r.too_large);
+        r.keep_within(b"d\0\0\0\x06ef", 20);
+        assert!(r.too_large && r.frames.is_empty());
+        r.keep_within(b"c\0\0\0\x04", 20);
+        assert!(r.too_large && r.frames.is_empty());
+    }
+
+    #[test]
+    fn copy_messages_end_at_copy_done_and_extended_at_the_sync_after_it() {
+        assert!(wants_client_frame(false, false, false));
+        assert!(!wants_client_frame(true, false, false));
+        assert!(wants_client_frame(true, false, true));
+        assert!(!wants_client_frame(true, true, true));
+    }
 }

@@ -476,7 +476,7 @@ async fn released(io: &mut Io<'_>, reply: Reply, done: Reply) -> Result<u8, Fata
 }
 
 /// How many frames `bytes` holds.
-pub(super) fn count_frames(mut bytes: &[u8]) -> usize {
+fn count_frames(mut bytes: &[u8]) -> usize {
     let mut n = 0;
     while let Ok(Some((_, len))) = wire::frame_header(bytes) {
         if len > bytes.len() {
