@@ -153,6 +153,34 @@ async fn psql_copy_and_server_side_copy_are_held() {
     assert!(!ok && err.contains("Invalid email address"), "{err}");
     assert_eq!(count(&direct, "SELECT count(*) FROM users").await, 2);
     assert_eq!(all_rewritten(&db).await, 0);
+    // Data the server rejects midway: its error, nothing stored, psql goes on to the next.
+    let broken = dir.path().join("broken.tsv");
+    std::fs::write(&broken, "90\tok@x.y\nx\ty@x.y\n").unwrap();
+    let (ok, out, err) = psql(
+        &proxy,
+        &db,
+        &[
+            "-v",
+            "ON_ERROR_STOP=0",
+            "-c",
+            &format!("\\copy users (id, email) FROM '{}'", broken.display()),
+            "-c",
+            "SELECT count(*) AS n FROM users",
+        ],
+    );
+    assert!(ok && err.contains("invalid input syntax"), "{out}{err}");
+    assert!(out.contains(" 2\n"), "{out}{err}");
+    // Many rows in many CopyData messages, each decided and rewritten.
+    let many = dir.path().join("many.csv");
+    let lines: String = (0..900).map(|i| format!("Many{i}@X.Y\n")).collect();
+    std::fs::write(&many, lines).unwrap();
+    let (ok, out, err) = psql(&proxy, &db, &["-c", &copy(&many)]);
+    assert!(ok && out.contains("COPY 900"), "{out}{err}");
+    assert_eq!(all_rewritten(&db).await, 0);
+    direct
+        .batch_execute("DELETE FROM users WHERE email LIKE 'many%'")
+        .await
+        .unwrap();
     // psql's \copy from its own standard input, inside a transaction with more after it.
     let script = dir.path().join("script.sql");
     std::fs::write(

@@ -380,6 +380,34 @@ mod tests {
             SYNC.to_vec(),
         ];
         assert!(matches!(run(&mut u, &refused), Next::Forward(_, r) if r.len() == 1));
+        // A COPY FROM STDIN is held as one, alone in its batch.
+        let copy = [
+            parse("c", "COPY users FROM STDIN"),
+            msg(b'D', b"Sc\0"),
+            SYNC.to_vec(),
+        ];
+        assert!(matches!(run(&mut u, &copy), Next::Forward(..)));
+        let alone = [bind("", "c"), execute(""), SYNC.to_vec()];
+        assert!(matches!(
+            run(&mut u, &alone),
+            Next::Hold {
+                how: HoldAs::CopyIn,
+                ..
+            }
+        ));
+        let with_more = [
+            parse("", ins),
+            bind("", ""),
+            execute(""),
+            bind("p", "c"),
+            execute("p"),
+            SYNC.to_vec(),
+        ];
+        let Next::Forward(bytes, r) = run(&mut u, &with_more) else {
+            panic!("not refused")
+        };
+        assert_eq!(r.len(), 1);
+        assert_eq!(&bytes[bytes.len() - 5..], SYNC, "the client's Sync is kept");
         // Garbage is an error, never a panic.
         let c = cfg();
         let m = Metrics::default();
