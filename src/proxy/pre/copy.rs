@@ -19,6 +19,9 @@ use super::hold::{intact, query_frame, Io, Reply, CHECK_SQL};
 use crate::proxy::session::{io_fatal, Fatal};
 use crate::wire;
 
+/// Most bytes reserved at a time for a client message still arriving.
+const READ_AHEAD: usize = 256 << 10;
+
 /// Most bytes of COPY data kept to send again for a rewrite.
 pub(super) const REPLAY_LIMIT: usize = 64 << 20;
 
@@ -149,7 +152,8 @@ pub(super) async fn relay_data(
                 break;
             };
             if io.cbuf.len() < len {
-                io.cbuf.reserve(len - io.cbuf.len());
+                // Room for the rest as it comes, not all at once on the client's word.
+                io.cbuf.reserve((len - io.cbuf.len()).min(READ_AHEAD));
                 break;
             }
             let f = io.cbuf.split_to(len);
