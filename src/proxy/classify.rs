@@ -293,8 +293,10 @@ impl Default for Syntax {
 pub enum HoldReason {
     /// INSERT, UPDATE, DELETE or MERGE of a watched table (in a CTE, PREPARE, EXPLAIN ANALYZE ...).
     Writes,
-    /// `COPY watched FROM ...`.
+    /// `COPY watched FROM 'file'` or `FROM PROGRAM` (server-side: the statement alone).
     CopyFrom,
+    /// `COPY watched FROM STDIN`: the client sends the rows in the COPY sub-protocol.
+    CopyFromStdin,
     /// A function not known to be read-only.
     FunctionCall(String),
     /// `CALL` of a procedure.
@@ -392,6 +394,51 @@ pub struct Statement {
     /// Byte range in the query string.
     pub span: Range<usize>,
     pub verdict: Verdict,
+    /// When it is transaction control, which.
+    pub control: Option<Control>,
+}
+
+/// Transaction control that acts on the session's transaction block (`COMMIT PREPARED` and
+/// `ROLLBACK PREPARED`, which cannot run in one, are not listed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    /// BEGIN, START TRANSACTION.
+    Begin,
+    /// COMMIT, END, and `chain`: AND CHAIN.
+    Commit {
+        chain: bool,
+    },
+    /// ROLLBACK, ABORT.
+    Rollback {
+        chain: bool,
+    },
+    /// PREPARE TRANSACTION.
+    Prepare,
+    Savepoint,
+    Release,
+    RollbackTo,
+}
+
+impl Control {
+    fn of(stmt: Option<&pg_query::Node>) -> Option<Control> {
+        use pg_query::protobuf::TransactionStmtKind as K;
+        let Some(pg_query::NodeEnum::TransactionStmt(t)) = stmt.and_then(|n| n.node.as_ref())
+        else {
+            return None;
+        };
+        Some(match t.kind() {
+            K::TransStmtBegin | K::TransStmtStart => Control::Begin,
+            K::TransStmtCommit => Control::Commit { chain: t.chain },
+            K::TransStmtRollback => Control::Rollback { chain: t.chain },
+            K::TransStmtPrepare => Control::Prepare,
+            K::TransStmtSavepoint => Control::Savepoint,
+            K::TransStmtRelease => Control::Release,
+            K::TransStmtRollbackTo => Control::RollbackTo,
+            K::TransStmtCommitPrepared | K::TransStmtRollbackPrepared | K::Undefined => {
+                return None
+            }
+        })
+    }
 }
 
 /// How the verdicts were reached.
@@ -451,6 +498,7 @@ pub fn classify_with(sql: &str, watched: &Watched, syntax: Syntax) -> Classifica
                 tables: Vec::new(),
                 reason,
             },
+            control: None,
         }],
     };
     if sql.as_bytes().contains(&0) {
@@ -497,6 +545,7 @@ pub fn classify_with(sql: &str, watched: &Watched, syntax: Syntax) -> Classifica
         statements.push(Statement {
             span: start..end,
             verdict,
+            control: Control::of(raw.stmt.as_deref()),
         });
     }
     Classification {
@@ -577,7 +626,13 @@ impl<'w> Walk<'w> {
                 self.written(n.get("relation"), HoldReason::Writes)
             }
             "CopyStmt" if flag(n, "is_from") => {
-                self.written(n.get("relation"), HoldReason::CopyFrom)
+                let stdin = text(n, "filename").is_empty() && !flag(n, "is_program");
+                let reason = if stdin {
+                    HoldReason::CopyFromStdin
+                } else {
+                    HoldReason::CopyFrom
+                };
+                self.written(n.get("relation"), reason)
             }
             "TruncateStmt" => self.truncate(n),
             "FuncCall" => self.call(n),
@@ -632,7 +687,7 @@ impl<'w> Walk<'w> {
         if self.in_rule {
             self.refuse(Refusal::RuleWritesWatched(found[0].clone()));
         }
-        if reason == HoldReason::CopyFrom {
+        if matches!(reason, HoldReason::CopyFrom | HoldReason::CopyFromStdin) {
             self.hold(reason);
         }
         for t in found {

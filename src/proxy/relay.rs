@@ -11,8 +11,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 use super::in_flight::InFlight;
-use super::pre::gate::{self, Gate};
+use super::pre::gate::{self, Gate, HoldAs};
 use super::pre::hold::{self, Io};
+use super::pre::split;
 use super::pre::unit::{self, Next, Units};
 use super::pre::PreHooks;
 use super::scram;
@@ -119,7 +120,11 @@ enum Flow {
     Left,
     /// A Query, or an extended-protocol batch up to its Sync, to hold once everything before it
     /// is answered; `closes`: Close messages for the statements the batch parses.
-    Held { bytes: BytesMut, closes: BytesMut },
+    Held {
+        bytes: BytesMut,
+        closes: BytesMut,
+        how: HoldAs,
+    },
 }
 
 /// The client-to-server direction's state, kept outside its future, which ends at every held
@@ -165,11 +170,10 @@ async fn relay_halves(
             r = server_to_client(&mut ur, &mut cw, &mut down, &in_flight, &rewrites, drain, config) => r.map(|()| Flow::Left),
         };
         match (flow, pre) {
-            (Ok(Flow::Held { bytes, closes }), Some(pre)) => {
-                let io = (&mut ur, &mut uw, &mut cw);
-                if let Err(f) =
-                    held(&bytes, &closes, io, &mut down, &in_flight, &rewrites, pre).await
-                {
+            (Ok(Flow::Held { bytes, closes, how }), Some(pre)) => {
+                let io = (&mut ur, &mut uw, &mut cw, &mut cr, &mut up.buf);
+                let statement = (&bytes[..], &closes[..], how);
+                if let Err(f) = held(statement, io, &mut down, &in_flight, &rewrites, pre).await {
                     break Err(f);
                 }
             }
@@ -202,14 +206,16 @@ async fn relay_halves(
 }
 
 /// A held Query: once the server has answered everything sent before it, run it through the PRE
-/// hooks (or as is, in a failed transaction, which the server refuses anyway).
+/// hooks (or as is, in a failed transaction, which the server refuses anyway; a query string
+/// run statement by statement is, as its ROLLBACK may end the failed transaction).
 async fn held(
-    frame: &[u8],
-    closes: &[u8],
-    (ur, uw, cw): (
+    (frame, closes, how): (&[u8], &[u8], HoldAs),
+    (ur, uw, cw, cr, cbuf): (
         &mut (impl AsyncRead + Unpin + Send),
         &mut (impl AsyncWrite + Unpin + Send),
         &mut (impl AsyncWrite + Unpin + Send),
+        &mut (impl AsyncRead + Unpin + Send),
+        &mut BytesMut,
     ),
     down: &mut Downstream,
     in_flight: &Mutex<InFlight>,
@@ -232,17 +238,28 @@ async fn held(
     }
     let status = lock(in_flight).status();
     let cfg = pre.config();
-    if !matches!(status, b'I' | b'T') || !cfg.active() {
+    let split = how == HoldAs::Split && frame[0] == b'Q';
+    if !(matches!(status, b'I' | b'T') || split && status == b'E') || !cfg.active() {
         return send(uw, frame).await;
     }
     let mut io = Io {
         ur,
         uw,
         cw,
+        cr,
+        cbuf,
         buf: &mut down.buf,
         async_out: BytesMut::new(),
+        inner: false,
     };
-    let status = hold::run_query(&mut io, pre, &cfg, frame, closes, status).await?;
+    let status = if split {
+        match wire::decode_frontend(frame)? {
+            Some(Frontend::Query(q)) => split::run(&mut io, pre, &cfg, q.sql, status).await?,
+            _ => hold::run_query(&mut io, pre, &cfg, (frame, closes, how), status).await?,
+        }
+    } else {
+        hold::run_query(&mut io, pre, &cfg, (frame, closes, how), status).await?
+    };
     lock(in_flight).ready(status);
     Ok(())
 }
@@ -413,10 +430,11 @@ async fn client_to_server(
                             note(list);
                             send(uw, &bytes).await?;
                         }
-                        Next::Hold { batch, closes } => {
+                        Next::Hold { batch, closes, how } => {
                             return Ok(Flow::Held {
                                 bytes: batch,
                                 closes,
+                                how,
                             })
                         }
                     }
@@ -436,11 +454,12 @@ async fn client_to_server(
                 }
             }
             match gated {
-                Some(Gate::Hold) => {
+                Some(Gate::Hold(how)) => {
                     up.units.query_sent();
                     return Ok(Flow::Held {
                         bytes: frame,
                         closes: BytesMut::new(),
+                        how,
                     });
                 }
                 Some(Gate::Replace {

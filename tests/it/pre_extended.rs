@@ -86,7 +86,7 @@ async fn tokio_postgres_parameters_statements_and_pipelines() {
 }
 
 /// Run a script of tests/clients with its driver (installed by scripts/test).
-fn client_script(program: &str, script: &str, url: &str) -> String {
+pub fn client_script(program: &str, script: &str, url: &str) -> String {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients");
     let bin = match program {
         "python" => root.join(".venv/bin/python"),
@@ -147,5 +147,25 @@ async fn node_postgres() {
     assert_eq!(
         count(&direct, "SELECT count(*) FROM users WHERE email = 'bad'").await,
         0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_fetched_before_its_sync_is_refused_with_what_to_do() {
+    let db = TestDb::new();
+    let proxy = setup(&db, TIDY).await;
+    let url = proxy.url(&db);
+    let out = tokio::task::spawn_blocking(move || client_script("python", "pre_flush.py", &url))
+        .await
+        .unwrap();
+    assert!(out.ends_with("ok\n"), "{out}");
+    let direct = db.client().await;
+    assert_eq!(
+        count(
+            &direct,
+            "SELECT count(*) FROM users WHERE email = 'flush@x.y'"
+        )
+        .await,
+        1
     );
 }

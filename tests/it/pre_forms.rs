@@ -146,8 +146,6 @@ async fn every_way_around_is_refused_or_detected() {
         ("TRUNCATE users", "0A000"),
         ("TRUNCATE signup CASCADE", "0A000"),
         ("CREATE RULE r AS ON INSERT TO notes DO ALSO INSERT INTO users (email) VALUES ('bad')", "42501"),
-        ("COPY users (email) FROM STDIN", "0A000"),
-        ("BEGIN; INSERT INTO users (email) VALUES ('bad'); COMMIT", "0A000"),
         // Writes the proxy cannot see coming: refused by pgfire's trigger.
         ("INSERT INTO users_v (email) VALUES ('bad')", "42501"),
         ("INSERT INTO signup VALUES ('bad')", "42501"),

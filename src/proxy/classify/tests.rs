@@ -111,10 +111,23 @@ fn copy_from_holds_copy_to_passes() {
         verdict("COPY users (email) FROM STDIN"),
         Verdict::Holds {
             tables: vec![users()],
-            reason: HoldReason::CopyFrom
+            reason: HoldReason::CopyFromStdin
         }
     );
-    holds("COPY public.users FROM '/tmp/x.csv' WITH (FORMAT csv)");
+    for server_side in [
+        "COPY public.users FROM '/tmp/x.csv' WITH (FORMAT csv)",
+        "COPY users (email) FROM '/tmp/stdin.csv'",
+        "COPY users (email) FROM PROGRAM 'echo stdin'",
+    ] {
+        assert_eq!(
+            verdict(server_side),
+            Verdict::Holds {
+                tables: vec![users()],
+                reason: HoldReason::CopyFrom
+            },
+            "{server_side}"
+        );
+    }
     passes("COPY users TO STDOUT");
     passes("COPY (SELECT * FROM users) TO STDOUT");
     passes("COPY other FROM STDIN");

@@ -17,7 +17,7 @@ const PRIVILEGE: &str = "42501";
 
 pub(in crate::proxy) enum Gate {
     Pass,
-    Hold,
+    Hold(HoldAs),
     /// Send `frame` instead. With `rewrite`, the server's ErrorResponse whose message contains
     /// `rewrite.0` is replaced by `rewrite.1` on its way to the client.
     Replace {
@@ -26,12 +26,25 @@ pub(in crate::proxy) enum Gate {
     },
 }
 
+/// How a held statement is run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(in crate::proxy) enum HoldAs {
+    /// The whole query string (or batch) in one tentative run ([`super::hold`]).
+    Whole,
+    /// `COPY watched FROM STDIN`: the tentative run carries the client's COPY data
+    /// ([`super::copy`]).
+    CopyIn,
+    /// A query string of several statements mixing transaction control (or COPY FROM STDIN)
+    /// with held writes: run statement by statement ([`super::split`]).
+    Split,
+}
+
 impl Gate {
     /// What the proxy does with the statement, for `pgfire_proxy_statements_total`.
     pub(in crate::proxy) fn action(&self) -> Action {
         match self {
             Gate::Pass => Action::Streamed,
-            Gate::Hold => Action::Held,
+            Gate::Hold(_) => Action::Held,
             Gate::Replace { .. } => Action::Refused,
         }
     }
@@ -44,27 +57,9 @@ fn refusal_code(r: &Refusal) -> &'static str {
     }
 }
 
-/// Transaction control: a query string mixing it with a held statement would commit before the
-/// PRE functions decide.
-fn is_transaction_control(stmt: &str) -> bool {
-    let mut words = stmt
-        .split(|c: char| !c.is_ascii_alphanumeric() && c != '_')
-        .filter(|w| !w.is_empty());
-    let first = words.next().unwrap_or("").to_ascii_lowercase();
-    match first.as_str() {
-        "begin" | "start" | "commit" | "end" | "rollback" | "abort" | "savepoint" | "release" => {
-            true
-        }
-        "prepare" => words
-            .next()
-            .is_some_and(|w| w.eq_ignore_ascii_case("transaction")),
-        _ => false,
-    }
-}
-
 enum Decision {
     Pass,
-    Hold,
+    Hold(HoldAs),
     Refuse(&'static str, String),
 }
 
@@ -79,26 +74,23 @@ fn decide(cfg: &PreConfig, sql: &str) -> Decision {
                 Decision::Refuse(refusal_code(reason), format!("pgfire: {reason}"))
             }
         }
-        Verdict::Holds { reason, .. } => {
-            let copy_stdin =
-                *reason == HoldReason::CopyFrom && sql.to_ascii_lowercase().contains("stdin");
-            if copy_stdin {
-                return Decision::Refuse(
-                    NOT_SUPPORTED,
-                    "pgfire: COPY FROM STDIN into a table with PRE hooks is not supported through the proxy yet; use INSERT".into(),
-                );
-            }
-            let mixed = c.statements.len() > 1
-                && c.statements
-                    .iter()
-                    .any(|s| sql.get(s.span.clone()).is_some_and(is_transaction_control));
-            if mixed {
-                return Decision::Refuse(
-                    NOT_SUPPORTED,
-                    "pgfire: a query string that writes a table with PRE hooks cannot also hold transaction control (BEGIN, COMMIT, SAVEPOINT, ...); send them as separate queries".into(),
-                );
-            }
-            Decision::Hold
+        Verdict::Holds { .. } => {
+            let copy_stdin = c.statements.iter().any(|s| {
+                matches!(
+                    &s.verdict,
+                    Verdict::Holds {
+                        reason: HoldReason::CopyFromStdin,
+                        ..
+                    }
+                )
+            });
+            let several = c.statements.len() > 1;
+            let mixed = several && c.statements.iter().any(|s| s.control.is_some());
+            Decision::Hold(match (several && (mixed || copy_stdin), copy_stdin) {
+                (true, _) => HoldAs::Split,
+                (false, true) => HoldAs::CopyIn,
+                (false, false) => HoldAs::Whole,
+            })
         }
     }
 }
@@ -107,7 +99,7 @@ fn decide(cfg: &PreConfig, sql: &str) -> Decision {
 pub(in crate::proxy) fn query(cfg: &PreConfig, sql: &str) -> Gate {
     match decide(cfg, sql) {
         Decision::Pass => Gate::Pass,
-        Decision::Hold => Gate::Hold,
+        Decision::Hold(how) => Gate::Hold(how),
         Decision::Refuse(code, message) => Gate::Replace {
             frame: query_frame(&raise_sql(&message, None, code)),
             rewrite: None,
@@ -122,7 +114,9 @@ pub(in crate::proxy) fn query(cfg: &PreConfig, sql: &str) -> Gate {
 pub(in crate::proxy) fn parse(cfg: &PreConfig, p: &wire::Parse<'_>, nonce: u64) -> Gate {
     match decide(cfg, p.sql) {
         Decision::Pass => Gate::Pass,
-        Decision::Hold => Gate::Hold,
+        // A prepared statement is one statement (the server refuses several).
+        Decision::Hold(HoldAs::Split) => Gate::Hold(HoldAs::Whole),
+        Decision::Hold(how) => Gate::Hold(how),
         Decision::Refuse(code, message) => {
             let (frame, rewrite) = doomed_parse(p.statement, &message, code, nonce);
             Gate::Replace {
@@ -175,15 +169,25 @@ mod tests {
         assert!(matches!(query(&c, "SELECT * FROM users"), Gate::Pass));
         assert!(matches!(
             query(&c, "INSERT INTO users VALUES (1)"),
-            Gate::Hold
+            Gate::Hold(HoldAs::Whole)
         ));
+        for (sql, how) in [
+            ("COPY users FROM STDIN", HoldAs::CopyIn),
+            ("COPY users FROM '/tmp/stdin'", HoldAs::Whole),
+            ("COPY users FROM PROGRAM 'cat'", HoldAs::Whole),
+            ("SELECT 1; INSERT INTO users VALUES (1)", HoldAs::Whole),
+            ("BEGIN; INSERT INTO users VALUES (1); COMMIT", HoldAs::Split),
+            ("COPY users FROM STDIN; SELECT 1", HoldAs::Split),
+        ] {
+            assert!(matches!(query(&c, sql), Gate::Hold(h) if h == how), "{sql}");
+        }
         assert!(matches!(
             query(&c, "insert into \"USERS\" values (1)"),
             Gate::Pass
         ));
         assert!(matches!(
             query(&c, "INSERT INTO Users VALUES (1)"),
-            Gate::Hold
+            Gate::Hold(_)
         ));
         for refused in [
             "SET session_replication_role = replica",
@@ -192,8 +196,6 @@ mod tests {
             "TRUNCATE users",
             "ALTER TABLE users DISABLE TRIGGER ALL",
             "DELETE FROM pgfire.settings",
-            "BEGIN; INSERT INTO users VALUES (1); COMMIT",
-            "COPY users FROM STDIN",
         ] {
             assert!(
                 matches!(query(&c, refused), Gate::Replace { .. }),
@@ -225,13 +227,5 @@ mod tests {
         assert_eq!(q.statement, "s1");
         assert!(q.sql.contains(&rewrite.unwrap().0));
         assert!(q.param_types.is_empty());
-    }
-
-    #[test]
-    fn transaction_control_words() {
-        assert!(is_transaction_control("  COMMIT"));
-        assert!(is_transaction_control("prepare transaction 'x'"));
-        assert!(!is_transaction_control("prepare q AS select 1"));
-        assert!(!is_transaction_control("INSERT INTO t VALUES (1)"));
     }
 }

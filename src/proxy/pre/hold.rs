@@ -18,21 +18,30 @@
 use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use super::copy;
 use super::decide::{self, Outcome};
+use super::gate::HoldAs;
 use super::rows::{self, RowReport};
 use super::{PreConfig, PreHooks};
 use crate::proxy::session::{io_fatal, Fatal};
 use crate::wire::{self, Backend};
 
-/// The sockets and buffer a held statement is driven with.
+/// The sockets and buffers a held statement is driven with.
 pub(in crate::proxy) struct Io<'a> {
     pub ur: &'a mut (dyn AsyncRead + Unpin + Send),
     pub uw: &'a mut (dyn AsyncWrite + Unpin + Send),
     pub cw: &'a mut (dyn AsyncWrite + Unpin + Send),
+    /// The client's side, read only for COPY data ([`super::copy`]).
+    pub cr: &'a mut (dyn AsyncRead + Unpin + Send),
+    /// Client bytes read and not yet handled (the relay's upstream buffer).
+    pub cbuf: &'a mut BytesMut,
     /// Server bytes read and not yet handled (the relay's downstream buffer).
     pub buf: &'a mut BytesMut,
     /// Asynchronous messages (notifications, parameter changes) met on the way, for the client.
     pub async_out: BytesMut,
+    /// One statement of a longer query string ([`super::split`]): its answer goes to the client
+    /// without a ReadyForQuery, which comes at the end of the string.
+    pub inner: bool,
 }
 
 /// The answer to one Query the proxy sent, up to its ReadyForQuery.
@@ -64,7 +73,7 @@ impl Io<'_> {
     }
 
     /// The next whole server frame.
-    async fn frame(&mut self) -> Result<BytesMut, Fatal> {
+    pub(super) async fn frame(&mut self) -> Result<BytesMut, Fatal> {
         loop {
             if let Some((_, len)) = wire::frame_header(self.buf)? {
                 if self.buf.len() >= len {
@@ -96,52 +105,78 @@ impl Io<'_> {
                 closes -= 1;
                 continue;
             }
-            if !matches!(frame[0], b'Z' | b'A' | b'S') {
-                r.starts.push((r.frames.len(), frame[0]));
+            if self.absorb(&mut r, frame)? {
+                return Ok(r);
             }
-            match frame[0] {
-                b'Z' => {
-                    r.status = *frame.get(5).unwrap_or(&b'I');
-                    return Ok(r);
-                }
-                b'N' => {
-                    if let Some(Backend::NoticeResponse(n)) = wire::decode_backend(&frame)? {
-                        if n.code == rows::ROW_CODE && n.message == rows::ROW_MESSAGE {
-                            r.starts.pop();
-                            match rows::decode(n.detail) {
-                                Ok(row) => {
-                                    r.rows.push(row);
-                                    r.row_at.push(r.frames.len());
-                                }
-                                Err(err) => {
-                                    tracing::warn!(error = %err, "unreadable PRE row report");
-                                    r.bad_rows += 1;
-                                }
+        }
+    }
+
+    /// Read `reply` on to its ReadyForQuery.
+    pub(super) async fn reply_into(&mut self, r: &mut Reply) -> Result<(), Fatal> {
+        loop {
+            let frame = self.frame().await?;
+            if self.absorb(r, frame)? {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Add one server frame to `r`; true at its ReadyForQuery.
+    pub(super) fn absorb(&mut self, r: &mut Reply, frame: BytesMut) -> Result<bool, Fatal> {
+        if !matches!(frame[0], b'Z' | b'A' | b'S') {
+            r.starts.push((r.frames.len(), frame[0]));
+        }
+        match frame[0] {
+            b'Z' => {
+                r.status = *frame.get(5).unwrap_or(&b'I');
+                return Ok(true);
+            }
+            b'N' => {
+                if let Some(Backend::NoticeResponse(n)) = wire::decode_backend(&frame)? {
+                    if n.code == rows::ROW_CODE && n.message == rows::ROW_MESSAGE {
+                        r.starts.pop();
+                        match rows::decode(n.detail) {
+                            Ok(row) => {
+                                r.rows.push(row);
+                                r.row_at.push(r.frames.len());
                             }
-                            continue;
+                            Err(err) => {
+                                tracing::warn!(error = %err, "unreadable PRE row report");
+                                r.bad_rows += 1;
+                            }
                         }
+                        return Ok(false);
                     }
-                    r.frames.extend_from_slice(&frame);
                 }
-                b'E' => {
-                    if r.error.is_none() {
-                        if let Some(Backend::ErrorResponse(n)) = wire::decode_backend(&frame)? {
-                            r.error = Some((
-                                String::from_utf8_lossy(n.code).into_owned(),
-                                n.message_lossy(),
-                                without_context(&frame),
-                            ));
-                        }
-                    }
-                    r.frames.extend_from_slice(&frame);
-                }
-                b'D' => {
-                    r.values.push(first_column(&frame));
-                    r.frames.extend_from_slice(&frame);
-                }
-                b'A' | b'S' => self.async_out.extend_from_slice(&frame),
-                _ => r.frames.extend_from_slice(&frame),
+                r.frames.extend_from_slice(&frame);
             }
+            b'E' => {
+                if r.error.is_none() {
+                    if let Some(Backend::ErrorResponse(n)) = wire::decode_backend(&frame)? {
+                        r.error = Some((
+                            String::from_utf8_lossy(n.code).into_owned(),
+                            n.message_lossy(),
+                            without_context(&frame),
+                        ));
+                    }
+                }
+                r.frames.extend_from_slice(&frame);
+            }
+            b'D' => {
+                r.values.push(first_column(&frame));
+                r.frames.extend_from_slice(&frame);
+            }
+            b'A' | b'S' => self.async_out.extend_from_slice(&frame),
+            _ => r.frames.extend_from_slice(&frame),
+        }
+        Ok(false)
+    }
+
+    /// The next whole server frame already read, if any.
+    pub(super) fn buffered_frame(&mut self) -> Result<Option<BytesMut>, Fatal> {
+        match wire::frame_header(self.buf)? {
+            Some((_, len)) if self.buf.len() >= len => Ok(Some(self.buf.split_to(len))),
+            _ => Ok(None),
         }
     }
 
@@ -151,7 +186,16 @@ impl Io<'_> {
         self.reply().await
     }
 
-    async fn send_client(&mut self, out: BytesMut) -> Result<(), Fatal> {
+    /// The answer to the client's statement: `out`, then its ReadyForQuery with `status`
+    /// (unless the statement is one of a longer query string).
+    pub(super) async fn answer(&mut self, mut out: BytesMut, status: u8) -> Result<(), Fatal> {
+        if !self.inner {
+            ready_frame(&mut out, status);
+        }
+        self.send_client(out).await
+    }
+
+    pub(super) async fn send_client(&mut self, out: BytesMut) -> Result<(), Fatal> {
         if !self.async_out.is_empty() {
             let early = std::mem::take(&mut self.async_out);
             self.cw.write_all(&early).await.map_err(io_fatal)?;
@@ -171,7 +215,7 @@ pub(super) fn query_frame(sql: &str) -> BytesMut {
     b
 }
 
-fn ready_frame(out: &mut BytesMut, status: u8) {
+pub(super) fn ready_frame(out: &mut BytesMut, status: u8) {
     out.put_slice(&[b'Z', 0, 0, 0, 5, status]);
 }
 
@@ -202,7 +246,7 @@ fn first_column(frame: &[u8]) -> Option<Vec<u8>> {
 
 /// An ErrorResponse without its `W` (context) field: the error raised for a blocked write reads
 /// as the handler's, not as a line of pgfire's PL/pgSQL.
-fn without_context(frame: &[u8]) -> Bytes {
+pub(super) fn without_context(frame: &[u8]) -> Bytes {
     let Some(body) = frame.get(5..) else {
         return Bytes::copy_from_slice(frame);
     };
@@ -248,8 +292,7 @@ pub(in crate::proxy) async fn run_query(
     io: &mut Io<'_>,
     hooks: &PreHooks,
     cfg: &PreConfig,
-    frame: &[u8],
-    closes: &[u8],
+    (frame, closes, how): (&[u8], &[u8], HoldAs),
     status: u8,
 ) -> Result<u8, Fatal> {
     let implicit = status == b'I';
@@ -261,8 +304,14 @@ pub(in crate::proxy) async fn run_query(
     setup.push_str(&format!(
         "SAVEPOINT pgfire_pre; SELECT set_config('pgfire.pre_mode', 'record:{limit}', true), set_config('pgfire.pre_n', '0', true)"
     ));
-    let (prepared, first, intact) =
-        tentative(io, &setup, frame, &[], &format!("record:{limit}")).await?;
+    let record = format!("record:{limit}");
+    let (prepared, first, intact, replay) = match how {
+        HoldAs::CopyIn => copy::first_run(io, &setup, frame, &record).await?,
+        _ => {
+            let (p, f, i) = tentative(io, &setup, frame, &[], &record).await?;
+            (p, f, i, copy::Replay::default())
+        }
+    };
     if prepared.error.is_some() || first.error.is_some() {
         return failed(io, first, implicit).await;
     }
@@ -295,13 +344,25 @@ pub(in crate::proxy) async fn run_query(
             block(io, &message, Some(&detail), "P0001", implicit, Some(before)).await
         }
         Outcome::Modify { overlays } => {
+            if how == HoldAs::CopyIn && replay.too_large {
+                let msg = format!(
+                    "pgfire: a PRE function rewrote rows of this COPY, whose data ({} bytes or more) is too large to send again",
+                    copy::REPLAY_LIMIT
+                );
+                return block(io, &msg, None, "54000", implicit, None).await;
+            }
             let apply = rows::ascii_json(&overlays);
             let setup = format!(
                 "ROLLBACK TO SAVEPOINT pgfire_pre; SELECT set_config('pgfire.pre_mode', 'apply:{limit}', true), set_config('pgfire.pre_n', '0', true), set_config('pgfire.pre_apply', {}, true)",
                 dollar(&apply)
             );
-            let (prepared, again, intact) =
-                tentative(io, &setup, frame, closes, &format!("apply:{limit}")).await?;
+            let apply_mode = format!("apply:{limit}");
+            let (prepared, again, intact) = match how {
+                HoldAs::CopyIn => {
+                    copy::rerun(io, &setup, frame, closes, &replay, &apply_mode).await?
+                }
+                _ => tentative(io, &setup, frame, closes, &apply_mode).await?,
+            };
             if prepared.error.is_some() || again.error.is_some() {
                 return failed(io, again, implicit).await;
             }
@@ -332,17 +393,25 @@ async fn tentative(
     let mut out = query_frame(setup);
     out.extend_from_slice(closes);
     out.extend_from_slice(frame);
-    out.extend_from_slice(&query_frame(
-        "SELECT current_setting('pgfire.pre_mode', true) || '/' || current_setting('pgfire.proxied', true)",
-    ));
+    out.extend_from_slice(&query_frame(CHECK_SQL));
     io.send(&out).await?;
     let prepared = io.reply().await?;
     let run = io.reply_skipping(count_frames(closes)).await?;
     let check = io.reply().await?;
-    let expected = format!("{mode}/on");
-    let intact = run.error.is_some()
-        || check.values.first().and_then(|v| v.as_deref()) == Some(expected.as_bytes());
+    let intact = intact(&run, &check, mode);
     Ok((prepared, run, intact))
+}
+
+/// Reads the settings pgfire's trigger runs with, after the client's statement.
+pub(super) const CHECK_SQL: &str =
+    "SELECT current_setting('pgfire.pre_mode', true) || '/' || current_setting('pgfire.proxied', true)";
+
+/// Whether the answer to [`CHECK_SQL`] shows the settings as the proxy set them (`mode`, the
+/// session proxied), or the statement failed (and wrote nothing).
+pub(super) fn intact(run: &Reply, check: &Reply, mode: &str) -> bool {
+    let expected = format!("{mode}/on");
+    run.error.is_some()
+        || check.values.first().and_then(|v| v.as_deref()) == Some(expected.as_bytes())
 }
 
 /// Why the row reports of a run cannot be trusted, if they cannot: a report of the other mode
@@ -374,9 +443,7 @@ async fn failed(io: &mut Io<'_>, reply: Reply, implicit: bool) -> Result<u8, Fat
     if implicit {
         status = io.query("ROLLBACK").await?.status;
     }
-    let mut out = reply.frames;
-    ready_frame(&mut out, status);
-    io.send_client(out).await?;
+    io.answer(reply.frames, status).await?;
     Ok(status)
 }
 
@@ -404,8 +471,7 @@ async fn released(io: &mut Io<'_>, reply: Reply, done: Reply) -> Result<u8, Fata
     if let Some((_, _, frame)) = &done.error {
         out.extend_from_slice(frame);
     }
-    ready_frame(&mut out, done.status);
-    io.send_client(out).await?;
+    io.answer(out, done.status).await?;
     Ok(done.status)
 }
 
@@ -464,8 +530,7 @@ async fn block(
         Some((_, _, frame)) => out.extend_from_slice(frame),
         None => wire::error_response(&mut out, "ERROR", code, message),
     }
-    ready_frame(&mut out, status);
-    io.send_client(out).await?;
+    io.answer(out, status).await?;
     Ok(status)
 }
 

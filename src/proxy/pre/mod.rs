@@ -1,13 +1,16 @@
 //! PRE hooks in the proxy: the configuration sessions classify against (swapped atomically when
 //! pgfire's tables change, through LISTEN/NOTIFY), the shared clients PRE functions run with, and
 //! the history of PRE runs. [`hold`] is the hold/decide/release state machine of one held
-//! statement, [`decide`] the chain of functions on its rows.
+//! statement, [`decide`] the chain of functions on its rows, [`copy`] the COPY FROM STDIN
+//! sub-protocol inside it, [`split`] query strings run statement by statement.
 
 pub mod answer;
+pub(super) mod copy;
 pub(super) mod decide;
 pub(super) mod gate;
 pub(super) mod hold;
 pub mod rows;
+pub(super) mod split;
 pub(super) mod unit;
 
 use std::sync::atomic::{AtomicU64, Ordering};

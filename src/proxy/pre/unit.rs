@@ -8,7 +8,7 @@ use std::collections::HashSet;
 
 use bytes::{BufMut, BytesMut};
 
-use super::gate::{self, Gate};
+use super::gate::{self, Gate, HoldAs};
 use super::PreConfig;
 use crate::metrics::Metrics;
 use crate::wire::{self, Frontend, WireError};
@@ -25,13 +25,23 @@ pub(in crate::proxy) enum Next {
     /// Send these bytes as they are; with the errors of refused statements to rewrite.
     Forward(BytesMut, Vec<(String, BytesMut)>),
     /// A batch ending in its Sync to hold; `closes` are Close frames for the named statements it
-    /// parses (sent before it runs again).
-    Hold { batch: BytesMut, closes: BytesMut },
+    /// parses (sent before it runs again); `how`: whether it runs a COPY FROM STDIN.
+    Hold {
+        batch: BytesMut,
+        closes: BytesMut,
+        how: HoldAs,
+    },
 }
 
 pub(in crate::proxy) struct Units {
     held_statements: HashSet<String>,
     held_portals: HashSet<String>,
+    /// Held statements and portals that are a `COPY watched FROM STDIN`.
+    copy_statements: HashSet<String>,
+    copy_portals: HashSet<String>,
+    /// This batch executes such a portal, and how many Executes it has in all.
+    copies: bool,
+    executes: usize,
     buf: BytesMut,
     held: bool,
     parsed: Vec<String>,
@@ -46,6 +56,10 @@ impl Default for Units {
         Units {
             held_statements: HashSet::new(),
             held_portals: HashSet::new(),
+            copy_statements: HashSet::new(),
+            copy_portals: HashSet::new(),
+            copies: false,
+            executes: 0,
             buf: BytesMut::new(),
             held: false,
             parsed: Vec::new(),
@@ -104,14 +118,18 @@ impl Units {
                 let name = p.statement.to_string();
                 let gate = gate::parse(cfg, &p, nonce);
                 metrics.statement(gate.action());
+                self.copy_statements.remove(&name);
                 match gate {
                     Gate::Pass => {
                         self.held_statements.remove(&name);
                         self.buf.extend_from_slice(frame);
                     }
-                    Gate::Hold => {
+                    Gate::Hold(how) => {
                         // Held when a Bind of this batch or a later one runs it.
                         self.held_statements.insert(name.clone());
+                        if how == HoldAs::CopyIn {
+                            self.copy_statements.insert(name.clone());
+                        }
                         if !name.is_empty() {
                             self.parsed.push(name);
                         }
@@ -137,6 +155,11 @@ impl Units {
                 } else {
                     self.held_portals.remove(b.portal);
                 }
+                if self.copy_statements.contains(b.statement) {
+                    self.copy_portals.insert(b.portal.to_string());
+                } else {
+                    self.copy_portals.remove(b.portal);
+                }
                 self.buf.extend_from_slice(frame);
             }
             b'E' => {
@@ -144,14 +167,22 @@ impl Units {
                 if self.held_portals.contains(portal) {
                     self.held = true;
                 }
+                self.copies |= self.copy_portals.contains(portal);
+                self.executes += 1;
                 self.buf.extend_from_slice(frame);
             }
             b'C' => {
                 let (&kind, rest) = body.split_first().ok_or(WireError::Malformed("Close"))?;
                 let (name, _) = cstr(rest)?;
                 match kind {
-                    b'S' => self.held_statements.remove(name),
-                    _ => self.held_portals.remove(name),
+                    b'S' => {
+                        self.copy_statements.remove(name);
+                        self.held_statements.remove(name)
+                    }
+                    _ => {
+                        self.copy_portals.remove(name);
+                        self.held_portals.remove(name)
+                    }
                 };
                 self.buf.extend_from_slice(frame);
             }
@@ -175,11 +206,23 @@ impl Units {
         let rewrites = std::mem::take(&mut self.rewrites);
         let held = std::mem::take(&mut self.held);
         let parsed = std::mem::take(&mut self.parsed);
+        let copies = std::mem::take(&mut self.copies);
+        let executes = std::mem::take(&mut self.executes);
         let clean = std::mem::replace(&mut self.clean, synced);
         // A batch with a refused statement fails at it anyway (a write before it that the proxy
         // did not hold is refused by pgfire's trigger).
         if !held || !rewrites.is_empty() {
             return Next::Forward(batch, rewrites);
+        }
+        if copies && executes > 1 && synced && clean {
+            // Its COPY data comes after the whole batch: the answers to the other statements
+            // could not be held until the PRE functions decide.
+            return refused(
+                rewrites,
+                "pgfire: a COPY FROM STDIN into a table with PRE hooks must be the only statement its batch executes (send the others in a batch of their own)",
+                synced,
+                nonce,
+            );
         }
         if synced && clean {
             let mut closes = BytesMut::new();
@@ -190,19 +233,35 @@ impl Units {
                 closes.put_slice(name.as_bytes());
                 closes.put_u8(0);
             }
-            return Next::Hold { batch, closes };
+            let how = if copies {
+                HoldAs::CopyIn
+            } else {
+                HoldAs::Whole
+            };
+            return Next::Hold { batch, closes, how };
         }
         // A batch the client wants answered before its Sync (Flush), or one that continues a
         // batch the server has begun, cannot be held whole: it is refused, never let through
         // unseen. The server skips the rest until the Sync.
-        let message = "pgfire: a batch that writes a table with PRE hooks must be a whole batch, ending with Sync before the client waits for its results (Flush is not supported for such writes yet)";
-        let (doomed, rewrite) = gate::doomed_parse("pgfire_refused", message, "0A000", nonce);
-        let mut out = doomed;
-        out.put_slice(&[b'H', 0, 0, 0, 4]);
-        let mut all = rewrites;
-        all.push(rewrite);
-        Next::Forward(out, all)
+        let message = if synced {
+            "pgfire: this batch writes a table with PRE hooks but continues a batch whose results the client already asked for with Flush; a write to such a table must start a batch of its own: send Sync before it"
+        } else {
+            "pgfire: a write to a table with PRE hooks cannot be answered before its batch ends: this batch asked for results with Flush; send Sync instead of Flush after the write (libpq: PQpipelineSync rather than PQsendFlushRequest; psycopg pipeline mode: call pipeline.sync() before fetching the write's results)"
+        };
+        refused(rewrites, message, synced, nonce)
     }
+}
+
+/// The batch is refused instead of sent: a Parse that fails at once (the server then skips
+/// the rest until the Sync), then the batch's Sync (`synced`) or a Flush, so the client gets
+/// the error without waiting.
+fn refused(rewrites: Vec<(String, BytesMut)>, message: &str, synced: bool, nonce: u64) -> Next {
+    let (doomed, rewrite) = gate::doomed_parse("pgfire_refused", message, "0A000", nonce);
+    let mut out = doomed;
+    out.put_slice(&[if synced { b'S' } else { b'H' }, 0, 0, 0, 4]);
+    let mut all = rewrites;
+    all.push(rewrite);
+    Next::Forward(out, all)
 }
 
 #[cfg(test)]
@@ -261,7 +320,7 @@ mod tests {
         assert!(matches!(run(&mut u, &prep), Next::Forward(_, r) if r.is_empty()));
         // Running it later does.
         let exec = [bind("", "s1"), execute(""), SYNC.to_vec()];
-        let Next::Hold { batch, closes } = run(&mut u, &exec) else {
+        let Next::Hold { batch, closes, .. } = run(&mut u, &exec) else {
             panic!("not held")
         };
         assert_eq!(batch.len(), exec.iter().map(Vec::len).sum::<usize>());
@@ -321,6 +380,34 @@ mod tests {
             SYNC.to_vec(),
         ];
         assert!(matches!(run(&mut u, &refused), Next::Forward(_, r) if r.len() == 1));
+        // A COPY FROM STDIN is held as one, alone in its batch.
+        let copy = [
+            parse("c", "COPY users FROM STDIN"),
+            msg(b'D', b"Sc\0"),
+            SYNC.to_vec(),
+        ];
+        assert!(matches!(run(&mut u, &copy), Next::Forward(..)));
+        let alone = [bind("", "c"), execute(""), SYNC.to_vec()];
+        assert!(matches!(
+            run(&mut u, &alone),
+            Next::Hold {
+                how: HoldAs::CopyIn,
+                ..
+            }
+        ));
+        let with_more = [
+            parse("", ins),
+            bind("", ""),
+            execute(""),
+            bind("p", "c"),
+            execute("p"),
+            SYNC.to_vec(),
+        ];
+        let Next::Forward(bytes, r) = run(&mut u, &with_more) else {
+            panic!("not refused")
+        };
+        assert_eq!(r.len(), 1);
+        assert_eq!(&bytes[bytes.len() - 5..], SYNC, "the client's Sync is kept");
         // Garbage is an error, never a panic.
         let c = cfg();
         let m = Metrics::default();
