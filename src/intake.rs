@@ -13,6 +13,7 @@ use crate::catalog::{self, Catalog};
 use crate::events::{self, row as row_events, Event, Lsn};
 use crate::functions::sql::ORIGIN_MESSAGE_PREFIX;
 use crate::replication::decode::Item;
+use crate::replication::TAKEOVER_MESSAGE_PREFIX;
 
 pub use crate::catalog::CONFIG_MESSAGE_PREFIX;
 
@@ -26,12 +27,15 @@ pub struct Batch {
     /// run for their events (no loops). Each comes before the events it is about.
     pub loops: Vec<(Lsn, Arc<str>)>,
     pub checkpoint: Option<Lsn>,
+    /// The first batch after this pgfire took the slot over from another consumer: what
+    /// delivery was handed before is stale (the stream starts again where the slot stands).
+    pub takeover: bool,
 }
 
 impl Batch {
     /// Nothing for delivery but perhaps a checkpoint.
     fn is_empty(&self) -> bool {
-        self.events.is_empty() && self.loops.is_empty()
+        self.events.is_empty() && self.loops.is_empty() && !self.takeover
     }
 }
 
@@ -77,6 +81,7 @@ impl Intake {
                 events: Vec::with_capacity(items.len()),
                 loops: Vec::new(),
                 checkpoint: None,
+                takeover: false,
             };
             for item in items {
                 match item {
@@ -86,14 +91,22 @@ impl Intake {
                         lsn,
                         commit,
                         ..
-                    } if prefix == CONFIG_MESSAGE_PREFIX => {
+                    } if prefix == CONFIG_MESSAGE_PREFIX || prefix == TAKEOVER_MESSAGE_PREFIX => {
                         let at = commit.map(|c| c.lsn).unwrap_or(lsn);
+                        let takeover = prefix == TAKEOVER_MESSAGE_PREFIX;
+                        if takeover {
+                            // A new stream: nothing of a transaction before it goes on.
+                            self.builder = Default::default();
+                        }
                         // The events before it go out under the configuration they were built with.
                         if !out.is_empty() && !send(&tx, &mut out, &self.catalog).await {
                             return;
                         }
                         match self.apply_config(&content, at, &shutdown).await {
-                            Ok(true) => out.catalog = self.catalog.clone(),
+                            Ok(true) => {
+                                out.catalog = self.catalog.clone();
+                                out.takeover |= takeover;
+                            }
                             Ok(false) => return,
                             Err(err) => {
                                 tracing::error!(error = %err, "cannot apply a configuration change; delivery stops");
@@ -209,6 +222,7 @@ async fn send(tx: &mpsc::Sender<Batch>, out: &mut Batch, catalog: &Arc<Catalog>)
         events: Vec::new(),
         loops: Vec::new(),
         checkpoint: None,
+        takeover: false,
     };
     tx.send(std::mem::replace(out, next)).await.is_ok()
 }

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use futures_util::future::{BoxFuture, FutureExt};
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use self::fasthash::FastMap;
@@ -152,6 +152,8 @@ struct State {
     retrying: HashSet<i64>,
     fetching: bool,
     fetch_soon: bool,
+    /// This pgfire streams from the slot: parked runs may be retried and history pruned.
+    held: bool,
     pending: Vec<Execution>,
     pending_must_store: bool,
     checkpoint: Option<Lsn>,
@@ -163,18 +165,109 @@ struct State {
     filters: HashMap<Arc<str>, Result<Arc<filter::Filter>, filter::FilterError>>,
 }
 
+/// What the consumer says of the replication slot, as delivery needs it: only the pgfire holding
+/// the slot delivers (another one holding it retries the same parked runs otherwise).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Slot {
+    /// This pgfire streams from it.
+    Held,
+    /// The stream is down and may come back here: runs in memory go on, parked runs wait (another
+    /// pgfire may be taking the slot).
+    Unsure,
+    /// Another consumer holds it: delivery stops, and starts afresh when this pgfire takes the
+    /// slot over (the stream then starts again where the slot stands).
+    Lost,
+}
+
+/// Why a tenure (delivery while this pgfire holds the slot) ended.
+enum TenureEnd {
+    /// pgfire stops, or intake is gone.
+    Stop,
+    /// The slot is held by another consumer.
+    Lost,
+    /// This batch opens a takeover: everything before it is stale.
+    Takeover(Batch),
+}
+
 impl Engine {
-    /// Run until the intake channel closes or `shutdown` is cancelled. Runs in progress then are
-    /// left unsettled (delivered again after a restart); what is settled stays settled.
-    pub async fn run(self, mut rx: mpsc::Receiver<Batch>, shutdown: CancellationToken) {
-        let parked_abandon = shutdown.child_token();
-        let (ops, mut replies, parker) =
-            parked::start(self.database_url.clone(), parked_abandon.clone());
-        self.kinds.configure(&self.catalog);
-        let mut s = State {
-            current: self.catalog,
-            kinds: self.kinds,
-            stats: self.stats,
+    /// Run until the intake channel closes or `shutdown` is cancelled, delivering only while
+    /// `slot` says this pgfire holds the slot: when another consumer has it, runs in memory are
+    /// dropped and parked runs left alone, until a takeover starts delivery again. Runs in
+    /// progress at a stop are left unsettled (delivered again after a restart, or by the
+    /// consumer that took the slot); what is settled stays settled.
+    pub async fn run(
+        self,
+        mut rx: mpsc::Receiver<Batch>,
+        mut slot: watch::Receiver<Slot>,
+        shutdown: CancellationToken,
+    ) {
+        let Engine {
+            mut catalog,
+            kinds,
+            mut recorder,
+            database_url,
+            stats,
+        } = self;
+        let mut first = None;
+        // Another consumer held the slot: what comes before the takeover is stale (the stream
+        // then starts again where the slot stands, under the configuration in force there).
+        let mut lost = false;
+        loop {
+            if lost && first.is_none() {
+                first = loop {
+                    let batch = tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        b = rx.recv() => match b { Some(b) => b, None => return },
+                    };
+                    if batch.takeover {
+                        break Some(batch);
+                    }
+                };
+            }
+            let held = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = slot.wait_for(|s| {
+                    lost |= *s == Slot::Lost;
+                    *s == Slot::Held
+                }) => r.is_ok(),
+            };
+            if !held {
+                return;
+            }
+            if lost && first.is_none() {
+                // Stood by before ever holding it: the takeover comes first.
+                continue;
+            }
+            lost = false;
+            let mut s = State::new(catalog, kinds.clone(), stats.clone(), recorder);
+            let end = s
+                .tenure(&database_url, &mut rx, first.take(), &mut slot, &shutdown)
+                .await;
+            (catalog, recorder) = (s.current, s.recorder);
+            match end {
+                TenureEnd::Stop => return,
+                TenureEnd::Takeover(batch) => first = Some(batch),
+                TenureEnd::Lost => {
+                    tracing::info!("another consumer holds the slot: delivery stops until this pgfire takes it over");
+                    lost = true;
+                }
+            }
+        }
+    }
+}
+
+impl State {
+    fn new(
+        catalog: Arc<Catalog>,
+        kinds: Arc<Kinds>,
+        stats: Arc<DeliveryStats>,
+        recorder: Recorder,
+    ) -> State {
+        kinds.configure(&catalog);
+        State {
+            current: catalog,
+            kinds,
+            stats,
             lanes: FastMap::default(),
             clock: WallClock::now(),
             marks: Watermark::default(),
@@ -184,27 +277,48 @@ impl Engine {
             retrying: HashSet::new(),
             fetching: false,
             fetch_soon: true,
+            held: true,
             pending: Vec::new(),
             pending_must_store: false,
             checkpoint: None,
-            recorder: self.recorder,
+            recorder,
             loop_guard: None,
             filters: HashMap::new(),
-        };
+        }
+    }
+
+    /// Deliver while this pgfire holds the slot, starting with `first`.
+    async fn tenure(
+        &mut self,
+        database_url: &str,
+        rx: &mut mpsc::Receiver<Batch>,
+        first: Option<Batch>,
+        slot: &mut watch::Receiver<Slot>,
+        shutdown: &CancellationToken,
+    ) -> TenureEnd {
+        let s = self;
+        let parked_abandon = shutdown.child_token();
+        let (ops, mut replies, parker) =
+            parked::start(database_url.to_string(), parked_abandon.clone());
         // The keys parked before this start: their later events wait behind them.
         if ops.send(Op::Load).await.is_err() {
-            return;
+            return TenureEnd::Stop;
         }
         tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => return TenureEnd::Stop,
             r = replies.recv() => match r {
                 Some(Reply::Loaded(keys)) => {
                     for (function, key, n) in keys {
                         s.lane(&function).blocked.insert(key, (n, 0));
                     }
                 }
-                _ => return,
+                _ => return TenureEnd::Stop,
             },
+        }
+        let mut admitted = first.is_some();
+        if let Some(batch) = first {
+            s.admit(batch);
+            s.drain_ended();
         }
         let mut retry_tick = tokio::time::interval(RETRY_POLL);
         // One timer, reset when it fires (not a new one per step of the loop).
@@ -212,18 +326,29 @@ impl Engine {
         tokio::pin!(prune);
         let mut flush_tick = tokio::time::interval(Duration::from_millis(10));
         let mut stats_tick = tokio::time::interval(Duration::from_secs(1));
-        loop {
+        let end = loop {
             let room = s.has_room();
             tokio::select! {
                 biased;
                 // 1. pgfire stops.
-                _ = shutdown.cancelled() => break,
-                // 2. the parked store answers (settles runs, unblocks keys).
+                _ = shutdown.cancelled() => break TenureEnd::Stop,
+                // 2. the slot is lost, or comes back.
+                r = slot.changed() => {
+                    let now = match r {
+                        Ok(()) => *slot.borrow_and_update(),
+                        Err(_) => break TenureEnd::Stop,
+                    };
+                    if now == Slot::Lost {
+                        break TenureEnd::Lost;
+                    }
+                    s.held = now == Slot::Held;
+                }
+                // 3. the parked store answers (settles runs, unblocks keys).
                 r = replies.recv() => match r {
                     Some(r) => s.on_reply(r),
-                    None => break,
+                    None => break TenureEnd::Stop,
                 },
-                // 3. runs end.
+                // 4. runs end.
                 Some(ended) = s.runs.next(), if !s.runs.is_empty() => {
                     s.on_ended(ended);
                     // Take every other run that ended meanwhile in the same step.
@@ -234,42 +359,48 @@ impl Engine {
                         }
                     }
                 }
-                // 4. operations for the parked store.
+                // 5. operations for the parked store.
                 permit = ops.reserve(), if !s.outbox.is_empty() => match permit {
                     Ok(p) => { if let Some(op) = s.outbox.pop_front() { p.send(op) } }
-                    Err(_) => break,
+                    Err(_) => break TenureEnd::Stop,
                 },
-                // 5. new events, while there is room.
+                // 6. new events, while there is room.
                 b = rx.recv(), if room => match b {
+                    Some(batch) if batch.takeover && admitted => break TenureEnd::Takeover(batch),
                     Some(batch) => {
+                        admitted = true;
                         s.admit(batch);
                         s.drain_ended();
                     }
-                    None => break,
+                    None => break TenureEnd::Stop,
                 },
-                // 6. timers.
+                // 7. timers.
                 _ = retry_tick.tick() => s.fetch_soon = true,
                 _ = &mut prune => {
-                    s.outbox.push_back(Op::Prune { retention: s.current.settings.retention });
+                    // Pruning, like retries, is the work of the pgfire holding the slot.
+                    if s.held {
+                        s.outbox.push_back(Op::Prune { retention: s.current.settings.retention });
+                    }
                     prune.as_mut().reset(tokio::time::Instant::now() + PRUNE_EVERY);
                 }
                 _ = flush_tick.tick() => s.flush_history().await,
                 _ = stats_tick.tick() => s.publish_stats(),
             }
             s.settle();
-            if s.fetch_soon && !s.fetching && s.retrying.len() < RETRY_SLOTS {
+            if s.held && s.fetch_soon && !s.fetching && s.retrying.len() < RETRY_SLOTS {
                 s.fetch();
             }
             if s.pending.len() >= HISTORY_BATCH {
                 s.flush_history().await;
             }
-        }
+        };
         s.runs = FuturesUnordered::new();
         s.settle();
         s.flush_history().await;
         drop(ops);
         parked_abandon.cancel();
         let _ = parker.await;
+        end
     }
 }
 

@@ -58,6 +58,8 @@ pub struct Due {
     pub envelope: Arc<[u8]>,
     pub attempt: u32,
     pub parked_at: DateTime<Utc>,
+    /// Its function exists and is active in `pgfire.functions` now.
+    pub function_live: bool,
 }
 
 #[derive(Debug)]
@@ -183,7 +185,8 @@ const RETRY: &str = "WITH u AS (UPDATE pgfire.parked SET attempt = $4, next_try 
 const DEAD: &str = "WITH u AS (UPDATE pgfire.parked SET status = 'dead', attempt = $4, last_error = $5 WHERE id = $1)
      SELECT count(*) FROM pgfire.parked WHERE function_name = $2 AND key = $3 AND status = 'parked' AND id <> $1";
 const FETCH: &str =
-    "SELECT id, function_name, key, event_id, event_type, envelope::text, attempt, parked_at FROM (
+    "SELECT id, function_name, key, event_id, event_type, envelope::text, attempt, parked_at,
+            EXISTS (SELECT 1 FROM pgfire.functions f WHERE f.name = heads.function_name AND f.active) FROM (
          SELECT DISTINCT ON (function_name, key) * FROM pgfire.parked
           WHERE status = 'parked' AND function_name <> ALL($2::text[])
           ORDER BY function_name, key, id) heads
@@ -333,6 +336,7 @@ async fn one(c: &tokio_postgres::Client, op: &Op) -> Result<Reply, ParkedError> 
                         envelope: Arc::from(r.get::<_, &str>(5).as_bytes()),
                         attempt: r.get::<_, i32>(6).max(0) as u32,
                         parked_at: r.get(7),
+                        function_live: r.get(8),
                     })
                     .collect(),
             )

@@ -128,6 +128,10 @@ impl State {
             }
             Reply::Due(rows) => {
                 self.fetching = false;
+                // Fetched before the stream went down: they wait in the table.
+                if !self.held {
+                    return;
+                }
                 for due in rows {
                     self.start_retry(due);
                 }
@@ -166,6 +170,13 @@ impl State {
             return;
         }
         let def = self.current.functions.get(&due.function).cloned();
+        if def.is_none() && due.function_live {
+            // The configuration this pgfire has reached in the stream is older than the run
+            // (parked by a pgfire further on, before a takeover): it waits until the stream
+            // gets there, rather than going dead for a function that exists.
+            self.retrying.remove(&due.id);
+            return;
+        }
         let event = revive::event(&due.envelope);
         let event_id = revive::event_id(&due.event_id);
         let (def, event, event_id) = match (def, event, event_id) {
