@@ -17,6 +17,10 @@ use crate::replication::TAKEOVER_MESSAGE_PREFIX;
 
 pub use crate::catalog::CONFIG_MESSAGE_PREFIX;
 
+/// The prefix of the message `pgfire.redeliver(...)` writes with the (function, key) pairs it
+/// revived.
+pub const REVIVED_MESSAGE_PREFIX: &str = "pgfire.revived";
+
 /// Events built under one configuration, then optionally a checkpoint: every event before it
 /// is in this batch or an earlier one.
 #[derive(Debug)]
@@ -27,6 +31,9 @@ pub struct Batch {
     /// run for their events (no loops). Each comes before the events it is about.
     pub loops: Vec<(Lsn, Arc<str>)>,
     pub checkpoint: Option<Lsn>,
+    /// Dead runs sent again (`pgfire.redeliver`), as (function, key): later events of the key
+    /// wait behind them. Each comes before the events committed after it.
+    pub revived: Vec<(Arc<str>, Arc<str>)>,
     /// The first batch after this pgfire took the slot over from another consumer: what
     /// delivery was handed before is stale (the stream starts again where the slot stands).
     pub takeover: bool,
@@ -35,7 +42,7 @@ pub struct Batch {
 impl Batch {
     /// Nothing for delivery but perhaps a checkpoint.
     fn is_empty(&self) -> bool {
-        self.events.is_empty() && self.loops.is_empty() && !self.takeover
+        self.events.is_empty() && self.loops.is_empty() && self.revived.is_empty() && !self.takeover
     }
 }
 
@@ -81,6 +88,7 @@ impl Intake {
                 events: Vec::with_capacity(items.len()),
                 loops: Vec::new(),
                 checkpoint: None,
+                revived: Vec::new(),
                 takeover: false,
             };
             for item in items {
@@ -125,6 +133,23 @@ impl Intake {
                     } if prefix == ORIGIN_MESSAGE_PREFIX => {
                         let function = String::from_utf8_lossy(&content);
                         out.loops.push((commit.lsn, Arc::from(function.as_ref())));
+                    }
+                    Item::Message {
+                        prefix,
+                        content,
+                        commit: Some(_),
+                        ..
+                    } if prefix == REVIVED_MESSAGE_PREFIX => {
+                        match serde_json::from_slice::<Vec<(String, String)>>(&content) {
+                            Ok(pairs) => out.revived.extend(
+                                pairs.into_iter().map(|(f, k)| (Arc::from(f), Arc::from(k))),
+                            ),
+                            // Written by pgfire's own SQL; should it not read, the revived runs
+                            // still run (their rows are just not held behind them).
+                            Err(err) => {
+                                tracing::warn!(error = %err, "unreadable pgfire.revived message")
+                            }
+                        }
                     }
                     Item::Checkpoint(lsn) => {
                         out.checkpoint = Some(lsn);
@@ -222,6 +247,7 @@ async fn send(tx: &mpsc::Sender<Batch>, out: &mut Batch, catalog: &Arc<Catalog>)
         events: Vec::new(),
         loops: Vec::new(),
         checkpoint: None,
+        revived: Vec::new(),
         takeover: false,
     };
     tx.send(std::mem::replace(out, next)).await.is_ok()

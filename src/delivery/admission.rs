@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::parked::Op;
 use super::{filter, key, Job, State, Task, WallClock};
 use crate::executions::Status;
 use crate::intake::Batch;
@@ -38,6 +39,17 @@ impl State {
                 }
                 guard => *guard = Some((lsn, HashSet::from([function]))),
             }
+        }
+        // Dead runs sent again hold their keys from here on, as any parked run: blocked until
+        // the parked store says how many of the key's runs are parked now. (Events of the batch
+        // committed before the revival wait too: they came after the revived run anyway.)
+        for (function, key) in batch.revived {
+            self.lane(&function)
+                .blocked
+                .entry(key.clone())
+                .or_default()
+                .1 += 1;
+            self.outbox.push_back(Op::Count { function, key });
         }
         for event in batch.events {
             let all = batch.catalog.subscribers(&event.event_type);

@@ -33,6 +33,19 @@ impl Lane {
             .is_some_and(|(db, sent)| *db + *sent as i64 > 0)
     }
 
+    /// The parked store says `parked` runs of `key` are parked (and, with `counted`, answers a
+    /// count asked for with a placeholder among the unconfirmed parks).
+    pub(super) fn parked_now(&mut self, key: &Arc<str>, parked: i64, counted: bool) {
+        let b = self.blocked.entry(key.clone()).or_default();
+        b.0 = parked;
+        if counted {
+            b.1 = b.1.saturating_sub(1);
+        }
+        if b.0 <= 0 && b.1 == 0 {
+            self.blocked.remove(key);
+        }
+    }
+
     /// The key's running task ended: its next one (if any) may start.
     pub(super) fn release(&mut self, key: &Arc<str>) {
         self.busy.remove(key);

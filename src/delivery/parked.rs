@@ -79,6 +79,11 @@ pub enum Op {
     },
     /// Keys with parked runs, per function, and how many.
     Load,
+    /// How many runs of one key are parked.
+    Count {
+        function: Arc<str>,
+        key: Arc<str>,
+    },
     /// Prune history and dead runs older than `retention`, a small batch at a time.
     Prune {
         retention: Duration,
@@ -101,6 +106,11 @@ pub enum Reply {
     },
     Due(Vec<Due>),
     Loaded(Vec<(Arc<str>, Arc<str>, i64)>),
+    Counted {
+        function: Arc<str>,
+        key: Arc<str>,
+        parked: i64,
+    },
     /// Rows pruned (a full batch: there may be more).
     Pruned(u64),
 }
@@ -192,6 +202,8 @@ const FETCH: &str =
           ORDER BY function_name, key, id) heads
       WHERE next_try <= now() AND id <> ALL($1::int8[])
       ORDER BY next_try LIMIT $3";
+const COUNT: &str =
+    "SELECT count(*) FROM pgfire.parked WHERE function_name = $1 AND key = $2 AND status = 'parked'";
 const LOAD: &str =
     "SELECT function_name, key, count(*) FROM pgfire.parked WHERE status = 'parked' GROUP BY 1, 2";
 const PRUNE: &str = "WITH e AS (DELETE FROM pgfire.executions WHERE id IN (
@@ -354,6 +366,17 @@ async fn one(c: &tokio_postgres::Client, op: &Op) -> Result<Reply, ParkedError> 
                     })
                     .collect(),
             )
+        }
+        Op::Count { function, key } => {
+            let (f, k) = (&**function, &**key);
+            let row = c
+                .query_typed(COUNT, &[(&f, T::TEXT), (&k, T::TEXT)])
+                .await?;
+            Reply::Counted {
+                function: function.clone(),
+                key: key.clone(),
+                parked: row.first().map(|r| r.get(0)).unwrap_or(0),
+            }
         }
         Op::Prune { retention } => {
             let secs = retention.as_secs().min(i64::MAX as u64) as i64;

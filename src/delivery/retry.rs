@@ -118,12 +118,7 @@ impl State {
                 key,
                 remaining,
             } => {
-                let lane = self.lane(&function);
-                let b = lane.blocked.entry(key.clone()).or_default();
-                b.0 = remaining;
-                if b.0 <= 0 && b.1 == 0 {
-                    lane.blocked.remove(&key);
-                }
+                self.lane(&function).parked_now(&key, remaining, false);
                 self.fetch_soon = true;
             }
             Reply::Due(rows) => {
@@ -137,6 +132,14 @@ impl State {
                 }
             }
             Reply::Loaded(_) => {}
+            Reply::Counted {
+                function,
+                key,
+                parked,
+            } => {
+                self.lane(&function).parked_now(&key, parked, true);
+                self.fetch_soon = true;
+            }
             Reply::Pruned(n) => {
                 if n >= parked::PRUNE_BATCH as u64 {
                     self.outbox.push_back(Op::Prune {

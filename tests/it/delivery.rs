@@ -291,6 +291,75 @@ async fn dead_runs_keep_their_envelope_and_are_redelivered() {
 }
 
 #[tokio::test]
+async fn later_events_of_a_row_wait_behind_its_redelivered_run() {
+    let db = TestDb::new();
+    // Row 1's requests fail until told otherwise; then the next three still fail.
+    let failing = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(i64::MAX));
+    let f = failing.clone();
+    let hook = Hook::start(move |e, _| {
+        let one = e["event_data"]["user_id"].as_i64() == Some(1);
+        if one && f.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) > 0 {
+            Answer::status(500)
+        } else {
+            Answer::status(200)
+        }
+    })
+    .await;
+    let c = setup(
+        &db,
+        &hook.url(),
+        "UPDATE pgfire.settings SET value = '1' WHERE key = 'delivery.memory_attempts';
+         UPDATE pgfire.functions SET max_attempts = 2 WHERE name = 'hook';",
+    )
+    .await;
+    let service = start_service(&db).await;
+    c.batch_execute("INSERT INTO users (id) VALUES (1), (2)")
+        .await
+        .unwrap();
+    eventually(WAIT, "row 1's run dead", || async {
+        let dead = count(
+            &c,
+            "SELECT count(*) FROM pgfire.parked WHERE status = 'dead'",
+        )
+        .await;
+        (dead == 1).then_some(())
+    })
+    .await;
+    c.batch_execute("UPDATE pgfire.functions SET max_attempts = 20 WHERE name = 'hook'")
+        .await
+        .unwrap();
+    failing.store(3, std::sync::atomic::Ordering::SeqCst);
+    let n = count(&c, "SELECT pgfire.redeliver('hook')").await;
+    assert_eq!(n, 1);
+    // Committed after the revival: they wait until the revived run is delivered.
+    for n in 1..=2 {
+        c.batch_execute(&format!("UPDATE users SET n = {n}"))
+            .await
+            .unwrap();
+    }
+    eventually(WAIT, "everything delivered", || async {
+        let parked = count(&c, "SELECT count(*) FROM pgfire.parked").await;
+        let ok = count(
+            &c,
+            "SELECT count(*) FROM pgfire.executions WHERE status = 'ok'",
+        )
+        .await;
+        (parked == 0 && ok == 6).then_some(())
+    })
+    .await;
+    let got = rows(&hook.got());
+    let one: Vec<i64> = got.iter().filter(|(id, _)| *id == 1).map(|r| r.1).collect();
+    // The create (twice dead, then three failures and a success), then the updates in order.
+    assert_eq!(
+        one,
+        [0, 0, 0, 0, 0, 0, 1, 2],
+        "row 1 in commit order: {one:?}"
+    );
+    assert_eq!(per_row(&got)[&2], [0, 1, 2]);
+    service.stop().await;
+}
+
+#[tokio::test]
 async fn retry_after_is_honoured() {
     let db = TestDb::new();
     let hook = Hook::start(|_, n| match n {
