@@ -104,6 +104,7 @@ impl State {
             self.stats.events.fetch_add(1, Ordering::Relaxed);
             let job = Arc::new(Job {
                 key: Arc::from(key::of(&event)),
+                prior: key::prior(&event).map(Arc::from),
                 event,
                 envelope,
                 seq,
@@ -124,12 +125,7 @@ impl State {
                 let name = sub.function.name.clone();
                 let lane = self.lane(&name);
                 lane.concurrency = sub.function.concurrency.max(1);
-                let key = job.key.clone();
-                let queue = lane.queues.entry(key.clone()).or_default();
-                queue.push_back(task);
-                if queue.len() == 1 && !lane.busy.contains(&key) {
-                    lane.ready.push_back(key);
-                }
+                lane.enqueue(task);
                 self.pump(&name);
             }
         }

@@ -89,10 +89,19 @@ struct Job {
     /// does).
     envelope: std::sync::OnceLock<Arc<[u8]>>,
     key: Arc<str>,
+    /// The row's key before this event, when it changed it (an update of the primary key): the
+    /// event holds both keys.
+    prior: Option<Arc<str>>,
     seq: u64,
 }
 
 impl Job {
+    /// The job's other key, seen from one of its keys.
+    fn other_key(&self, key: &str) -> Option<&Arc<str>> {
+        let prior = self.prior.as_ref()?;
+        Some(if &**prior == key { &self.key } else { prior })
+    }
+
     fn envelope(&self) -> Arc<[u8]> {
         self.envelope
             .get_or_init(|| Arc::from(self.event.envelope()))
@@ -109,6 +118,7 @@ impl Job {
 }
 
 /// One function's run of a job.
+#[derive(Clone)]
 struct Task {
     job: Arc<Job>,
     def: Arc<FunctionDef>,

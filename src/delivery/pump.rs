@@ -28,20 +28,18 @@ impl State {
             let Some(key) = lane.ready.pop_front() else {
                 break;
             };
-            if paused || lane.is_blocked(&key) {
-                if let Some(q) = lane.queues.remove(&key) {
-                    lane.blocked.entry(key.clone()).or_default().1 += q.len() as u64;
-                    to_park.extend(q);
-                }
+            if paused || lane.head_blocked(&key) {
+                to_park.extend(lane.take_for_parking(&key));
                 continue;
             }
-            let Some(task) = lane.queues.get_mut(&key).and_then(VecDeque::pop_front) else {
-                lane.queues.remove(&key);
-                continue;
-            };
-            lane.busy.insert(key);
-            lane.running += 1;
-            to_start.push(task);
+            match lane.start(&key) {
+                Some(task) => to_start.push(task),
+                None => {
+                    if lane.queues.get(&key).is_some_and(VecDeque::is_empty) {
+                        lane.queues.remove(&key);
+                    }
+                }
+            }
         }
         for task in to_start {
             self.spawn(run(self.kinds.clone(), task, Duration::ZERO, self.clock));
@@ -139,9 +137,7 @@ impl State {
             Ok(()) => {
                 self.record(&task, Status::Ok, None, started_us, duration);
                 self.marks.done(task.job.seq);
-                let lane = self.lane(&name);
-                lane.running -= 1;
-                lane.release(&key);
+                self.lane(&name).ended(&task);
                 self.pump(&name);
                 return;
             }
@@ -174,9 +170,7 @@ impl State {
                 started_us,
                 duration,
             );
-            let lane = self.lane(&name);
-            lane.running -= 1;
-            lane.release(&key);
+            self.lane(&name).ended(&task);
             self.park(task, attempt, Duration::ZERO, Some(message), true);
             self.pump(&name);
             return;
@@ -197,12 +191,16 @@ impl State {
             return;
         }
         // Parked: it and everything of its key waiting behind it.
+        // (An event that changed its row's key is parked under its new key: the old key's later
+        // events go on.)
         let lane = self.lane(&name);
         lane.running -= 1;
         lane.busy.remove(&key);
-        let behind = lane.queues.remove(&key).unwrap_or_default();
-        lane.ready.retain(|k| k != &key);
-        lane.blocked.entry(key.clone()).or_default().1 += 1 + behind.len() as u64;
+        if let Some(prior) = &task.job.prior {
+            lane.release(prior);
+        }
+        let behind = lane.take_for_parking(&key);
+        lane.blocked.entry(key.clone()).or_default().1 += 1;
         self.park(task, attempt, delay, Some(message), false);
         for t in behind {
             self.park(

@@ -94,6 +94,42 @@ async fn rows_run_concurrently_and_each_row_in_commit_order() {
 }
 
 #[tokio::test]
+async fn an_update_of_the_primary_key_is_ordered_in_both_rows() {
+    let db = TestDb::new();
+    // Events about row 1 (as it is, or as it was) take a while to answer.
+    let slow = Duration::from_millis(300);
+    let hook = Hook::start(move |e, _| {
+        let d = &e["event_data"];
+        let about_one = d["user_id"] == 1 || d["old"]["id"] == 1;
+        Answer {
+            delay: if about_one { slow } else { Duration::ZERO },
+            ..Answer::status(200)
+        }
+    })
+    .await;
+    let c = setup(&db, &hook.url(), "").await;
+    let service = start_service(&db).await;
+    for sql in [
+        "INSERT INTO users (id) VALUES (1)",
+        "UPDATE users SET id = 2 WHERE id = 1",
+        "UPDATE users SET n = 1 WHERE id = 2",
+    ] {
+        c.batch_execute(sql).await.unwrap();
+    }
+    let got = wait_got(&hook, 3).await;
+    caught_up(&db).await;
+    let what: Vec<(i64, i64)> = rows(&got);
+    assert_eq!(what, [(1, 0), (2, 0), (2, 1)], "commit order");
+    // Each sent only once the one before it was answered.
+    for pair in got.windows(2) {
+        let gap = pair[1].at - pair[0].at;
+        assert!(gap >= slow, "sent {gap:?} after the one before it");
+    }
+    assert_eq!(got[1].body["event_data"]["old"]["id"], 1);
+    service.stop().await;
+}
+
+#[tokio::test]
 async fn one_failing_endpoint_does_not_hold_up_another_function() {
     let db = TestDb::new();
     let bad = Hook::start(|_, _| Answer::status(500)).await;
