@@ -329,13 +329,18 @@ async fn dead_runs_keep_their_envelope_and_are_redelivered() {
 #[tokio::test]
 async fn later_events_of_a_row_wait_behind_its_redelivered_run() {
     let db = TestDb::new();
-    // Row 1's requests fail until told otherwise; then the next three still fail.
+    // Row 1's create fails (slowly) until told otherwise; then the next three tries still fail.
+    // Its other events would go through at once.
     let failing = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(i64::MAX));
     let f = failing.clone();
     let hook = Hook::start(move |e, _| {
-        let one = e["event_data"]["user_id"].as_i64() == Some(1);
-        if one && f.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) > 0 {
-            Answer::status(500)
+        let d = &e["event_data"];
+        let create = d["user_id"] == 1 && d["n"] == 0;
+        if create && f.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) > 0 {
+            Answer {
+                delay: Duration::from_millis(300),
+                ..Answer::status(500)
+            }
         } else {
             Answer::status(200)
         }
