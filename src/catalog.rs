@@ -278,7 +278,7 @@ impl Catalog {
     /// The configuration in force where slot `slot` stands: the last one pgfire applied from a
     /// change committed before the slot's confirmed position (or, if there is none, today's).
     pub async fn load_as_of_slot(client: &Client, slot: &str) -> Result<Catalog, CatalogError> {
-        let (snapshot, _) = snapshot_as_of_slot(client, slot).await?;
+        let (snapshot, _) = snapshot_as_of_slot(client, slot, Lsn(0)).await?;
         Catalog::from_snapshot(&snapshot, &secrets(client).await?)
     }
 
@@ -486,15 +486,19 @@ pub async fn current_snapshot(client: &Client) -> Result<String, CatalogError> {
 pub async fn snapshot_as_of_slot(
     client: &Client,
     slot: &str,
+    from: Lsn,
 ) -> Result<(String, Lsn), CatalogError> {
+    // A stream started at an LSN past the slot's position starts there (PostgreSQL streams from
+    // the later of the two).
     let row = client
         .query_one(
             "SELECT (SELECT a.snapshot::text FROM pgfire.config_applied a
                       WHERE a.commit_lsn < s.confirmed_flush_lsn
                       ORDER BY a.commit_lsn DESC LIMIT 1),
                     coalesce(s.confirmed_flush_lsn, '0/0')::text
-               FROM (SELECT (SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = $1)) s(confirmed_flush_lsn)",
-            &[&slot],
+               FROM (SELECT greatest((SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = $1),
+                                     $2::text::pg_lsn)) s(confirmed_flush_lsn)",
+            &[&slot, &from.to_string()],
         )
         .await?;
     let confirmed: Lsn = row

@@ -50,6 +50,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "pre hooks",
         sql: include_str!("../sql/007_pre_hooks.sql"),
     },
+    Migration {
+        version: 8,
+        name: "delivery order",
+        sql: include_str!("../sql/008_delivery_order.sql"),
+    },
 ];
 
 /// The publication pgfire's consumer reads; source tables are added to it.

@@ -14,8 +14,13 @@ use crate::events::{self, row as row_events, Event, Lsn};
 use crate::functions::sql::ORIGIN_MESSAGE_PREFIX;
 use crate::metrics::Metrics;
 use crate::replication::decode::Item;
+use crate::replication::TAKEOVER_MESSAGE_PREFIX;
 
 pub use crate::catalog::CONFIG_MESSAGE_PREFIX;
+
+/// The prefix of the message `pgfire.redeliver(...)` writes with the (function, key) pairs it
+/// revived.
+pub const REVIVED_MESSAGE_PREFIX: &str = "pgfire.revived";
 
 /// Events built under one configuration, then optionally a checkpoint: every event before it
 /// is in this batch or an earlier one.
@@ -27,12 +32,18 @@ pub struct Batch {
     /// run for their events (no loops). Each comes before the events it is about.
     pub loops: Vec<(Lsn, Arc<str>)>,
     pub checkpoint: Option<Lsn>,
+    /// Dead runs sent again (`pgfire.redeliver`), as (function, key): later events of the key
+    /// wait behind them. Each comes before the events committed after it.
+    pub revived: Vec<(Arc<str>, Arc<str>)>,
+    /// The first batch after this pgfire took the slot over from another consumer: what
+    /// delivery was handed before is stale (the stream starts again where the slot stands).
+    pub takeover: bool,
 }
 
 impl Batch {
     /// Nothing for delivery but perhaps a checkpoint.
     fn is_empty(&self) -> bool {
-        self.events.is_empty() && self.loops.is_empty()
+        self.events.is_empty() && self.loops.is_empty() && self.revived.is_empty() && !self.takeover
     }
 }
 
@@ -80,6 +91,8 @@ impl Intake {
                 events: Vec::with_capacity(items.len()),
                 loops: Vec::new(),
                 checkpoint: None,
+                revived: Vec::new(),
+                takeover: false,
             };
             for item in items {
                 match item {
@@ -89,8 +102,13 @@ impl Intake {
                         lsn,
                         commit,
                         ..
-                    } if prefix == CONFIG_MESSAGE_PREFIX => {
+                    } if prefix == CONFIG_MESSAGE_PREFIX || prefix == TAKEOVER_MESSAGE_PREFIX => {
                         let at = commit.map(|c| c.lsn).unwrap_or(lsn);
+                        let takeover = prefix == TAKEOVER_MESSAGE_PREFIX;
+                        if takeover {
+                            // A new stream: nothing of a transaction before it goes on.
+                            self.builder = Default::default();
+                        }
                         // The events before it go out under the configuration they were built with.
                         if !out.is_empty()
                             && !send(&tx, &mut out, &self.catalog, &self.metrics).await
@@ -98,7 +116,10 @@ impl Intake {
                             return;
                         }
                         match self.apply_config(&content, at, &shutdown).await {
-                            Ok(true) => out.catalog = self.catalog.clone(),
+                            Ok(true) => {
+                                out.catalog = self.catalog.clone();
+                                out.takeover |= takeover;
+                            }
                             Ok(false) => return,
                             Err(err) => {
                                 tracing::error!(error = %err, "cannot apply a configuration change; delivery stops");
@@ -117,6 +138,23 @@ impl Intake {
                     } if prefix == ORIGIN_MESSAGE_PREFIX => {
                         let function = String::from_utf8_lossy(&content);
                         out.loops.push((commit.lsn, Arc::from(function.as_ref())));
+                    }
+                    Item::Message {
+                        prefix,
+                        content,
+                        commit: Some(_),
+                        ..
+                    } if prefix == REVIVED_MESSAGE_PREFIX => {
+                        match serde_json::from_slice::<Vec<(String, String)>>(&content) {
+                            Ok(pairs) => out.revived.extend(
+                                pairs.into_iter().map(|(f, k)| (Arc::from(f), Arc::from(k))),
+                            ),
+                            // Written by pgfire's own SQL; should it not read, the revived runs
+                            // still run (their rows are just not held behind them).
+                            Err(err) => {
+                                tracing::warn!(error = %err, "unreadable pgfire.revived message")
+                            }
+                        }
                     }
                     Item::Checkpoint(lsn) => {
                         out.checkpoint = Some(lsn);
@@ -227,6 +265,8 @@ async fn send(
         events: Vec::new(),
         loops: Vec::new(),
         checkpoint: None,
+        revived: Vec::new(),
+        takeover: false,
     };
     tx.send(std::mem::replace(out, next)).await.is_ok()
 }

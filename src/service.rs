@@ -7,12 +7,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, AdminState};
 use crate::cli::ServiceArgs;
-use crate::delivery::{DeliveryStats, Engine};
+use crate::delivery::{DeliveryStats, Engine, Slot};
 use crate::embedded::{Cluster, ClusterOptions};
 use crate::executions::{self, Progress};
 use crate::functions::Kinds;
@@ -76,11 +77,28 @@ impl ServiceConfig {
     }
 }
 
-/// Resolves once the consumer streams from the slot (at once for the only pgfire on it).
-async fn holding_the_slot(health: &ConsumerHealth) {
-    while !health.connected.load(std::sync::atomic::Ordering::SeqCst) {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+/// What the consumer says of the slot, for delivery (polled: the consumer keeps it in atomics).
+fn slot_state(health: Arc<ConsumerHealth>, stop: CancellationToken) -> watch::Receiver<Slot> {
+    use std::sync::atomic::Ordering::SeqCst;
+    let (tx, rx) = watch::channel(Slot::Unsure);
+    tokio::spawn(async move {
+        loop {
+            let now = if health.connected.load(SeqCst) {
+                Slot::Held
+            } else if health.standby.load(SeqCst) {
+                Slot::Lost
+            } else {
+                Slot::Unsure
+            };
+            tx.send_if_modified(|s| std::mem::replace(s, now) != now);
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tx.closed() => return,
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+        }
+    });
+    rx
 }
 
 /// A running pgfire.
@@ -152,17 +170,9 @@ impl Service {
             };
             let intake = tokio::spawn(intake.run(rx, events_tx, dispatch_stop.clone()));
             // The engine retries parked runs and knows which rows wait behind them: only the
-            // pgfire holding the slot may do that, so a standby starts it once it has the slot.
-            let engine = {
-                let (stop, health) = (dispatch_stop.clone(), health.clone());
-                tokio::spawn(async move {
-                    tokio::select! {
-                        _ = stop.cancelled() => return,
-                        _ = holding_the_slot(&health) => {}
-                    }
-                    engine.run(events_rx, stop).await
-                })
-            };
+            // pgfire holding the slot may do that, so it delivers while this one holds it.
+            let held = slot_state(health.clone(), dispatch_stop.clone());
+            let engine = tokio::spawn(engine.run(events_rx, held, dispatch_stop.clone()));
             dispatch = Some(tokio::spawn(async move {
                 let _ = engine.await;
                 let _ = intake.await;

@@ -1,7 +1,9 @@
 //! The ordering key of an event: events of one key reach a function one at a time, in commit
 //! order. A row event's key is its table and primary key (`user_id` / `record_id`, the source's
 //! id column); a row event without one is keyed by its table alone (in commit order per table);
-//! any other event by its type.
+//! any other event by its type. An update that changed the row's id has its old key too
+//! ([`prior`]): it is ordered behind the old key's earlier events and before the new key's later
+//! ones.
 
 use serde::Deserialize;
 use serde_json::Value;
@@ -47,6 +49,14 @@ pub fn of(event: &Event) -> String {
     }
 }
 
+/// The key `event` had before it, when it is an update that changed its row's id.
+pub fn prior(event: &Event) -> Option<String> {
+    let table = event.source.table.as_deref()?;
+    let old: Value = serde_json::from_str(event.old_id.as_deref()?).ok()?;
+    let schema = event.source.schema.as_deref().unwrap_or("");
+    Some(format!("{schema}.{table}:{old}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -70,7 +80,19 @@ mod tests {
                 lsn: Lsn(1),
                 xid: 1,
             },
+            old_id: None,
         }
+    }
+
+    #[test]
+    fn an_update_of_the_id_has_the_old_key_too() {
+        let mut moved = event(Some("users"), r#"{"user_id":2,"id":2}"#);
+        assert_eq!(prior(&moved), None);
+        moved.old_id = Some("1".into());
+        assert_eq!(of(&moved), "public.users:2");
+        assert_eq!(prior(&moved).as_deref(), Some("public.users:1"));
+        moved.old_id = Some(r#""A-1""#.into());
+        assert_eq!(prior(&moved).as_deref(), Some(r#"public.users:"A-1""#));
     }
 
     #[test]

@@ -58,6 +58,8 @@ pub struct Due {
     pub envelope: Arc<[u8]>,
     pub attempt: u32,
     pub parked_at: DateTime<Utc>,
+    /// Its function exists and is active in `pgfire.functions` now.
+    pub function_live: bool,
 }
 
 #[derive(Debug)]
@@ -77,6 +79,11 @@ pub enum Op {
     },
     /// Keys with parked runs, per function, and how many.
     Load,
+    /// How many runs of one key are parked.
+    Count {
+        function: Arc<str>,
+        key: Arc<str>,
+    },
     /// Prune history and dead runs older than `retention`, a small batch at a time.
     Prune {
         retention: Duration,
@@ -99,6 +106,11 @@ pub enum Reply {
     },
     Due(Vec<Due>),
     Loaded(Vec<(Arc<str>, Arc<str>, i64)>),
+    Counted {
+        function: Arc<str>,
+        key: Arc<str>,
+        parked: i64,
+    },
     /// Rows pruned (a full batch: there may be more).
     Pruned(u64),
 }
@@ -183,12 +195,15 @@ const RETRY: &str = "WITH u AS (UPDATE pgfire.parked SET attempt = $4, next_try 
 const DEAD: &str = "WITH u AS (UPDATE pgfire.parked SET status = 'dead', attempt = $4, last_error = $5 WHERE id = $1)
      SELECT count(*) FROM pgfire.parked WHERE function_name = $2 AND key = $3 AND status = 'parked' AND id <> $1";
 const FETCH: &str =
-    "SELECT id, function_name, key, event_id, event_type, envelope::text, attempt, parked_at FROM (
+    "SELECT id, function_name, key, event_id, event_type, envelope::text, attempt, parked_at,
+            EXISTS (SELECT 1 FROM pgfire.functions f WHERE f.name = heads.function_name AND f.active) FROM (
          SELECT DISTINCT ON (function_name, key) * FROM pgfire.parked
           WHERE status = 'parked' AND function_name <> ALL($2::text[])
           ORDER BY function_name, key, id) heads
       WHERE next_try <= now() AND id <> ALL($1::int8[])
       ORDER BY next_try LIMIT $3";
+const COUNT: &str =
+    "SELECT count(*) FROM pgfire.parked WHERE function_name = $1 AND key = $2 AND status = 'parked'";
 const LOAD: &str =
     "SELECT function_name, key, count(*) FROM pgfire.parked WHERE status = 'parked' GROUP BY 1, 2";
 const PRUNE: &str = "WITH e AS (DELETE FROM pgfire.executions WHERE id IN (
@@ -333,6 +348,7 @@ async fn one(c: &tokio_postgres::Client, op: &Op) -> Result<Reply, ParkedError> 
                         envelope: Arc::from(r.get::<_, &str>(5).as_bytes()),
                         attempt: r.get::<_, i32>(6).max(0) as u32,
                         parked_at: r.get(7),
+                        function_live: r.get(8),
                     })
                     .collect(),
             )
@@ -350,6 +366,17 @@ async fn one(c: &tokio_postgres::Client, op: &Op) -> Result<Reply, ParkedError> 
                     })
                     .collect(),
             )
+        }
+        Op::Count { function, key } => {
+            let (f, k) = (&**function, &**key);
+            let row = c
+                .query_typed(COUNT, &[(&f, T::TEXT), (&k, T::TEXT)])
+                .await?;
+            Reply::Counted {
+                function: function.clone(),
+                key: key.clone(),
+                parked: row.first().map(|r| r.get(0)).unwrap_or(0),
+            }
         }
         Op::Prune { retention } => {
             let secs = retention.as_secs().min(i64::MAX as u64) as i64;

@@ -62,6 +62,7 @@ pub fn event(envelope: &[u8]) -> Result<Event, String> {
             lsn: e.source.lsn.parse()?,
             xid: e.source.xid,
         },
+        old_id: None,
     })
 }
 

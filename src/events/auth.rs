@@ -311,6 +311,7 @@ fn event(
             lsn: change.commit.lsn,
             xid: change.commit.xid,
         },
+        old_id: None,
     }
 }
 

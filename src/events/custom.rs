@@ -60,6 +60,7 @@ pub fn event(
             lsn: commit.lsn,
             xid: commit.xid,
         },
+        old_id: None,
     }))
 }
 

@@ -148,6 +148,9 @@ pub struct Event {
     pub data: EventData,
     pub occurred_at: DateTime<Utc>,
     pub source: EventSource,
+    /// An update that changed its row's id: the id before it (JSON), which delivery orders it
+    /// behind too.
+    pub old_id: Option<Box<str>>,
 }
 
 /// The event id: the commit LSN, the change's position in its transaction, and which of the
@@ -266,6 +269,7 @@ mod tests {
                 lsn: Lsn(0x16B3748),
                 xid: 751,
             },
+            old_id: None,
         };
         let text = String::from_utf8(e.envelope()).unwrap();
         assert_eq!(

@@ -45,6 +45,7 @@ pub fn row_event(
     database: &Arc<str>,
 ) -> Event {
     let data = event_data(&change, source);
+    let old_id = old_id(&change, source);
     let rel = &change.relation;
     Event {
         id: EventId {
@@ -62,6 +63,7 @@ pub fn row_event(
             lsn: change.commit.lsn,
             xid: change.commit.xid,
         },
+        old_id,
     }
 }
 
@@ -81,6 +83,26 @@ fn reserved(kind: SourceKind, col: &Column) -> bool {
         PgfireKey::User => kind == SourceKind::User,
         PgfireKey::Record => kind != SourceKind::User,
     }
+}
+
+/// The id before an update that changed it (JSON text), if the WAL holds it.
+fn old_id(change: &RowChange, source: &Source) -> Option<Box<str>> {
+    if change.op != Op::Update {
+        return None;
+    }
+    let rel = &change.relation;
+    let i = rel
+        .columns
+        .iter()
+        .position(|col| Some(&*col.name) == source.id_column.as_deref())?;
+    let old = change.row.old()?.cells().nth(i)?;
+    let Cell::Value(before) = old else {
+        return None;
+    };
+    let cells: Vec<Cell> = change.row.new_row()?.cells().collect();
+    let after = cell_json(&cells, None, i)?;
+    (!same_value(rel.columns[i].class, before, after))
+        .then(|| String::from_utf8_lossy(before).into())
 }
 
 /// `event_data` of a row change, written as JSON straight from the rendered cells: `user_id` or

@@ -243,17 +243,22 @@ pub async fn run(
     }
 }
 
-/// The configuration in force where the slot stands, as the message that carries a
-/// configuration change in the stream (dispatch applies it before the items after it).
-async fn configuration_at_slot(config: &ConsumerConfig) -> Result<Item, ConsumerError> {
+/// The prefix of the message that opens the stream after this pgfire took the slot over from
+/// another consumer: the configuration in force where the slot stands (delivery applies it
+/// before the items after it, and drops what it was handed before losing the slot).
+pub const TAKEOVER_MESSAGE_PREFIX: &str = "pgfire.takeover";
+
+/// The configuration in force where a stream started at `from` starts (the slot's position, or
+/// `from` when it is further on), as the message that opens a takeover.
+async fn configuration_at_slot(config: &ConsumerConfig, from: Lsn) -> Result<Item, ConsumerError> {
     let client = crate::db::connect(&config.database_url)
         .await
         .map_err(|e| ConsumerError::Resync(e.to_string()))?;
-    let (snapshot, at) = crate::catalog::snapshot_as_of_slot(&client, &config.slot)
+    let (snapshot, at) = crate::catalog::snapshot_as_of_slot(&client, &config.slot, from)
         .await
         .map_err(|e| ConsumerError::Resync(e.to_string()))?;
     Ok(Item::Message {
-        prefix: crate::catalog::CONFIG_MESSAGE_PREFIX.to_string(),
+        prefix: TAKEOVER_MESSAGE_PREFIX.to_string(),
         content: bytes::Bytes::from(snapshot),
         lsn: at,
         commit: None,
@@ -343,10 +348,14 @@ async fn session(
     conn.start_replication(&config.slot, start, &options)
         .await?;
     let took_over = health.standby.load(Ordering::SeqCst);
-    // After standing by, dispatch's configuration (loaded when this pgfire started) may be
-    // older than where the slot stands now: the one in force there goes first.
+    // After standing by, delivery starts afresh (it stopped when the slot was lost, so what it
+    // was handed before is gone): everything from where the slot stands is handed again, under
+    // the configuration in force there, which goes first and marks the takeover.
     let resync = match took_over {
-        true => Some(configuration_at_slot(config).await?),
+        true => {
+            *handed = Lsn(0);
+            Some(configuration_at_slot(config, start).await?)
+        }
         false => None,
     };
     health.standby.store(false, Ordering::SeqCst);

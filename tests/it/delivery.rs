@@ -94,6 +94,42 @@ async fn rows_run_concurrently_and_each_row_in_commit_order() {
 }
 
 #[tokio::test]
+async fn an_update_of_the_primary_key_is_ordered_in_both_rows() {
+    let db = TestDb::new();
+    // Events about row 1 (as it is, or as it was) take a while to answer.
+    let slow = Duration::from_millis(300);
+    let hook = Hook::start(move |e, _| {
+        let d = &e["event_data"];
+        let about_one = d["user_id"] == 1 || d["old"]["id"] == 1;
+        Answer {
+            delay: if about_one { slow } else { Duration::ZERO },
+            ..Answer::status(200)
+        }
+    })
+    .await;
+    let c = setup(&db, &hook.url(), "").await;
+    let service = start_service(&db).await;
+    for sql in [
+        "INSERT INTO users (id) VALUES (1)",
+        "UPDATE users SET id = 2 WHERE id = 1",
+        "UPDATE users SET n = 1 WHERE id = 2",
+    ] {
+        c.batch_execute(sql).await.unwrap();
+    }
+    let got = wait_got(&hook, 3).await;
+    caught_up(&db).await;
+    let what: Vec<(i64, i64)> = rows(&got);
+    assert_eq!(what, [(1, 0), (2, 0), (2, 1)], "commit order");
+    // Each sent only once the one before it was answered.
+    for pair in got.windows(2) {
+        let gap = pair[1].at - pair[0].at;
+        assert!(gap >= slow, "sent {gap:?} after the one before it");
+    }
+    assert_eq!(got[1].body["event_data"]["old"]["id"], 1);
+    service.stop().await;
+}
+
+#[tokio::test]
 async fn one_failing_endpoint_does_not_hold_up_another_function() {
     let db = TestDb::new();
     let bad = Hook::start(|_, _| Answer::status(500)).await;
@@ -287,6 +323,80 @@ async fn dead_runs_keep_their_envelope_and_are_redelivered() {
             || format!("{err:?}").contains("no function"),
         "{err:?}"
     );
+    service.stop().await;
+}
+
+#[tokio::test]
+async fn later_events_of_a_row_wait_behind_its_redelivered_run() {
+    let db = TestDb::new();
+    // Row 1's create fails (slowly) until told otherwise; then the next three tries still fail.
+    // Its other events would go through at once.
+    let failing = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(i64::MAX));
+    let f = failing.clone();
+    let hook = Hook::start(move |e, _| {
+        let d = &e["event_data"];
+        let create = d["user_id"] == 1 && d["n"] == 0;
+        if create && f.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) > 0 {
+            Answer {
+                delay: Duration::from_millis(300),
+                ..Answer::status(500)
+            }
+        } else {
+            Answer::status(200)
+        }
+    })
+    .await;
+    let c = setup(
+        &db,
+        &hook.url(),
+        "UPDATE pgfire.settings SET value = '1' WHERE key = 'delivery.memory_attempts';
+         UPDATE pgfire.functions SET max_attempts = 2 WHERE name = 'hook';",
+    )
+    .await;
+    let service = start_service(&db).await;
+    c.batch_execute("INSERT INTO users (id) VALUES (1), (2)")
+        .await
+        .unwrap();
+    eventually(WAIT, "row 1's run dead", || async {
+        let dead = count(
+            &c,
+            "SELECT count(*) FROM pgfire.parked WHERE status = 'dead'",
+        )
+        .await;
+        (dead == 1).then_some(())
+    })
+    .await;
+    c.batch_execute("UPDATE pgfire.functions SET max_attempts = 20 WHERE name = 'hook'")
+        .await
+        .unwrap();
+    failing.store(3, std::sync::atomic::Ordering::SeqCst);
+    let n = count(&c, "SELECT pgfire.redeliver('hook')").await;
+    assert_eq!(n, 1);
+    // Committed after the revival: they wait until the revived run is delivered.
+    for n in 1..=2 {
+        c.batch_execute(&format!("UPDATE users SET n = {n}"))
+            .await
+            .unwrap();
+    }
+    eventually(WAIT, "everything delivered", || async {
+        let parked = count(&c, "SELECT count(*) FROM pgfire.parked").await;
+        let ok = count(
+            &c,
+            "SELECT count(*) FROM pgfire.executions WHERE status = 'ok'",
+        )
+        .await;
+        (parked == 0 && ok == 6).then_some(())
+    })
+    .await;
+    let got = rows(&hook.got());
+    let one: Vec<i64> = got.iter().filter(|(id, _)| *id == 1).map(|r| r.1).collect();
+    // The create (twice dead, then three failures and a success), then the updates in order.
+    assert_eq!(
+        one,
+        [0, 0, 0, 0, 0, 0, 1, 2],
+        "row 1 in commit order: {one:?}"
+    );
+    assert_eq!(per_row(&got)[&2], [0, 1, 2]);
     service.stop().await;
 }
 

@@ -4,6 +4,7 @@
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::support::hook::{Answer, Hook};
 use crate::support::{count, eventually, install_pgfire, texts, TestDb};
 
 const SETUP: &str = "
@@ -163,4 +164,104 @@ async fn a_standby_takes_the_slot_over_when_the_active_pgfire_is_killed() {
         early_audits, 0,
         "audit subscribed after user 299 was committed"
     );
+}
+
+/// Send `signal` (STOP, CONT) to a process.
+fn signal(child: &Child, signal: &str) {
+    let ok = Command::new("kill")
+        .args([&format!("-{signal}"), &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -{signal}");
+}
+
+#[tokio::test]
+async fn a_pgfire_that_lost_the_slot_leaves_the_parked_runs_to_the_one_holding_it() {
+    let db = TestDb::new();
+    install_pgfire(&db).await;
+    let hook = Hook::start(|_, _| Answer::status(500)).await;
+    let c = db.client().await;
+    c.batch_execute(&format!(
+        "CREATE TABLE users (id int PRIMARY KEY, email text);
+         INSERT INTO pgfire.sources (table_name, kind) VALUES ('users', 'user');
+         UPDATE pgfire.settings SET value = '1' WHERE key = 'delivery.memory_attempts';
+         UPDATE pgfire.settings SET value = '100' WHERE key = 'delivery.max_attempts';
+         UPDATE pgfire.settings SET value = '50' WHERE key = 'delivery.retry_base_ms';
+         UPDATE pgfire.settings SET value = '100' WHERE key = 'delivery.retry_max_ms';
+         INSERT INTO pgfire.functions (name, kind, target) VALUES ('hook', 'webhook', '{}');
+         INSERT INTO pgfire.subscriptions (event_type, function_name) VALUES ('POST_USER_CREATE', 'hook');",
+        hook.url()
+    ))
+    .await
+    .unwrap();
+    let a = Pgfire::spawn(&db.url());
+    a.wait_status("ok", Duration::from_secs(30)).await;
+    insert(&c, 1, 4).await;
+    eventually(
+        Duration::from_secs(30),
+        "three runs parked and retried",
+        || async {
+            let parked = count(&c, "SELECT count(*) FROM pgfire.parked WHERE attempt > 1").await;
+            (parked == 3).then_some(())
+        },
+    )
+    .await;
+    let mut b = Pgfire::spawn(&db.url());
+    b.wait_status("standby", Duration::from_secs(30)).await;
+
+    // A loses the slot while alive: frozen, its walsender ended; B takes the slot, and A,
+    // woken, finds it held and stands by.
+    signal(&a.child, "STOP");
+    let slot = crate::support::slot_name(&db);
+    c.execute(
+        "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = $1",
+        &[&slot],
+    )
+    .await
+    .unwrap();
+    b.wait_status("ok", Duration::from_secs(30)).await;
+    signal(&a.child, "CONT");
+    a.wait_status("standby", Duration::from_secs(30)).await;
+
+    // With B frozen, nobody may retry: A stands by. (Retries come every 100 ms or so while
+    // one holds the slot.)
+    signal(&b.child, "STOP");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (requests, runs) = (
+        hook.got().len(),
+        count(&c, "SELECT count(*) FROM pgfire.executions").await,
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(hook.got().len(), requests, "a standby sent requests");
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM pgfire.executions").await,
+        runs,
+        "a standby recorded runs"
+    );
+    signal(&b.child, "CONT");
+    eventually(Duration::from_secs(30), "B retrying again", || async {
+        (hook.got().len() > requests + 3).then_some(())
+    })
+    .await;
+
+    // B dies: A takes the slot over and retries the parked runs, which now succeed.
+    b.child.kill().unwrap();
+    b.child.wait().unwrap();
+    hook.script(|_, _| Answer::status(200));
+    a.wait_status("ok", Duration::from_secs(30)).await;
+    eventually(
+        Duration::from_secs(60),
+        "the parked runs delivered",
+        || async {
+            let ok = count(
+                &c,
+                "SELECT count(DISTINCT event_id) FROM pgfire.executions WHERE status = 'ok'",
+            )
+            .await;
+            let parked = count(&c, "SELECT count(*) FROM pgfire.parked").await;
+            (ok == 3 && parked == 0).then_some(())
+        },
+    )
+    .await;
 }
