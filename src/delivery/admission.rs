@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::parked::Op;
+use super::pump::run;
 use super::{filter, key, Job, State, Task, WallClock};
 use crate::executions::Status;
 use crate::intake::Batch;
@@ -125,8 +126,15 @@ impl State {
                 let name = sub.function.name.clone();
                 let lane = self.lane(&name);
                 lane.concurrency = sub.function.concurrency.max(1);
-                lane.enqueue(task);
-                self.pump(&name);
+                match lane.start_now(task) {
+                    Ok(task) => {
+                        self.spawn(run(self.kinds.clone(), task, Duration::ZERO, self.clock))
+                    }
+                    Err(task) => {
+                        lane.enqueue(task);
+                        self.pump(&name);
+                    }
+                }
             }
         }
         if let Some(lsn) = batch.checkpoint {

@@ -27,15 +27,25 @@ pub fn of(event: &Event) -> String {
     let schema = event.source.schema.as_deref().unwrap_or("");
     let json = event.data.json();
     // Row events start with their id: read that value alone, not the whole row.
-    let first = ["{\"user_id\":", "{\"record_id\":"]
+    let rest = ["{\"user_id\":", "{\"record_id\":"]
         .iter()
-        .find_map(|p| json.strip_prefix(p))
-        .and_then(|rest| {
-            serde_json::Deserializer::from_str(rest)
-                .into_iter::<Value>()
-                .next()
-                .and_then(Result::ok)
-        });
+        .find_map(|p| json.strip_prefix(p));
+    // The usual id, a number or a string without escapes, is its own text (as it prints).
+    if let Some(id) = rest.and_then(plain_scalar) {
+        let mut key = String::with_capacity(schema.len() + table.len() + id.len() + 2);
+        key.push_str(schema);
+        key.push('.');
+        key.push_str(table);
+        key.push(':');
+        key.push_str(id);
+        return key;
+    }
+    let first = rest.and_then(|rest| {
+        serde_json::Deserializer::from_str(rest)
+            .into_iter::<Value>()
+            .next()
+            .and_then(Result::ok)
+    });
     let id = first
         .or_else(|| {
             serde_json::from_str::<Ids>(json)
@@ -46,6 +56,29 @@ pub fn of(event: &Event) -> String {
     match id {
         Some(id) => format!("{schema}.{table}:{id}"),
         None => format!("{schema}.{table}"),
+    }
+}
+
+/// The JSON value at the start of `text` when it is an integer, or a string with no escape, whose
+/// text is the same as `serde_json` prints it; `None` for anything else (parsed in full then).
+fn plain_scalar(text: &str) -> Option<&str> {
+    let b = text.as_bytes();
+    let end = match b.first()? {
+        b'"' => 1 + b[1..].iter().position(|c| *c == b'"' || *c == b'\\')?,
+        // Integers only (an exponent, say, prints otherwise).
+        b'-' | b'0'..=b'9' => {
+            1 + b[1..]
+                .iter()
+                .position(|c| !c.is_ascii_digit())
+                .unwrap_or(b.len() - 1)
+        }
+        _ => return None,
+    };
+    match b.get(end) {
+        // A string ends at its quote; a backslash means an escape (parsed in full instead).
+        Some(b'"') if b[0] == b'"' => Some(&text[..end + 1]),
+        Some(b',' | b'}') | None if b[0] != b'"' => Some(&text[..end]),
+        _ => None,
     }
 }
 
@@ -119,6 +152,34 @@ mod tests {
         assert_eq!(of(&event(Some("t"), r#"{"a":1}"#)), "public.t");
         assert_eq!(of(&event(Some("t"), r#"{"record_id":null}"#)), "public.t");
         assert_eq!(of(&event(None, r#"{"x":1}"#)), "type:POST_USER_UPDATE");
+        // The text of a plain id is the key exactly as the parsed value prints (keys of parked
+        // runs stored by earlier versions stay the same); others are parsed.
+        for id in [
+            "0",
+            "-17",
+            "3.25",
+            "1e10",
+            "12345678901234567891",
+            r#""A-1""#,
+            r#""é ü""#,
+            r#""a\"b""#,
+            r#""tab\there""#,
+            r#""\u00e9""#,
+            "[1,2]",
+            "true",
+        ] {
+            let printed: Value = serde_json::from_str(id).unwrap();
+            for data in [
+                format!(r#"{{"record_id":{id}}}"#),
+                format!(r#"{{"record_id":{id},"x":1}}"#),
+            ] {
+                assert_eq!(
+                    of(&event(Some("t"), &data)),
+                    format!("public.t:{printed}"),
+                    "{data}"
+                );
+            }
+        }
         // Not first: still found.
         assert_eq!(
             of(&event(Some("t"), r#"{"a":[1,{"b":2}],"record_id":5}"#)),

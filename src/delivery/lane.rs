@@ -56,6 +56,28 @@ impl Lane {
         self.push(key, task);
     }
 
+    /// Start `task` at once when nothing is in its way (the usual case: nothing of its row waits
+    /// or runs, the lane has room and no key ready before it, no park or pause holds it), with
+    /// the bookkeeping of a start through the queue; otherwise hand it back to be queued.
+    pub(super) fn start_now(&mut self, task: Task) -> Result<Task, Task> {
+        let key = &task.job.key;
+        if self.paused
+            || task.job.prior.is_some()
+            || self.running >= self.concurrency
+            || !self.ready.is_empty()
+            || self.queues.contains_key(key)
+            || self.busy.contains(key)
+            || self.is_blocked(key)
+        {
+            return Err(task);
+        }
+        // The key stays in `queues` (empty) while its task runs, as after `start`.
+        self.queues.insert(key.clone(), VecDeque::new());
+        self.busy.insert(key.clone());
+        self.running += 1;
+        Ok(task)
+    }
+
     fn push(&mut self, key: Arc<str>, task: Task) {
         let queue = self.queues.entry(key.clone()).or_default();
         queue.push_back(task);
