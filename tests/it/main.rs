@@ -25,6 +25,7 @@ mod pre;
 mod pre_copy;
 mod pre_extended;
 mod pre_forms;
+mod pre_lexing;
 mod pre_nats;
 mod pre_split;
 mod proxy;

@@ -23,6 +23,7 @@ use super::decide::{self, Outcome};
 use super::gate::HoldAs;
 use super::rows::{self, RowReport};
 use super::{PreConfig, PreHooks};
+use crate::proxy::lexing::Lexing;
 use crate::proxy::session::{io_fatal, Fatal};
 use crate::wire::{self, Backend};
 
@@ -42,6 +43,8 @@ pub(in crate::proxy) struct Io<'a> {
     /// One statement of a longer query string ([`super::split`]): its answer goes to the client
     /// without a ReadyForQuery, which comes at the end of the string.
     pub inner: bool,
+    /// How the session lexes strings, kept up to date from the server's ParameterStatus.
+    pub lexing: Lexing,
 }
 
 /// The answer to one Query the proxy sent, up to its ReadyForQuery.
@@ -77,7 +80,9 @@ impl Io<'_> {
         loop {
             if let Some((_, len)) = wire::frame_header(self.buf)? {
                 if self.buf.len() >= len {
-                    return Ok(self.buf.split_to(len));
+                    let frame = self.buf.split_to(len);
+                    self.lexing.observe(&frame);
+                    return Ok(frame);
                 }
                 self.buf.reserve(len - self.buf.len());
             }
@@ -175,7 +180,11 @@ impl Io<'_> {
     /// The next whole server frame already read, if any.
     pub(super) fn buffered_frame(&mut self) -> Result<Option<BytesMut>, Fatal> {
         match wire::frame_header(self.buf)? {
-            Some((_, len)) if self.buf.len() >= len => Ok(Some(self.buf.split_to(len))),
+            Some((_, len)) if self.buf.len() >= len => {
+                let frame = self.buf.split_to(len);
+                self.lexing.observe(&frame);
+                Ok(Some(frame))
+            }
             _ => Ok(None),
         }
     }
