@@ -50,6 +50,12 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "pre hooks",
         sql: include_str!("../sql/007_pre_hooks.sql"),
     },
+    // 8 and 9 are taken by work on other branches.
+    Migration {
+        version: 10,
+        name: "pre hooks hardened",
+        sql: include_str!("../sql/010_pre_hardening.sql"),
+    },
 ];
 
 /// The publication pgfire's consumer reads; source tables are added to it.

@@ -22,6 +22,7 @@ mod install;
 mod logs;
 mod metrics;
 mod pre;
+mod pre_commits;
 mod pre_copy;
 mod pre_extended;
 mod pre_forms;

@@ -18,10 +18,10 @@
 use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::copy;
 use super::decide::{self, Outcome};
 use super::gate::HoldAs;
 use super::rows::{self, RowReport};
+use super::{commits, copy};
 use super::{PreConfig, PreHooks};
 use crate::proxy::lexing::Lexing;
 use crate::proxy::session::{io_fatal, Fatal};
@@ -321,6 +321,12 @@ pub(in crate::proxy) async fn run_query(
             (p, f, i, copy::Replay::default())
         }
     };
+    if how == HoldAs::Whole
+        && prepared.error.is_none()
+        && commits::commits_by_itself(&first, implicit)
+    {
+        return commits::run(io, frame, closes).await;
+    }
     if prepared.error.is_some() || first.error.is_some() {
         return failed(io, first, implicit).await;
     }
@@ -485,7 +491,7 @@ async fn released(io: &mut Io<'_>, reply: Reply, done: Reply) -> Result<u8, Fata
 }
 
 /// How many frames `bytes` holds.
-fn count_frames(mut bytes: &[u8]) -> usize {
+pub(super) fn count_frames(mut bytes: &[u8]) -> usize {
     let mut n = 0;
     while let Ok(Some((_, len))) = wire::frame_header(bytes) {
         if len > bytes.len() {

@@ -2,9 +2,11 @@
 //! pgfire's tables change, through LISTEN/NOTIFY), the shared clients PRE functions run with, and
 //! the history of PRE runs. [`hold`] is the hold/decide/release state machine of one held
 //! statement, [`decide`] the chain of functions on its rows, [`copy`] the COPY FROM STDIN
-//! sub-protocol inside it, [`split`] query strings run statement by statement.
+//! sub-protocol inside it, [`split`] query strings run statement by statement, [`commits`]
+//! statements whose procedure or DO block commits by itself.
 
 pub mod answer;
+pub(super) mod commits;
 pub(super) mod copy;
 pub(super) mod decide;
 pub(super) mod gate;
