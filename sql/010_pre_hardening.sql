@@ -11,9 +11,43 @@
 --   statement trigger looked).
 -- * pgfire.pre_mode = 'commits': a statement whose procedure or DO block commits, run by the
 --   proxy outside a transaction block; any write to a watched table fails precisely (0A000).
+-- * A PRE run is armed: pgfire.pre_mode carries the number of the run the proxy started
+--   (pgfire.pre_arm, which takes pgfire's key, unreadable by the session's roles), and the trigger
+--   accepts the mode only while that number is the session's current run (the session's last
+--   value of a pgfire sequence nobody else may advance; the proxy burns it when the run ends). So
+--   a mode set by code in the session (a view's set_config, a copy kept from an earlier run) is
+--   refused, not obeyed.
 -- * An event trigger (installed by a superuser) refuses, in a session through the proxy, DDL
 --   that leaves pgfire's triggers on a watched table dropped, renamed or not ENABLE ALWAYS, even
 --   when a function runs it with EXECUTE.
+
+CREATE TABLE pgfire.pre_key (key text NOT NULL);
+INSERT INTO pgfire.pre_key VALUES (md5(random()::text || clock_timestamp()::text) || md5(random()::text || pg_backend_pid()::text));
+REVOKE ALL ON pgfire.pre_key FROM PUBLIC;
+CREATE SEQUENCE pgfire.pre_runs;
+REVOKE ALL ON SEQUENCE pgfire.pre_runs FROM PUBLIC;
+
+-- Start a PRE run of the proxy's (`mode`: record:<limit> or apply:<limit>), for the rest of the
+-- transaction or until the proxy ends it.
+CREATE FUNCTION pgfire.pre_arm(key text, mode text) RETURNS text LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF key IS DISTINCT FROM (SELECT k.key FROM pgfire.pre_key k) THEN
+        RAISE EXCEPTION 'pgfire: only the pgfire proxy starts PRE runs' USING ERRCODE = '42501';
+    END IF;
+    RETURN set_config('pgfire.pre_mode', mode || ':' || nextval('pgfire.pre_runs'), true);
+END $$;
+
+-- End the session's PRE run: its number is no longer current.
+CREATE FUNCTION pgfire.pre_disarm() RETURNS void LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM nextval('pgfire.pre_runs');
+END $$;
+
+-- The session's current PRE run (an error before its first).
+CREATE FUNCTION pgfire.pre_run() RETURNS bigint LANGUAGE sql SECURITY DEFINER
+AS $$ SELECT pg_catalog.currval('pgfire.pre_runs'::pg_catalog.regclass) $$;
 
 CREATE OR REPLACE FUNCTION pgfire.pre_row() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
@@ -22,6 +56,7 @@ DECLARE
     lim integer;
     overlay jsonb;
     k text;
+    forged boolean;
 BEGIN
     IF mode NOT LIKE 'record:%' AND mode NOT LIKE 'apply:%' THEN
         IF current_setting('pgfire.proxied', true) IS NULL THEN
@@ -36,6 +71,15 @@ BEGIN
         RAISE EXCEPTION 'pgfire: this write to %.% was not seen by PRE hooks', TG_TABLE_SCHEMA, TG_TABLE_NAME
             USING ERRCODE = '42501',
                   HINT = 'write the table itself (INSERT, UPDATE, DELETE, MERGE, COPY) or through a function call; writes the proxy cannot see coming (views, rules, other tables'' triggers) are refused, and so are writes after pgfire.pre_mode was changed';
+    END IF;
+    -- The run the mode was armed for must be the session's current one.
+    forged := split_part(mode, ':', 3) = '';
+    IF NOT forged THEN
+        forged := split_part(mode, ':', 3) <> pgfire.pre_run()::text;
+    END IF;
+    IF forged THEN
+        RAISE EXCEPTION 'pgfire: pgfire.pre_mode was not set by the pgfire proxy for this statement (write to %.%)', TG_TABLE_SCHEMA, TG_TABLE_NAME
+            USING ERRCODE = '42501';
     END IF;
     IF TG_WHEN = 'BEFORE' THEN
         n := coalesce(nullif(current_setting('pgfire.pre_n', true), ''), '0')::integer + 1;

@@ -29,6 +29,7 @@ mod pre_forms;
 mod pre_lexing;
 mod pre_nats;
 mod pre_split;
+mod pre_tamper;
 mod proxy;
 mod proxy_tls;
 mod resilience;

@@ -32,7 +32,7 @@ pub(super) fn commits_by_itself(first: &Reply, implicit: bool) -> bool {
 /// answers it. Returns the status the client is told.
 pub(super) async fn run(io: &mut Io<'_>, frame: &[u8], closes: &[u8]) -> Result<u8, Fatal> {
     let mut out = query_frame(
-        "ROLLBACK; SELECT set_config('pgfire.pre_mode', 'commits', false), set_config('pgfire.pre_n', '0', false)",
+        "ROLLBACK; SELECT pgfire.pre_disarm(), set_config('pgfire.pre_mode', 'commits', false), set_config('pgfire.pre_n', '0', false)",
     );
     out.extend_from_slice(closes);
     out.extend_from_slice(frame);

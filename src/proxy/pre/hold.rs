@@ -311,7 +311,8 @@ pub(in crate::proxy) async fn run_query(
         setup.push_str("BEGIN; ");
     }
     setup.push_str(&format!(
-        "SAVEPOINT pgfire_pre; SELECT set_config('pgfire.pre_mode', 'record:{limit}', true), set_config('pgfire.pre_n', '0', true)"
+        "SAVEPOINT pgfire_pre; SELECT {}, set_config('pgfire.pre_n', '0', true)",
+        arm_sql(cfg, &format!("record:{limit}"))
     ));
     let record = format!("record:{limit}");
     let (prepared, first, intact, replay) = match how {
@@ -368,7 +369,8 @@ pub(in crate::proxy) async fn run_query(
             }
             let apply = rows::ascii_json(&overlays);
             let setup = format!(
-                "ROLLBACK TO SAVEPOINT pgfire_pre; SELECT set_config('pgfire.pre_mode', 'apply:{limit}', true), set_config('pgfire.pre_n', '0', true), set_config('pgfire.pre_apply', {}, true)",
+                "ROLLBACK TO SAVEPOINT pgfire_pre; SELECT {}, set_config('pgfire.pre_n', '0', true), set_config('pgfire.pre_apply', {}, true)",
+                arm_sql(cfg, &format!("apply:{limit}")),
                 dollar(&apply)
             );
             let apply_mode = format!("apply:{limit}");
@@ -417,9 +419,18 @@ async fn tentative(
     Ok((prepared, run, intact))
 }
 
-/// Reads the settings pgfire's trigger runs with, after the client's statement.
+/// Starts a PRE run in `mode` (`record:<limit>`, `apply:<limit>`): pgfire.pre_mode becomes
+/// `<mode>:<run>`, which pgfire's trigger obeys only while `<run>` is the session's current run.
+fn arm_sql(cfg: &PreConfig, mode: &str) -> String {
+    // The key is hex (md5), safe in a plain literal whatever standard_conforming_strings says.
+    let key: String = cfg.key.chars().filter(char::is_ascii_hexdigit).collect();
+    format!("pgfire.pre_arm('{key}', '{mode}')")
+}
+
+/// Reads the settings pgfire's trigger runs with, after the client's statement (the mode less
+/// its run number).
 pub(super) const CHECK_SQL: &str =
-    "SELECT current_setting('pgfire.pre_mode', true) || '/' || current_setting('pgfire.proxied', true)";
+    "SELECT regexp_replace(coalesce(current_setting('pgfire.pre_mode', true), ''), ':[0-9]+$', '') || '/' || current_setting('pgfire.proxied', true)";
 
 /// Whether the answer to [`CHECK_SQL`] shows the settings as the proxy set them (`mode`, the
 /// session proxied), or the statement failed (and wrote nothing).
@@ -456,7 +467,19 @@ fn tampered(reply: &Reply, mode: char, first: Option<&[RowReport]>) -> Option<St
 async fn failed(io: &mut Io<'_>, reply: Reply, implicit: bool) -> Result<u8, Fatal> {
     let mut status = reply.status;
     if implicit {
-        status = io.query("ROLLBACK").await?.status;
+        status = io
+            .query("ROLLBACK; SELECT pgfire.pre_disarm()")
+            .await?
+            .status;
+    } else if status == b'E' {
+        // End the run, then leave the transaction failed again, as the statement left it.
+        let code = reply.error.as_ref().map_or("XX000", |(c, _, _)| c.as_str());
+        let code: String = code.chars().filter(char::is_ascii_alphanumeric).collect();
+        let sql = format!(
+            "ROLLBACK TO SAVEPOINT pgfire_pre; RELEASE SAVEPOINT pgfire_pre; SELECT pgfire.pre_disarm(); {}",
+            raise_sql("pgfire: the statement failed", None, &code)
+        );
+        status = io.query(&sql).await?.status;
     }
     io.answer(reply.frames, status).await?;
     Ok(status)
@@ -472,7 +495,7 @@ async fn release(io: &mut Io<'_>, reply: Reply, implicit: bool) -> Result<u8, Fa
 /// The statements that keep what a held statement did.
 pub(super) fn release_sql(implicit: bool) -> String {
     let mut sql = String::from(
-        "SELECT set_config('pgfire.pre_mode', '', true), set_config('pgfire.proxied', 'on', false); RELEASE SAVEPOINT pgfire_pre",
+        "SELECT set_config('pgfire.pre_mode', '', true), set_config('pgfire.proxied', 'on', false), pgfire.pre_disarm(); RELEASE SAVEPOINT pgfire_pre",
     );
     if implicit {
         sql.push_str("; COMMIT");
@@ -532,7 +555,7 @@ async fn block(
     before: Option<BytesMut>,
 ) -> Result<u8, Fatal> {
     let sql = format!(
-        "ROLLBACK TO SAVEPOINT pgfire_pre; RELEASE SAVEPOINT pgfire_pre; {}",
+        "ROLLBACK TO SAVEPOINT pgfire_pre; RELEASE SAVEPOINT pgfire_pre; SELECT pgfire.pre_disarm(); {}",
         raise_sql(message, detail, code)
     );
     let raised = io.query(&sql).await?;

@@ -43,6 +43,9 @@ pub struct PreConfig {
     pub watched: Watched,
     pub rows_limit: u32,
     pub allow_truncate: bool,
+    /// What starts a PRE run on a writer's session (`pgfire.pre_arm`): pgfire's key, which the
+    /// session's roles cannot read.
+    pub key: String,
 }
 
 impl PreConfig {
@@ -275,10 +278,15 @@ async fn try_load(client: &Client) -> anyhow::Result<PreConfig> {
     let allow_truncate = all
         .get("pre.allow_truncate")
         .is_some_and(|v| matches!(v.trim(), "true" | "on" | "yes" | "1"));
+    let key: String = client
+        .query_one("SELECT key FROM pgfire.pre_key", &[])
+        .await?
+        .get(0);
     Ok(PreConfig {
         catalog,
         watched,
         rows_limit,
         allow_truncate,
+        key,
     })
 }
