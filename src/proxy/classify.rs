@@ -41,9 +41,10 @@
 //!
 //! Lexing follows the session: with `standard_conforming_strings = off` a backslash escapes a quote
 //! in a plain string, so the caller passes the session's setting ([`Syntax`]) or the two parsers
-//! could split strings differently. The caller also holds every statement of a session whose
-//! `client_encoding` is not ASCII-safe (SJIS, BIG5, GBK, UHC, GB18030, JOHAB: a trailing byte may
-//! be a backslash or a quote), and gives the text as the server will see it.
+//! could split strings differently ([`classify_lexed`] with [`Strings::Either`] while the
+//! setting is not known yet). Not handled yet: a `client_encoding` that is not ASCII-safe (SJIS,
+//! BIG5, GBK, UHC, GB18030, JOHAB: a trailing byte may be a backslash or a quote); the text is
+//! taken as UTF-8, as the relay decodes it.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
