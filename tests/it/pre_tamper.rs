@@ -192,3 +192,37 @@ async fn a_role_without_privileges_cannot_either() {
     let direct = db.client().await;
     assert_eq!(count(&direct, "SELECT count(*) FROM users").await, 1);
 }
+
+/// A rewritten UPDATE runs twice; code that updates other rows the second time is caught.
+#[tokio::test]
+async fn a_rewrite_s_second_run_must_write_the_same_rows() {
+    let db = TestDb::new();
+    let extra = r#"
+INSERT INTO users (email) VALUES ('one@x.y'), ('two@x.y');
+CREATE FUNCTION rename(e jsonb) RETURNS jsonb LANGUAGE sql AS $$
+    SELECT '{"allow": true, "data": {"name": "renamed"}}'::jsonb $$;
+INSERT INTO pgfire.functions (name, kind, target) VALUES ('rename', 'sql', 'rename');
+INSERT INTO pgfire.subscriptions (event_type, function_name) VALUES ('PRE_USER_UPDATE', 'rename');
+CREATE FUNCTION shifty() RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    IF current_setting('pgfire.' || 'pre_mode') LIKE 'apply%' THEN
+        UPDATE users SET name = 'x' WHERE id = 2;
+    ELSE
+        UPDATE users SET name = 'x' WHERE id = 1;
+    END IF;
+END $$;
+"#;
+    let proxy = setup(&db, extra).await;
+    let c = proxy.client(&db).await;
+    let err = c.simple_query("SELECT shifty()").await.unwrap_err();
+    assert_eq!(db_error(&err).0, "40001");
+    // An honest rewrite goes through.
+    c.simple_query("UPDATE users SET name = 'x' WHERE id = 1")
+        .await
+        .unwrap();
+    let direct = db.client().await;
+    assert_eq!(
+        crate::support::texts(&direct, "SELECT coalesce(name, '-') FROM users ORDER BY id").await,
+        ["renamed", "-"]
+    );
+}

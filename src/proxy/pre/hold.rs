@@ -442,7 +442,9 @@ pub(super) fn intact(run: &Reply, check: &Reply, mode: &str) -> bool {
 
 /// Why the row reports of a run cannot be trusted, if they cannot: a report of the other mode
 /// (someone changed `pgfire.pre_mode` mid-statement), an unreadable one, or, on the second run,
-/// not the same rows as the first.
+/// not the same rows as the first (kind, table, and the old row of an update or delete, in
+/// order: code that writes other rows the second time, or a row changed by a concurrent commit
+/// in between).
 fn tampered(reply: &Reply, mode: char, first: Option<&[RowReport]>) -> Option<String> {
     if reply.bad_rows > 0 || reply.rows.iter().any(|r| r.mode != mode) {
         return Some("pgfire: the PRE hooks' row reports were tampered with".into());
@@ -452,7 +454,7 @@ fn tampered(reply: &Reply, mode: char, first: Option<&[RowReport]>) -> Option<St
             && first
                 .iter()
                 .zip(&reply.rows)
-                .all(|(a, b)| a.op == b.op && a.oid == b.oid);
+                .all(|(a, b)| a.op == b.op && a.oid == b.oid && a.old == b.old);
         if !same {
             return Some(
                 "pgfire: the rows this statement writes changed between its PRE run and the write; run it again".into(),
