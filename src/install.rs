@@ -55,6 +55,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "delivery order",
         sql: include_str!("../sql/008_delivery_order.sql"),
     },
+    Migration {
+        version: 9,
+        name: "pre hooks hardened",
+        sql: include_str!("../sql/009_pre_hardening.sql"),
+    },
 ];
 
 /// The publication pgfire's consumer reads; source tables are added to it.

@@ -41,9 +41,10 @@
 //!
 //! Lexing follows the session: with `standard_conforming_strings = off` a backslash escapes a quote
 //! in a plain string, so the caller passes the session's setting ([`Syntax`]) or the two parsers
-//! could split strings differently. The caller also holds every statement of a session whose
-//! `client_encoding` is not ASCII-safe (SJIS, BIG5, GBK, UHC, GB18030, JOHAB: a trailing byte may
-//! be a backslash or a quote), and gives the text as the server will see it.
+//! could split strings differently ([`classify_lexed`] with [`Strings::Either`] while the
+//! setting is not known yet). Not handled yet: a `client_encoding` that is not ASCII-safe (SJIS,
+//! BIG5, GBK, UHC, GB18030, JOHAB: a trailing byte may be a backslash or a quote); the text is
+//! taken as UTF-8, as the relay decodes it.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -288,6 +289,16 @@ impl Default for Syntax {
     }
 }
 
+/// How the session lexes plain `'...'` strings when the proxy classifies a statement: as
+/// `standard_conforming_strings` is (`On`, `Off`), or not known yet (`Either`: a statement
+/// still in flight may change it before the server parses this one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strings {
+    On,
+    Off,
+    Either,
+}
+
 /// Why a statement is held.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HoldReason {
@@ -480,6 +491,30 @@ impl Classification {
 /// Classifies a query string (one or more statements) with the default [`Syntax`].
 pub fn classify(sql: &str, watched: &Watched) -> Classification {
     classify_with(sql, watched, Syntax::default())
+}
+
+/// Classifies a query string lexed as [`Strings`] says. Without a backslash both lexings read
+/// the same text; with one and `Either`, the text is classified both ways and the stronger
+/// verdict wins (Refused over Holds over Passes), so a statement passes only when it passes
+/// however the server lexes it.
+pub fn classify_lexed(sql: &str, watched: &Watched, strings: Strings) -> Classification {
+    let syntax = |standard_conforming_strings| Syntax {
+        standard_conforming_strings,
+    };
+    match strings {
+        _ if !sql.as_bytes().contains(&b'\\') => classify(sql, watched),
+        Strings::On => classify_with(sql, watched, syntax(true)),
+        Strings::Off => classify_with(sql, watched, syntax(false)),
+        Strings::Either => {
+            let on = classify_with(sql, watched, syntax(true));
+            let off = classify_with(sql, watched, syntax(false));
+            if off.verdict().rank() > on.verdict().rank() {
+                off
+            } else {
+                on
+            }
+        }
+    }
 }
 
 /// Classifies a query string lexed as the session lexes it.

@@ -100,6 +100,11 @@ impl InFlight {
         self.status
     }
 
+    /// Nothing in flight: every message sent so far is answered up to its ReadyForQuery.
+    pub(super) fn answered(&self) -> bool {
+        self.owed == 0 && !self.batch_open && !self.copying
+    }
+
     /// Nothing in flight and no transaction open.
     pub(super) fn is_idle(&self) -> bool {
         self.owed == 0 && !self.batch_open && !self.copying && self.status == b'I'

@@ -6,6 +6,7 @@
 
 pub mod classify;
 mod in_flight;
+mod lexing;
 pub mod pre;
 mod relay;
 mod scram;

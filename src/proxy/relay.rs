@@ -4,6 +4,7 @@
 //! AuthenticationSASL and rewritten errors from the server), and held statements handed to the
 //! PRE state machine with the session's sockets.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::{Buf, BytesMut};
@@ -11,6 +12,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 use super::in_flight::InFlight;
+use super::lexing::Lexing;
 use super::pre::gate::{self, Gate, HoldAs};
 use super::pre::hold::{self, Io};
 use super::pre::split;
@@ -114,6 +116,10 @@ type Rewrites = Mutex<Vec<(String, BytesMut)>>;
 /// Rewrites kept at most; older ones (whose batch failed before reaching them) are dropped.
 const MAX_REWRITES: usize = 64;
 
+/// The session state both directions share (one task: the locks are never contended): what is
+/// in flight, and how the server lexes strings.
+type Shared<'a> = (&'a Mutex<InFlight>, &'a Mutex<Lexing>);
+
 /// What the client direction stopped for.
 enum Flow {
     /// The client left.
@@ -162,18 +168,20 @@ async fn relay_halves(
 ) {
     // Shared by both directions (one task: the locks are never contended).
     let in_flight = Mutex::new(InFlight::new());
+    let lexing = Mutex::new(Lexing::default());
     let rewrites: Rewrites = Mutex::new(Vec::new());
     let mut down = Downstream::default();
     let outcome = loop {
         let flow = tokio::select! {
-            r = client_to_server(&mut cr, &mut uw, &mut up, hook, pre, &in_flight, &rewrites) => r,
-            r = server_to_client(&mut ur, &mut cw, &mut down, &in_flight, &rewrites, drain, config) => r.map(|()| Flow::Left),
+            r = client_to_server(&mut cr, &mut uw, &mut up, hook, pre, (&in_flight, &lexing), &rewrites) => r,
+            r = server_to_client(&mut ur, &mut cw, &mut down, (&in_flight, &lexing), &rewrites, drain, config) => r.map(|()| Flow::Left),
         };
         match (flow, pre) {
             (Ok(Flow::Held { bytes, closes, how }), Some(pre)) => {
                 let io = (&mut ur, &mut uw, &mut cw, &mut cr, &mut up.buf);
                 let statement = (&bytes[..], &closes[..], how);
-                if let Err(f) = held(statement, io, &mut down, &in_flight, &rewrites, pre).await {
+                let shared = (&in_flight, &lexing);
+                if let Err(f) = held(statement, io, &mut down, shared, &rewrites, pre).await {
                     break Err(f);
                 }
             }
@@ -218,12 +226,12 @@ async fn held(
         &mut BytesMut,
     ),
     down: &mut Downstream,
-    in_flight: &Mutex<InFlight>,
+    (in_flight, lexing): Shared<'_>,
     rewrites: &Rewrites,
     pre: &PreHooks,
 ) -> Result<(), Fatal> {
     loop {
-        scan_down(down, in_flight, rewrites)?;
+        scan_down(down, (in_flight, lexing), rewrites)?;
         down.write_ready(cw).await.map_err(io_fatal)?;
         // The held Query itself is counted as sent.
         if lock(in_flight).owed() <= 1 && down.scanner.remaining == 0 && down.ready == 0 {
@@ -238,6 +246,19 @@ async fn held(
     }
     let status = lock(in_flight).status();
     let cfg = pre.config();
+    let known = *lock(lexing);
+    // Everything before it is answered: how the server lexes the Query is known now. A Query
+    // with a backslash was held (or refused) when either lexing said so; decide again.
+    let mut how = how;
+    if frame[0] == b'Q' && frame.contains(&b'\\') && cfg.active() {
+        if let Some(Frontend::Query(q)) = wire::decode_frontend(frame)? {
+            match gate::query(&cfg, known.strings(true), q.sql) {
+                Gate::Pass => return send(uw, frame).await,
+                Gate::Replace { frame: instead, .. } => return send(uw, &instead).await,
+                Gate::Hold(h) => how = h,
+            }
+        }
+    }
     let split = how == HoldAs::Split && frame[0] == b'Q';
     if !(matches!(status, b'I' | b'T') || split && status == b'E') || !cfg.active() {
         return send(uw, frame).await;
@@ -251,15 +272,19 @@ async fn held(
         buf: &mut down.buf,
         async_out: BytesMut::new(),
         inner: false,
+        lexing: known,
     };
     let status = if split {
         match wire::decode_frontend(frame)? {
-            Some(Frontend::Query(q)) => split::run(&mut io, pre, &cfg, q.sql, status).await?,
-            _ => hold::run_query(&mut io, pre, &cfg, (frame, closes, how), status).await?,
+            Some(Frontend::Query(q)) => split::run(&mut io, pre, &cfg, q.sql, status).await,
+            _ => hold::run_query(&mut io, pre, &cfg, (frame, closes, how), status).await,
         }
     } else {
-        hold::run_query(&mut io, pre, &cfg, (frame, closes, how), status).await?
+        hold::run_query(&mut io, pre, &cfg, (frame, closes, how), status).await
     };
+    // What the server reported on the way (also when the session ends in error).
+    *lock(lexing) = io.lexing;
+    let status = status?;
     lock(in_flight).ready(status);
     Ok(())
 }
@@ -324,7 +349,7 @@ async fn client_to_server(
     up: &mut Upside,
     hook: &dyn Hook,
     pre: Option<&PreHooks>,
-    in_flight: &Mutex<InFlight>,
+    (in_flight, lexing): Shared<'_>,
     rewrites: &Rewrites,
 ) -> Result<Flow, Fatal> {
     let inspect_frontend = hook.wants_frontend();
@@ -356,12 +381,17 @@ async fn client_to_server(
         let metrics = up.metrics.clone();
         // Without PRE hooks every statement streams; with them the gate says (below).
         let streams_all = cfg.is_none();
+        // Whether everything before the last frame checked was answered (see lexing).
+        let settled = AtomicBool::new(true);
+        let strings = || lock(lexing).strings(settled.load(Ordering::Relaxed));
         let check = |tag| {
             if wire::is_frontend_tag(tag) {
                 if streams_all && matches!(tag, b'Q' | b'P') {
                     metrics.statement(Action::Streamed);
                 }
-                lock(in_flight).sent(tag);
+                let mut f = lock(in_flight);
+                settled.store(f.answered(), Ordering::Relaxed);
+                f.sent(tag);
                 Ok(())
             } else {
                 Err(WireError::UnknownTag(tag))
@@ -386,7 +416,7 @@ async fn client_to_server(
             let gate = match &msg {
                 Some(Frontend::Query(q)) => {
                     saw_query = true;
-                    let gate = gate::query(cfg, q.sql);
+                    let gate = gate::query(cfg, strings(), q.sql);
                     metrics.statement(gate.action());
                     gate
                 }
@@ -424,7 +454,8 @@ async fn client_to_server(
             let frame = up.buf.split_to(len);
             if let (Some(cfg), Some(pre)) = (&cfg, pre) {
                 if unit::is_extended(frame[0]) {
-                    match up.units.push(cfg, &frame, pre.next_statement(), &metrics)? {
+                    let unit = (&frame[..], strings());
+                    match up.units.push(cfg, unit, pre.next_statement(), &metrics)? {
                         Next::Gather => {}
                         Next::Forward(bytes, list) => {
                             note(list);
@@ -447,7 +478,7 @@ async fn client_to_server(
                         send(uw, &bytes).await?;
                     }
                     if let Some(Frontend::Query(q)) = wire::decode_frontend(&frame)? {
-                        let gate = gate::query(cfg, q.sql);
+                        let gate = gate::query(cfg, strings(), q.sql);
                         metrics.statement(gate.action());
                         gated = Some(gate);
                     }
@@ -488,7 +519,7 @@ async fn client_to_server(
 /// Scan what the server sent: note every ReadyForQuery, rewrite the errors [`Rewrites`] names.
 fn scan_down(
     down: &mut Downstream,
-    in_flight: &Mutex<InFlight>,
+    (in_flight, lexing): Shared<'_>,
     rewrites: &Rewrites,
 ) -> Result<(), WireError> {
     loop {
@@ -500,8 +531,12 @@ fn scan_down(
         let (n, stopped) = down.scanner.scan(
             &down.buf[down.ready..],
             |_| Ok(()),
-            |t| t == b'Z' || t == b'R' || (pending && t == b'E'),
+            |t| t == b'Z' || t == b'R' || t == b'S' || (pending && t == b'E'),
             |frame| {
+                if frame[0] == b'S' {
+                    lock(lexing).observe(frame);
+                    return Ok(false);
+                }
                 if frame[0] == b'R' {
                     replacement = scram::without_channel_binding(frame);
                     return Ok(replacement.is_some());
@@ -543,7 +578,7 @@ async fn server_to_client(
     ur: &mut (impl AsyncRead + Unpin),
     cw: &mut (impl AsyncWrite + Unpin),
     down: &mut Downstream,
-    in_flight: &Mutex<InFlight>,
+    (in_flight, lexing): Shared<'_>,
     rewrites: &Rewrites,
     drain: &CancellationToken,
     config: &ProxyConfig,
@@ -555,7 +590,7 @@ async fn server_to_client(
         message: "terminating connection due to administrator command".into(),
     };
     loop {
-        scan_down(down, in_flight, rewrites)?;
+        scan_down(down, (in_flight, lexing), rewrites)?;
         down.write_ready(cw).await.map_err(io_fatal)?;
         // Draining: close once nothing is in flight, no transaction is open and the client has
         // everything the server sent.
@@ -581,9 +616,9 @@ async fn server_to_client(
     }
 }
 
-/// The in-flight state; a panic elsewhere while it was held cannot leave it half-updated (its
-/// updates do not panic), so a poisoned lock is used as is.
-fn lock(m: &Mutex<InFlight>) -> std::sync::MutexGuard<'_, InFlight> {
+/// The shared session state; a panic elsewhere while it was held cannot leave it half-updated
+/// (its updates do not panic), so a poisoned lock is used as is.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 

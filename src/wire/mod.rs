@@ -268,6 +268,12 @@ pub enum Backend<'a> {
     ReadyForQuery(u8),
     ErrorResponse(Notice<'a>),
     NoticeResponse(Notice<'a>),
+    /// A run-time parameter's value, at startup and whenever it changes (names and values in the
+    /// server's encoding, bytes).
+    ParameterStatus {
+        name: &'a [u8],
+        value: &'a [u8],
+    },
 }
 
 /// Decode a whole backend frame if it is one pgfire looks into.
@@ -280,6 +286,13 @@ pub fn decode_backend(frame: &[u8]) -> Result<Option<Backend<'_>>, WireError> {
         b'Z' => Backend::ReadyForQuery(*body.first().ok_or(WireError::Malformed("ReadyForQuery"))?),
         b'E' => Backend::ErrorResponse(notice_fields(body, "ErrorResponse")?),
         b'N' => Backend::NoticeResponse(notice_fields(body, "NoticeResponse")?),
+        b'S' => {
+            let mut r = Reader(body);
+            Backend::ParameterStatus {
+                name: r.cstr_bytes("ParameterStatus")?,
+                value: r.cstr_bytes("ParameterStatus")?,
+            }
+        }
         _ => return Ok(None),
     }))
 }
@@ -533,6 +546,14 @@ mod tests {
         );
         assert!(decode_backend(b"Z\x00\x00\x00\x04").is_err());
         assert!(decode_backend(b"E\x00\x00\x00\x06Sx").is_err());
+        assert_eq!(
+            decode_backend(b"S\x00\x00\x00\x0ba\x00off\x00").unwrap(),
+            Some(Backend::ParameterStatus {
+                name: b"a",
+                value: b"off"
+            })
+        );
+        assert!(decode_backend(b"S\x00\x00\x00\x06a\x00").is_err());
     }
 
     #[test]

@@ -252,6 +252,7 @@ async fn install_places_the_triggers_uninstall_removes_them() {
             "pgfire_datahub_ddl",
             "pgfire_datahub_dropped",
             "pgfire_partition_added",
+            "pgfire_pre_guard",
             "pgfire_source_dropped"
         ]
     );

@@ -333,6 +333,25 @@ fn standard_conforming_strings_off_is_lexed_as_the_server_lexes_it() {
 }
 
 #[test]
+fn strings_not_known_yet_are_classified_both_ways() {
+    let w = watched();
+    let hidden = "SELECT '\\''; INSERT INTO users VALUES (1); --'";
+    assert!(classify_lexed(hidden, &w, Strings::On).passes());
+    assert!(!classify_lexed(hidden, &w, Strings::Off).passes());
+    assert!(!classify_lexed(hidden, &w, Strings::Either).passes());
+    // The other way round: a write on only if the setting is on.
+    let other = "SELECT 'a\\'; DELETE FROM users; -- '";
+    assert!(!classify_lexed(other, &w, Strings::On).passes());
+    assert!(classify_lexed(other, &w, Strings::Off).passes());
+    assert!(!classify_lexed(other, &w, Strings::Either).passes());
+    // Harmless backslashes pass both ways; without one, the setting does not matter.
+    for s in [Strings::On, Strings::Off, Strings::Either] {
+        assert!(classify_lexed("SELECT 'C:\\dir\\file'", &w, s).passes());
+        assert!(!classify_lexed("DELETE FROM users", &w, s).passes());
+    }
+}
+
+#[test]
 fn deep_trees_and_nul_bytes_hold() {
     let deep = format!("INSERT INTO users SELECT {}", "-".repeat(2000) + "1");
     holds(&deep);

@@ -7,7 +7,7 @@ use bytes::{BufMut, BytesMut};
 use super::hold::{query_frame, raise_sql};
 use super::PreConfig;
 use crate::metrics::Action;
-use crate::proxy::classify::{self, HoldReason, Refusal, Verdict};
+use crate::proxy::classify::{self, HoldReason, Refusal, Strings, Verdict};
 use crate::wire;
 
 /// SQLSTATE feature_not_supported.
@@ -63,8 +63,8 @@ enum Decision {
     Refuse(&'static str, String),
 }
 
-fn decide(cfg: &PreConfig, sql: &str) -> Decision {
-    let c = classify::classify(sql, &cfg.watched);
+fn decide(cfg: &PreConfig, sql: &str, strings: Strings) -> Decision {
+    let c = classify::classify_lexed(sql, &cfg.watched, strings);
     match c.verdict() {
         Verdict::Passes => Decision::Pass,
         Verdict::Refused { reason } => {
@@ -95,9 +95,9 @@ fn decide(cfg: &PreConfig, sql: &str) -> Decision {
     }
 }
 
-/// A simple-protocol Query.
-pub(in crate::proxy) fn query(cfg: &PreConfig, sql: &str) -> Gate {
-    match decide(cfg, sql) {
+/// A simple-protocol Query, lexed as `strings` says.
+pub(in crate::proxy) fn query(cfg: &PreConfig, strings: Strings, sql: &str) -> Gate {
+    match decide(cfg, sql, strings) {
         Decision::Pass => Gate::Pass,
         Decision::Hold(how) => Gate::Hold(how),
         Decision::Refuse(code, message) => Gate::Replace {
@@ -111,8 +111,13 @@ pub(in crate::proxy) fn query(cfg: &PreConfig, sql: &str) -> Gate {
 /// statement, see [`super::unit`]), or refused: replaced by a Parse of the same statement name
 /// that fails at once (so the server skips the rest of the batch until Sync, as after any Parse
 /// error), whose error is rewritten into the refusal.
-pub(in crate::proxy) fn parse(cfg: &PreConfig, p: &wire::Parse<'_>, nonce: u64) -> Gate {
-    match decide(cfg, p.sql) {
+pub(in crate::proxy) fn parse(
+    cfg: &PreConfig,
+    p: &wire::Parse<'_>,
+    nonce: u64,
+    strings: Strings,
+) -> Gate {
+    match decide(cfg, p.sql, strings) {
         Decision::Pass => Gate::Pass,
         // A prepared statement is one statement (the server refuses several).
         Decision::Hold(HoldAs::Split) => Gate::Hold(HoldAs::Whole),
@@ -155,6 +160,8 @@ mod tests {
     use super::*;
     use crate::proxy::classify::Watched;
 
+    const S: Strings = Strings::On;
+
     fn cfg() -> PreConfig {
         PreConfig {
             watched: Watched::new(["public.users"]).unwrap(),
@@ -166,9 +173,9 @@ mod tests {
     #[test]
     fn reads_pass_writes_hold_tampering_is_refused() {
         let c = cfg();
-        assert!(matches!(query(&c, "SELECT * FROM users"), Gate::Pass));
+        assert!(matches!(query(&c, S, "SELECT * FROM users"), Gate::Pass));
         assert!(matches!(
-            query(&c, "INSERT INTO users VALUES (1)"),
+            query(&c, S, "INSERT INTO users VALUES (1)"),
             Gate::Hold(HoldAs::Whole)
         ));
         for (sql, how) in [
@@ -179,14 +186,17 @@ mod tests {
             ("BEGIN; INSERT INTO users VALUES (1); COMMIT", HoldAs::Split),
             ("COPY users FROM STDIN; SELECT 1", HoldAs::Split),
         ] {
-            assert!(matches!(query(&c, sql), Gate::Hold(h) if h == how), "{sql}");
+            assert!(
+                matches!(query(&c, S, sql), Gate::Hold(h) if h == how),
+                "{sql}"
+            );
         }
         assert!(matches!(
-            query(&c, "insert into \"USERS\" values (1)"),
+            query(&c, S, "insert into \"USERS\" values (1)"),
             Gate::Pass
         ));
         assert!(matches!(
-            query(&c, "INSERT INTO Users VALUES (1)"),
+            query(&c, S, "INSERT INTO Users VALUES (1)"),
             Gate::Hold(_)
         ));
         for refused in [
@@ -198,7 +208,7 @@ mod tests {
             "DELETE FROM pgfire.settings",
         ] {
             assert!(
-                matches!(query(&c, refused), Gate::Replace { .. }),
+                matches!(query(&c, S, refused), Gate::Replace { .. }),
                 "{refused}"
             );
         }
@@ -208,7 +218,7 @@ mod tests {
     fn truncate_can_be_allowed() {
         let mut c = cfg();
         c.allow_truncate = true;
-        assert!(matches!(query(&c, "TRUNCATE users"), Gate::Pass));
+        assert!(matches!(query(&c, S, "TRUNCATE users"), Gate::Pass));
     }
 
     #[test]
@@ -218,7 +228,7 @@ mod tests {
             sql: "TRUNCATE users",
             param_types: vec![25],
         };
-        let Gate::Replace { frame, rewrite } = parse(&cfg(), &p, 7) else {
+        let Gate::Replace { frame, rewrite } = parse(&cfg(), &p, 7, S) else {
             panic!()
         };
         let Some(wire::Frontend::Parse(q)) = wire::decode_frontend(&frame).unwrap() else {

@@ -18,11 +18,12 @@
 use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::copy;
 use super::decide::{self, Outcome};
 use super::gate::HoldAs;
 use super::rows::{self, RowReport};
+use super::{commits, copy};
 use super::{PreConfig, PreHooks};
+use crate::proxy::lexing::Lexing;
 use crate::proxy::session::{io_fatal, Fatal};
 use crate::wire::{self, Backend};
 
@@ -42,6 +43,8 @@ pub(in crate::proxy) struct Io<'a> {
     /// One statement of a longer query string ([`super::split`]): its answer goes to the client
     /// without a ReadyForQuery, which comes at the end of the string.
     pub inner: bool,
+    /// How the session lexes strings, kept up to date from the server's ParameterStatus.
+    pub lexing: Lexing,
 }
 
 /// The answer to one Query the proxy sent, up to its ReadyForQuery.
@@ -77,7 +80,9 @@ impl Io<'_> {
         loop {
             if let Some((_, len)) = wire::frame_header(self.buf)? {
                 if self.buf.len() >= len {
-                    return Ok(self.buf.split_to(len));
+                    let frame = self.buf.split_to(len);
+                    self.lexing.observe(&frame);
+                    return Ok(frame);
                 }
                 self.buf.reserve(len - self.buf.len());
             }
@@ -175,7 +180,11 @@ impl Io<'_> {
     /// The next whole server frame already read, if any.
     pub(super) fn buffered_frame(&mut self) -> Result<Option<BytesMut>, Fatal> {
         match wire::frame_header(self.buf)? {
-            Some((_, len)) if self.buf.len() >= len => Ok(Some(self.buf.split_to(len))),
+            Some((_, len)) if self.buf.len() >= len => {
+                let frame = self.buf.split_to(len);
+                self.lexing.observe(&frame);
+                Ok(Some(frame))
+            }
             _ => Ok(None),
         }
     }
@@ -302,7 +311,8 @@ pub(in crate::proxy) async fn run_query(
         setup.push_str("BEGIN; ");
     }
     setup.push_str(&format!(
-        "SAVEPOINT pgfire_pre; SELECT set_config('pgfire.pre_mode', 'record:{limit}', true), set_config('pgfire.pre_n', '0', true)"
+        "SAVEPOINT pgfire_pre; SELECT {}, set_config('pgfire.pre_n', '0', true)",
+        arm_sql(cfg, &format!("record:{limit}"))
     ));
     let record = format!("record:{limit}");
     let (prepared, first, intact, replay) = match how {
@@ -312,6 +322,12 @@ pub(in crate::proxy) async fn run_query(
             (p, f, i, copy::Replay::default())
         }
     };
+    if how == HoldAs::Whole
+        && prepared.error.is_none()
+        && commits::commits_by_itself(&first, implicit)
+    {
+        return commits::run(io, frame, closes).await;
+    }
     if prepared.error.is_some() || first.error.is_some() {
         return failed(io, first, implicit).await;
     }
@@ -353,7 +369,8 @@ pub(in crate::proxy) async fn run_query(
             }
             let apply = rows::ascii_json(&overlays);
             let setup = format!(
-                "ROLLBACK TO SAVEPOINT pgfire_pre; SELECT set_config('pgfire.pre_mode', 'apply:{limit}', true), set_config('pgfire.pre_n', '0', true), set_config('pgfire.pre_apply', {}, true)",
+                "ROLLBACK TO SAVEPOINT pgfire_pre; SELECT {}, set_config('pgfire.pre_n', '0', true), set_config('pgfire.pre_apply', {}, true)",
+                arm_sql(cfg, &format!("apply:{limit}")),
                 dollar(&apply)
             );
             let apply_mode = format!("apply:{limit}");
@@ -402,9 +419,18 @@ async fn tentative(
     Ok((prepared, run, intact))
 }
 
-/// Reads the settings pgfire's trigger runs with, after the client's statement.
+/// Starts a PRE run in `mode` (`record:<limit>`, `apply:<limit>`): pgfire.pre_mode becomes
+/// `<mode>:<run>`, which pgfire's trigger obeys only while `<run>` is the session's current run.
+fn arm_sql(cfg: &PreConfig, mode: &str) -> String {
+    // The key is hex (md5), safe in a plain literal whatever standard_conforming_strings says.
+    let key: String = cfg.key.chars().filter(char::is_ascii_hexdigit).collect();
+    format!("pgfire.pre_arm('{key}', '{mode}')")
+}
+
+/// Reads the settings pgfire's trigger runs with, after the client's statement (the mode less
+/// its run number).
 pub(super) const CHECK_SQL: &str =
-    "SELECT current_setting('pgfire.pre_mode', true) || '/' || current_setting('pgfire.proxied', true)";
+    "SELECT regexp_replace(coalesce(current_setting('pgfire.pre_mode', true), ''), ':[0-9]+$', '') || '/' || current_setting('pgfire.proxied', true)";
 
 /// Whether the answer to [`CHECK_SQL`] shows the settings as the proxy set them (`mode`, the
 /// session proxied), or the statement failed (and wrote nothing).
@@ -416,7 +442,9 @@ pub(super) fn intact(run: &Reply, check: &Reply, mode: &str) -> bool {
 
 /// Why the row reports of a run cannot be trusted, if they cannot: a report of the other mode
 /// (someone changed `pgfire.pre_mode` mid-statement), an unreadable one, or, on the second run,
-/// not the same rows as the first.
+/// not the same rows as the first (kind, table, and the old row of an update or delete, in
+/// order: code that writes other rows the second time, or a row changed by a concurrent commit
+/// in between).
 fn tampered(reply: &Reply, mode: char, first: Option<&[RowReport]>) -> Option<String> {
     if reply.bad_rows > 0 || reply.rows.iter().any(|r| r.mode != mode) {
         return Some("pgfire: the PRE hooks' row reports were tampered with".into());
@@ -426,7 +454,7 @@ fn tampered(reply: &Reply, mode: char, first: Option<&[RowReport]>) -> Option<St
             && first
                 .iter()
                 .zip(&reply.rows)
-                .all(|(a, b)| a.op == b.op && a.oid == b.oid);
+                .all(|(a, b)| a.op == b.op && a.oid == b.oid && a.old == b.old);
         if !same {
             return Some(
                 "pgfire: the rows this statement writes changed between its PRE run and the write; run it again".into(),
@@ -441,7 +469,19 @@ fn tampered(reply: &Reply, mode: char, first: Option<&[RowReport]>) -> Option<St
 async fn failed(io: &mut Io<'_>, reply: Reply, implicit: bool) -> Result<u8, Fatal> {
     let mut status = reply.status;
     if implicit {
-        status = io.query("ROLLBACK").await?.status;
+        status = io
+            .query("ROLLBACK; SELECT pgfire.pre_disarm()")
+            .await?
+            .status;
+    } else if status == b'E' {
+        // End the run, then leave the transaction failed again, as the statement left it.
+        let code = reply.error.as_ref().map_or("XX000", |(c, _, _)| c.as_str());
+        let code: String = code.chars().filter(char::is_ascii_alphanumeric).collect();
+        let sql = format!(
+            "ROLLBACK TO SAVEPOINT pgfire_pre; RELEASE SAVEPOINT pgfire_pre; SELECT pgfire.pre_disarm(); {}",
+            raise_sql("pgfire: the statement failed", None, &code)
+        );
+        status = io.query(&sql).await?.status;
     }
     io.answer(reply.frames, status).await?;
     Ok(status)
@@ -457,7 +497,7 @@ async fn release(io: &mut Io<'_>, reply: Reply, implicit: bool) -> Result<u8, Fa
 /// The statements that keep what a held statement did.
 pub(super) fn release_sql(implicit: bool) -> String {
     let mut sql = String::from(
-        "SELECT set_config('pgfire.pre_mode', '', true), set_config('pgfire.proxied', 'on', false); RELEASE SAVEPOINT pgfire_pre",
+        "SELECT set_config('pgfire.pre_mode', '', true), set_config('pgfire.proxied', 'on', false), pgfire.pre_disarm(); RELEASE SAVEPOINT pgfire_pre",
     );
     if implicit {
         sql.push_str("; COMMIT");
@@ -476,7 +516,7 @@ async fn released(io: &mut Io<'_>, reply: Reply, done: Reply) -> Result<u8, Fata
 }
 
 /// How many frames `bytes` holds.
-fn count_frames(mut bytes: &[u8]) -> usize {
+pub(super) fn count_frames(mut bytes: &[u8]) -> usize {
     let mut n = 0;
     while let Ok(Some((_, len))) = wire::frame_header(bytes) {
         if len > bytes.len() {
@@ -517,7 +557,7 @@ async fn block(
     before: Option<BytesMut>,
 ) -> Result<u8, Fatal> {
     let sql = format!(
-        "ROLLBACK TO SAVEPOINT pgfire_pre; RELEASE SAVEPOINT pgfire_pre; {}",
+        "ROLLBACK TO SAVEPOINT pgfire_pre; RELEASE SAVEPOINT pgfire_pre; SELECT pgfire.pre_disarm(); {}",
         raise_sql(message, detail, code)
     );
     let raised = io.query(&sql).await?;

@@ -2,9 +2,11 @@
 //! pgfire's tables change, through LISTEN/NOTIFY), the shared clients PRE functions run with, and
 //! the history of PRE runs. [`hold`] is the hold/decide/release state machine of one held
 //! statement, [`decide`] the chain of functions on its rows, [`copy`] the COPY FROM STDIN
-//! sub-protocol inside it, [`split`] query strings run statement by statement.
+//! sub-protocol inside it, [`split`] query strings run statement by statement, [`commits`]
+//! statements whose procedure or DO block commits by itself.
 
 pub mod answer;
+pub(super) mod commits;
 pub(super) mod copy;
 pub(super) mod decide;
 pub(super) mod gate;
@@ -41,6 +43,9 @@ pub struct PreConfig {
     pub watched: Watched,
     pub rows_limit: u32,
     pub allow_truncate: bool,
+    /// What starts a PRE run on a writer's session (`pgfire.pre_arm`): pgfire's key, which the
+    /// session's roles cannot read.
+    pub key: String,
 }
 
 impl PreConfig {
@@ -273,10 +278,15 @@ async fn try_load(client: &Client) -> anyhow::Result<PreConfig> {
     let allow_truncate = all
         .get("pre.allow_truncate")
         .is_some_and(|v| matches!(v.trim(), "true" | "on" | "yes" | "1"));
+    let key: String = client
+        .query_one("SELECT key FROM pgfire.pre_key", &[])
+        .await?
+        .get(0);
     Ok(PreConfig {
         catalog,
         watched,
         rows_limit,
         allow_truncate,
+        key,
     })
 }

@@ -33,7 +33,9 @@ pub(in crate::proxy) async fn run(
     sql: &str,
     status: u8,
 ) -> Result<u8, Fatal> {
-    let statements = classify::classify(sql, &cfg.watched).statements;
+    // Settled: everything before the string is answered.
+    let strings = io.lexing.strings(true);
+    let statements = classify::classify_lexed(sql, &cfg.watched, strings).statements;
     io.inner = true;
     let result = statements_one_by_one(io, hooks, cfg, sql, &statements, status).await;
     io.inner = false;
@@ -104,7 +106,8 @@ async fn statements_one_by_one(
                 return Ok(status);
             }
             _ if status == b'E' => plain(io, text, Filter::None).await?,
-            _ => match gate::query(cfg, text) {
+            // Each statement as the server will lex it: an earlier one may have changed how.
+            _ => match gate::query(cfg, io.lexing.strings(true), text) {
                 Gate::Pass => plain(io, text, Filter::None).await?,
                 Gate::Hold(how) => {
                     let how = if how == HoldAs::Split {

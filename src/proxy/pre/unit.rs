@@ -11,6 +11,7 @@ use bytes::{BufMut, BytesMut};
 use super::gate::{self, Gate, HoldAs};
 use super::PreConfig;
 use crate::metrics::Metrics;
+use crate::proxy::classify::Strings;
 use crate::wire::{self, Frontend, WireError};
 
 /// The extended-protocol messages a batch is made of.
@@ -99,12 +100,12 @@ impl Units {
         )
     }
 
-    /// Add one whole extended-protocol frame (a Parse is counted in `metrics` as streamed, held
-    /// or refused).
+    /// Add one whole extended-protocol frame (a Parse, lexed as `strings` says, is counted in
+    /// `metrics` as streamed, held or refused).
     pub fn push(
         &mut self,
         cfg: &PreConfig,
-        frame: &[u8],
+        (frame, strings): (&[u8], Strings),
         nonce: u64,
         metrics: &Metrics,
     ) -> Result<Next, WireError> {
@@ -116,7 +117,7 @@ impl Units {
                     return Err(WireError::Malformed("Parse"));
                 };
                 let name = p.statement.to_string();
-                let gate = gate::parse(cfg, &p, nonce);
+                let gate = gate::parse(cfg, &p, nonce, strings);
                 metrics.statement(gate.action());
                 self.copy_statements.remove(&name);
                 match gate {
@@ -303,7 +304,9 @@ mod tests {
         let c = cfg();
         let mut last = Next::Gather;
         for f in frames {
-            last = u.push(&c, f, 1, &Metrics::default()).unwrap();
+            last = u
+                .push(&c, (f, Strings::On), 1, &Metrics::default())
+                .unwrap();
         }
         last
     }
@@ -411,8 +414,10 @@ mod tests {
         // Garbage is an error, never a panic.
         let c = cfg();
         let m = Metrics::default();
-        assert!(u.push(&c, &msg(b'E', b"no terminator"), 1, &m).is_err());
-        assert!(u.push(&c, &msg(b'C', b""), 1, &m).is_err());
-        assert!(u.push(&c, &msg(b'B', b"\0"), 1, &m).is_err());
+        assert!(u
+            .push(&c, (&msg(b'E', b"no terminator"), Strings::On), 1, &m)
+            .is_err());
+        assert!(u.push(&c, (&msg(b'C', b""), Strings::On), 1, &m).is_err());
+        assert!(u.push(&c, (&msg(b'B', b"\0"), Strings::On), 1, &m).is_err());
     }
 }
