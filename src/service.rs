@@ -168,10 +168,7 @@ impl Service {
                 database_url: cfg.database_url.clone(),
                 stats: stats.clone(),
             };
-            let intake = on_own_thread(
-                "pgfire-intake",
-                intake.run(rx, events_tx, dispatch_stop.clone()),
-            )?;
+            let intake = tokio::spawn(intake.run(rx, events_tx, dispatch_stop.clone()));
             // The engine retries parked runs and knows which rows wait behind them: only the
             // pgfire holding the slot may do that, so it delivers while this one holds it.
             let held = slot_state(health.clone(), dispatch_stop.clone());
@@ -190,10 +187,13 @@ impl Service {
                 dispatch_stopping: dispatch_stop.clone(),
                 spill: Some(cfg.spill.clone()),
             };
-            tasks.push(on_own_thread(
-                "pgfire-stream",
-                replication::run(consumer, tx, settled, health.clone(), shutdown.clone()),
-            )?);
+            tasks.push(tokio::spawn(replication::run(
+                consumer,
+                tx,
+                settled,
+                health.clone(),
+                shutdown.clone(),
+            )));
         }
 
         let mut proxy_addr = None;
@@ -620,28 +620,4 @@ pub async fn status_cmd(url: &str, admin_url: &str) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-/// Run `task` on a thread of its own, with a single-threaded runtime; the handle ends when it
-/// does. The consumer and intake run so: a pipeline of tasks on one multi-threaded runtime tends
-/// to stay on one worker thread (a task woken by the one running goes next on the same thread),
-/// so decoding a big commit's changes, turning them into events and delivering them took turns
-/// on one core; on threads of their own the three stages run side by side.
-fn on_own_thread(
-    name: &str,
-    task: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<tokio::task::JoinHandle<()>> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let (done, ended) = tokio::sync::oneshot::channel::<()>();
-    std::thread::Builder::new()
-        .name(name.to_string())
-        .spawn(move || {
-            rt.block_on(task);
-            drop(done);
-        })?;
-    Ok(tokio::spawn(async move {
-        let _ = ended.await;
-    }))
 }
