@@ -135,14 +135,18 @@ enum Ended {
         duration: Duration,
     },
     /// A retry of a parked run.
-    Retry {
-        due: Due,
-        def: Arc<FunctionDef>,
-        event_id: EventId,
-        result: Result<(), FunctionError>,
-        started_us: i64,
-        duration: Duration,
-    },
+    Retry(RetryEnded),
+}
+
+/// A retry of a parked run that ended: the run, its function as configured when it started, and
+/// how it went.
+struct RetryEnded {
+    due: Due,
+    def: Arc<FunctionDef>,
+    event_id: EventId,
+    result: Result<(), FunctionError>,
+    started_us: i64,
+    duration: Duration,
 }
 
 struct State {

@@ -112,14 +112,7 @@ impl State {
                 started_us,
                 duration,
             } => self.run_ended(task, result, started_us, duration),
-            Ended::Retry {
-                due,
-                def,
-                event_id,
-                result,
-                started_us,
-                duration,
-            } => self.retry_ended(due, def, event_id, result, started_us, duration),
+            Ended::Retry(ended) => self.retry_ended(ended),
         }
     }
 

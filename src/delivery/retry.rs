@@ -3,28 +3,27 @@
 //! backoff with jitter.
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
 
 use super::parked::{self, Due, Op, Reply, Resolution};
-use super::{clean, revive, Ended, State, RETRY_SLOTS};
-use crate::catalog::{FunctionDef, Settings};
+use super::{clean, revive, Ended, RetryEnded, State, RETRY_SLOTS};
+use crate::catalog::Settings;
 use crate::events::{EventId, Lsn};
 use crate::executions::{Execution, Status};
 use crate::functions::{Delivery, ErrorKind, FunctionError};
 
 impl State {
-    pub(super) fn retry_ended(
-        &mut self,
-        due: Due,
-        def: Arc<FunctionDef>,
-        event_id: EventId,
-        result: Result<(), FunctionError>,
-        started_us: i64,
-        duration: Duration,
-    ) {
+    pub(super) fn retry_ended(&mut self, ended: RetryEnded) {
+        let RetryEnded {
+            due,
+            def,
+            event_id,
+            result,
+            started_us,
+            duration,
+        } = ended;
         self.retrying.remove(&due.id);
         self.stats.runs.fetch_add(1, Ordering::Relaxed);
         self.fetch_soon = true;
@@ -231,14 +230,14 @@ impl State {
                 let d = Delivery::with_envelope(&event, due.envelope.clone());
                 kinds.post(&def, &d).await
             };
-            Ended::Retry {
+            Ended::Retry(RetryEnded {
                 due,
                 def,
                 event_id,
                 result,
                 started_us,
                 duration: t0.elapsed(),
-            }
+            })
         }));
     }
 }
