@@ -102,7 +102,6 @@ impl State {
             let seq = self
                 .marks
                 .admit(subs.len() as u32, 2 * event.data.json().len() + 512);
-            self.stats.events.fetch_add(1, Ordering::Relaxed);
             let job = Arc::new(Job {
                 key: Arc::from(key::of(&event)),
                 prior: key::prior(&event).map(Arc::from),

@@ -59,8 +59,6 @@ const HISTORY_BATCH: usize = 1024;
 /// Counters shared with the admin endpoint and `pgfire status`.
 #[derive(Debug, Default)]
 pub struct DeliveryStats {
-    pub events: AtomicU64,
-    pub runs: AtomicU64,
     pub failures: AtomicU64,
     pub parked: AtomicU64,
     pub dead: AtomicU64,

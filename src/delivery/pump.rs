@@ -123,7 +123,6 @@ impl State {
         started_us: i64,
         duration: Duration,
     ) {
-        self.stats.runs.fetch_add(1, Ordering::Relaxed);
         let name = task.def.name.clone();
         let key = task.job.key.clone();
         let err = match result {

@@ -25,7 +25,6 @@ impl State {
             duration,
         } = ended;
         self.retrying.remove(&due.id);
-        self.stats.runs.fetch_add(1, Ordering::Relaxed);
         self.fetch_soon = true;
         let attempt = due.attempt + 1;
         let record = |s: &mut State, status, error| {
