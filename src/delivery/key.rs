@@ -32,13 +32,7 @@ pub fn of(event: &Event) -> String {
         .find_map(|p| json.strip_prefix(p));
     // The usual id, a number or a string without escapes, is its own text (as it prints).
     if let Some(id) = rest.and_then(plain_scalar) {
-        let mut key = String::with_capacity(schema.len() + table.len() + id.len() + 2);
-        key.push_str(schema);
-        key.push('.');
-        key.push_str(table);
-        key.push(':');
-        key.push_str(id);
-        return key;
+        return format!("{schema}.{table}:{id}");
     }
     let first = rest.and_then(|rest| {
         serde_json::Deserializer::from_str(rest)

@@ -233,20 +233,17 @@ async fn call(
             tracing::info!(function = %f.name, event_id = id, event_type = %envelope["event_type"], "PRE event");
             Ok(Answer::Allow { data: None })
         }
-        FunctionKind::Webhook => {
+        // Both send the envelope and parse the answer they get back.
+        FunctionKind::Webhook | FunctionKind::Nats => {
             let body = serde_json::to_vec(envelope).unwrap_or_default();
-            match hooks.webhook.pre(f, id, body).await {
-                Ok(bytes) => answer::parse(&bytes).map_err(invalid),
-                Err(e) => Err(e),
-            }
-        }
-        FunctionKind::Nats => {
-            let body = serde_json::to_vec(envelope).unwrap_or_default();
-            let event_type = envelope["event_type"].as_str().unwrap_or_default();
-            match hooks.nats.pre(f, event_type, id, body).await {
-                Ok(bytes) => answer::parse(&bytes).map_err(invalid),
-                Err(e) => Err(e),
-            }
+            let answered = match f.kind {
+                FunctionKind::Nats => {
+                    let event_type = envelope["event_type"].as_str().unwrap_or_default();
+                    hooks.nats.pre(f, event_type, id, body).await
+                }
+                _ => hooks.webhook.pre(f, id, body).await,
+            };
+            answered.and_then(|bytes| answer::parse(&bytes).map_err(invalid))
         }
         FunctionKind::Sql => {
             let Some(callable) = f.sql_callable.as_deref() else {
