@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use pgfire::embedded::{free_port, Cluster, ClusterOptions};
 
+mod common;
+
 #[derive(Clone, Copy)]
 enum Shape {
     Single,
@@ -303,13 +305,7 @@ fn run_pgfire(bin: &str, url: &str, slot: &str, end: &str) -> anyhow::Result<(f6
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     })?;
-    let status =
-        std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap_or_default();
-    let rss = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0);
+    let rss = common::peak_rss_kb(child.id());
     Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()?;

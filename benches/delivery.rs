@@ -19,6 +19,8 @@ use axum::routing::post;
 use axum::Router;
 use pgfire::embedded::{free_port, Cluster, ClusterOptions};
 
+mod common;
+
 #[derive(Default)]
 struct Receiver {
     count: AtomicU64,
@@ -160,14 +162,7 @@ fn main() -> anyhow::Result<()> {
             };
             anyhow::Ok(secs)
         })?;
-        let status =
-            std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap_or_default();
-        let peak_mb = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .unwrap_or(0)
-            / 1024;
+        let peak_mb = common::peak_rss_kb(child.id()) / 1024;
         let _ = child.kill();
         let _ = child.wait();
         let rate = n as f64 / secs.max(1e-6);
