@@ -60,6 +60,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "pre hooks hardened",
         sql: include_str!("../sql/009_pre_hardening.sql"),
     },
+    Migration {
+        version: 10,
+        name: "pre chains decided in the database",
+        sql: include_str!("../sql/010_pre_in_database.sql"),
+    },
 ];
 
 /// The publication pgfire's consumer reads; source tables are added to it.

@@ -15,6 +15,7 @@ use super::in_flight::InFlight;
 use super::lexing::Lexing;
 use super::pre::gate::{self, Gate, HoldAs};
 use super::pre::hold::{self, Io};
+use super::pre::rows::{self, RunReport};
 use super::pre::split;
 use super::pre::unit::{self, Next, Units};
 use super::pre::PreHooks;
@@ -170,11 +171,14 @@ async fn relay_halves(
     let in_flight = Mutex::new(InFlight::new());
     let lexing = Mutex::new(Lexing::default());
     let rewrites: Rewrites = Mutex::new(Vec::new());
-    let mut down = Downstream::default();
+    let mut down = Downstream {
+        pre: pre.is_some(),
+        ..Downstream::default()
+    };
     let outcome = loop {
         let flow = tokio::select! {
             r = client_to_server(&mut cr, &mut uw, &mut up, hook, pre, (&in_flight, &lexing), &rewrites) => r,
-            r = server_to_client(&mut ur, &mut cw, &mut down, (&in_flight, &lexing), &rewrites, drain, config) => r.map(|()| Flow::Left),
+            r = server_to_client(&mut ur, &mut cw, &mut down, (&in_flight, &lexing), &rewrites, drain, (config, pre)) => r.map(|()| Flow::Left),
         };
         match (flow, pre) {
             (Ok(Flow::Held { bytes, closes, how }), Some(pre)) => {
@@ -232,6 +236,7 @@ async fn held(
 ) -> Result<(), Fatal> {
     loop {
         scan_down(down, (in_flight, lexing), rewrites)?;
+        pre.record_reports(std::mem::take(&mut down.runs));
         down.write_ready(cw).await.map_err(io_fatal)?;
         // The held Query itself is counted as sent.
         if lock(in_flight).owed() <= 1 && down.scanner.remaining == 0 && down.ready == 0 {
@@ -273,6 +278,7 @@ async fn held(
         async_out: BytesMut::new(),
         inner: false,
         lexing: known,
+        runs: Vec::new(),
     };
     let status = if split {
         match wire::decode_frontend(frame)? {
@@ -284,6 +290,7 @@ async fn held(
     };
     // What the server reported on the way (also when the session ends in error).
     *lock(lexing) = io.lexing;
+    pre.record_reports(std::mem::take(&mut io.runs));
     let status = status?;
     lock(in_flight).ready(status);
     Ok(())
@@ -301,6 +308,10 @@ struct Downstream {
     scanner: Scanner,
     /// Bytes at the start of `buf` already scanned and still to be written to the client.
     ready: usize,
+    /// The session has PRE hooks: reports of runs the database decided for writes the proxy
+    /// streamed (`pgfire.pre_decide`) are taken out of the stream into `runs`.
+    pre: bool,
+    runs: Vec<RunReport>,
 }
 
 impl Downstream {
@@ -528,10 +539,12 @@ fn scan_down(
             .unwrap_or_else(|p| p.into_inner())
             .is_empty();
         let mut replacement = None;
+        let notices = down.pre;
+        let runs = &mut down.runs;
         let (n, stopped) = down.scanner.scan(
             &down.buf[down.ready..],
             |_| Ok(()),
-            |t| t == b'Z' || t == b'R' || t == b'S' || (pending && t == b'E'),
+            |t| t == b'Z' || t == b'R' || t == b'S' || ((pending || notices) && t == b'E') || (notices && t == b'N'),
             |frame| {
                 if frame[0] == b'S' {
                     lock(lexing).observe(frame);
@@ -543,6 +556,16 @@ fn scan_down(
                 }
                 match wire::decode_backend(frame)? {
                     Some(Backend::ReadyForQuery(s)) => lock(in_flight).ready(s),
+                    Some(Backend::NoticeResponse(n))
+                        if n.code == rows::RUN_CODE && n.message == rows::RUN_MESSAGE =>
+                    {
+                        match rows::decode_runs(n.detail) {
+                            Ok(r) => runs.push(r),
+                            Err(err) => tracing::warn!(error = %err, "unreadable PRE run report"),
+                        }
+                        replacement = Some(BytesMut::new());
+                        return Ok(true);
+                    }
                     Some(Backend::ErrorResponse(e)) => {
                         let mut list = rewrites.lock().unwrap_or_else(|p| p.into_inner());
                         let hit = list.iter().position(|(marker, _)| {
@@ -552,6 +575,10 @@ fn scan_down(
                         });
                         if let Some(i) = hit {
                             replacement = Some(list.remove(i).1);
+                            return Ok(true);
+                        }
+                        if let Some(clean) = hold::decided_block(frame) {
+                            replacement = Some(BytesMut::from(&clean[..]));
                             return Ok(true);
                         }
                     }
@@ -581,7 +608,7 @@ async fn server_to_client(
     (in_flight, lexing): Shared<'_>,
     rewrites: &Rewrites,
     drain: &CancellationToken,
-    config: &ProxyConfig,
+    (config, pre): (&ProxyConfig, Option<&PreHooks>),
 ) -> Result<(), Fatal> {
     down.buf.reserve(READ_CHUNK);
     let mut deadline: Option<tokio::time::Instant> = None;
@@ -591,6 +618,9 @@ async fn server_to_client(
     };
     loop {
         scan_down(down, (in_flight, lexing), rewrites)?;
+        if let (false, Some(pre)) = (down.runs.is_empty(), pre) {
+            pre.record_reports(std::mem::take(&mut down.runs));
+        }
         down.write_ready(cw).await.map_err(io_fatal)?;
         // Draining: close once nothing is in flight, no transaction is open and the client has
         // everything the server sent.

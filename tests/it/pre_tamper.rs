@@ -1,7 +1,9 @@
 //! Code run by a statement (a function, a SECURITY DEFINER function, another trigger, a view)
 //! that changes pgfire's settings while the statement runs, and restores them, or keeps a PRE
 //! run's mode for later, or disables pgfire's triggers: each write it attempts on a watched table
-//! is refused (42501), for a superuser and a role without privileges alike.
+//! is refused (42501) or decided all the same (the PRE function blocks it), for a superuser and
+//! a role without privileges alike, whether the database decides (only `sql` PRE functions) or
+//! the proxy does (a webhook in the chain).
 
 use crate::pre::{db_error, setup, PreProxy};
 use crate::support::{count, TestDb};
@@ -45,6 +47,17 @@ CREATE TABLE kept (mode text);
 CREATE FUNCTION keep_mode() RETURNS void LANGUAGE sql AS $$
     INSERT INTO kept SELECT current_setting('pgfire.' || 'pre_mode') $$;
 CREATE VIEW replay AS SELECT set_config('pgfire.' || 'pre_mode', (SELECT max(mode) FROM kept), false) AS m;
+-- A run ended from inside the statement, a mode of another kind started with the next number,
+-- the first mode put back before the release.
+CREATE FUNCTION rearm(e text) RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    mode text := current_setting('pgfire.' || 'pre_mode');
+BEGIN
+    PERFORM pgfire.pre_disarm();
+    PERFORM set_config('pgfire.' || 'pre_mode', 'record:1000:' || pgfire.pre_run(), true);
+    INSERT INTO users (email) VALUES (e);
+    PERFORM set_config('pgfire.' || 'pre_mode', mode, true);
+END $$;
 -- The table's owner disables pgfire's triggers from a function.
 CREATE FUNCTION disable_then_write(e text) RETURNS void LANGUAGE plpgsql AS $$
 BEGIN
@@ -63,6 +76,7 @@ END $$;
 const ATTEMPTS: &[&[&str]] = &[
     &["SELECT flip_and_restore('bad')"],
     &["SELECT flip_definer('bad')"],
+    &["SELECT rearm('bad')"],
     &["INSERT INTO users (email) VALUES ('flip')"],
     &["INSERT INTO users (email) VALUES ('quiet')"],
     &[
@@ -91,7 +105,8 @@ async fn attempt(c: &tokio_postgres::Client, steps: &[&str]) -> Result<(), Strin
         Ok(_) => Err(format!("{last}: got through")),
         Err(e) => {
             let (code, message, _) = db_error(&e);
-            if code == "42501" {
+            // Refused, or decided all the same: the PRE function saw the write and blocked it.
+            if code == "42501" || (code == "P0001" && message == "Invalid email address") {
                 Ok(())
             } else {
                 Err(format!("{last}: {code} {message}"))
@@ -103,8 +118,27 @@ async fn attempt(c: &tokio_postgres::Client, steps: &[&str]) -> Result<(), Strin
     result
 }
 
-async fn attempts(proxy: &PreProxy, url: &str, extra: &[&[&str]]) -> Vec<String> {
-    let _ = proxy;
+/// The attempts with the configuration as it is (only `sql` PRE functions: pgfire's trigger
+/// decides in the database), then with a webhook PRE function added (the proxy decides).
+async fn attempts(proxy: &PreProxy, db: &TestDb, url: &str, extra: &[&[&str]]) -> Vec<String> {
+    let mut failures = attempts_once(url, extra).await;
+    proxy
+        .change(
+            db,
+            "INSERT INTO pgfire.functions (name, kind, target) VALUES ('hook', 'webhook', 'http://127.0.0.1:9/');
+             INSERT INTO pgfire.subscriptions (event_type, function_name, priority) VALUES ('PRE_USER_CREATE', 'hook', 5);",
+        )
+        .await;
+    failures.extend(
+        attempts_once(url, extra)
+            .await
+            .into_iter()
+            .map(|f| format!("with a webhook: {f}")),
+    );
+    failures
+}
+
+async fn attempts_once(url: &str, extra: &[&[&str]]) -> Vec<String> {
     let (c, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
         .await
         .expect("connect through the proxy");
@@ -133,10 +167,10 @@ async fn a_superuser_s_code_cannot_switch_pre_hooks_off() {
         &["SELECT disable_then_write('bad')"],
         &["SELECT rename_then_write('bad')"],
     ];
-    let failures = attempts(&proxy, &proxy.url(&db), owner_only).await;
+    let failures = attempts(&proxy, &db, &proxy.url(&db), owner_only).await;
     assert!(failures.is_empty(), "{failures:#?}");
     let direct = db.client().await;
-    assert_eq!(count(&direct, "SELECT count(*) FROM users").await, 1);
+    assert_eq!(count(&direct, "SELECT count(*) FROM users").await, 2);
     assert_eq!(
         count(
             &direct,
@@ -187,10 +221,10 @@ async fn a_role_without_privileges_cannot_either() {
         .unwrap_err();
     assert_eq!(db_error(&err).0, "42501");
     let own: &[&[&str]] = &[&["SELECT mine('bad')"]];
-    let failures = attempts(&proxy, &url, own).await;
+    let failures = attempts(&proxy, &db, &url, own).await;
     assert!(failures.is_empty(), "{failures:#?}");
     let direct = db.client().await;
-    assert_eq!(count(&direct, "SELECT count(*) FROM users").await, 1);
+    assert_eq!(count(&direct, "SELECT count(*) FROM users").await, 2);
 }
 
 /// A rewritten UPDATE runs twice; code that updates other rows the second time is caught.

@@ -21,7 +21,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use super::decide::{self, Outcome};
 use super::gate::HoldAs;
 use super::rows::{self, RowReport};
-use super::{commits, copy};
+use super::{commits, copy, fast};
 use super::{PreConfig, PreHooks};
 use crate::proxy::lexing::Lexing;
 use crate::proxy::session::{io_fatal, Fatal};
@@ -45,6 +45,9 @@ pub(in crate::proxy) struct Io<'a> {
     pub inner: bool,
     /// How the session lexes strings, kept up to date from the server's ParameterStatus.
     pub lexing: Lexing,
+    /// Runs the database decided on the way (`pgfire.pre_decide`), recorded when the held
+    /// statement ends.
+    pub runs: Vec<rows::RunReport>,
 }
 
 /// The answer to one Query the proxy sent, up to its ReadyForQuery.
@@ -138,6 +141,14 @@ impl Io<'_> {
             }
             b'N' => {
                 if let Some(Backend::NoticeResponse(n)) = wire::decode_backend(&frame)? {
+                    if n.code == rows::RUN_CODE && n.message == rows::RUN_MESSAGE {
+                        r.starts.pop();
+                        match rows::decode_runs(n.detail) {
+                            Ok(runs) => self.runs.push(runs),
+                            Err(err) => tracing::warn!(error = %err, "unreadable PRE run report"),
+                        }
+                        return Ok(false);
+                    }
                     if n.code == rows::ROW_CODE && n.message == rows::ROW_MESSAGE {
                         r.starts.pop();
                         match rows::decode(n.detail) {
@@ -165,7 +176,10 @@ impl Io<'_> {
                         ));
                     }
                 }
-                r.frames.extend_from_slice(&frame);
+                match decided_block(&frame) {
+                    Some(clean) => r.frames.extend_from_slice(&clean),
+                    None => r.frames.extend_from_slice(&frame),
+                }
             }
             b'D' => {
                 r.values.push(first_column(&frame));
@@ -282,6 +296,17 @@ pub(super) fn without_context(frame: &[u8]) -> Bytes {
     out.freeze()
 }
 
+/// A block raised by pgfire's trigger (`pgfire.pre_decide`), without its context: it reads as
+/// the handler's error, not as a line of pgfire's PL/pgSQL. None for any other frame.
+pub(in crate::proxy) fn decided_block(frame: &[u8]) -> Option<Bytes> {
+    const MARK: &[u8] = b"function pgfire.pre_decide(";
+    let raised = frame.len() > 5
+        && frame[0] == b'E'
+        && frame.windows(6).any(|w| w == b"CP0001")
+        && frame.windows(MARK.len()).any(|w| w == MARK);
+    raised.then(|| without_context(frame))
+}
+
 /// Raise `message` (SQLSTATE `code`) on the server, so the session's state is the server's own.
 pub(super) fn raise_sql(message: &str, detail: Option<&str>, code: &str) -> String {
     let m = rows::ascii_json(&message);
@@ -304,6 +329,14 @@ pub(in crate::proxy) async fn run_query(
     (frame, closes, how): (&[u8], &[u8], HoldAs),
     status: u8,
 ) -> Result<u8, Fatal> {
+    let mut closes_first: &[u8] = &[];
+    if cfg.fast && how == HoldAs::Whole {
+        match fast::run(io, hooks, cfg, (frame, closes), status).await? {
+            fast::Ran::Answered(status) => return Ok(status),
+            // Back where it started: the statement runs the long way, its statements parsed again.
+            fast::Ran::Held => closes_first = closes,
+        }
+    }
     let implicit = status == b'I';
     let limit = cfg.rows_limit;
     let mut setup = String::new();
@@ -318,7 +351,7 @@ pub(in crate::proxy) async fn run_query(
     let (prepared, first, intact, replay) = match how {
         HoldAs::CopyIn => copy::first_run(io, &setup, frame, &record).await?,
         _ => {
-            let (p, f, i) = tentative(io, &setup, frame, &[], &record).await?;
+            let (p, f, i) = tentative(io, &setup, frame, closes_first, &record).await?;
             (p, f, i, copy::Replay::default())
         }
     };
@@ -421,7 +454,7 @@ async fn tentative(
 
 /// Starts a PRE run in `mode` (`record:<limit>`, `apply:<limit>`): pgfire.pre_mode becomes
 /// `<mode>:<run>`, which pgfire's trigger obeys only while `<run>` is the session's current run.
-fn arm_sql(cfg: &PreConfig, mode: &str) -> String {
+pub(super) fn arm_sql(cfg: &PreConfig, mode: &str) -> String {
     // The key is hex (md5), safe in a plain literal whatever standard_conforming_strings says.
     let key: String = cfg.key.chars().filter(char::is_ascii_hexdigit).collect();
     format!("pgfire.pre_arm('{key}', '{mode}')")
@@ -466,7 +499,7 @@ fn tampered(reply: &Reply, mode: char, first: Option<&[RowReport]>) -> Option<St
 
 /// The client's statement failed on its own: the client gets the server's answer; the proxy's
 /// own transaction, if it opened one, is rolled back.
-async fn failed(io: &mut Io<'_>, reply: Reply, implicit: bool) -> Result<u8, Fatal> {
+pub(super) async fn failed(io: &mut Io<'_>, reply: Reply, implicit: bool) -> Result<u8, Fatal> {
     let mut status = reply.status;
     if implicit {
         status = io

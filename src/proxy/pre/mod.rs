@@ -3,12 +3,14 @@
 //! the history of PRE runs. [`hold`] is the hold/decide/release state machine of one held
 //! statement, [`decide`] the chain of functions on its rows, [`copy`] the COPY FROM STDIN
 //! sub-protocol inside it, [`split`] query strings run statement by statement, [`commits`]
-//! statements whose procedure or DO block commits by itself.
+//! statements whose procedure or DO block commits by itself, [`fast`] statements whose chains
+//! the database decides in one round trip.
 
 pub mod answer;
 pub(super) mod commits;
 pub(super) mod copy;
 pub(super) mod decide;
+pub(super) mod fast;
 pub(super) mod gate;
 pub(super) mod hold;
 pub mod rows;
@@ -26,8 +28,9 @@ use tokio_postgres::{AsyncMessage, Client};
 use tokio_util::sync::CancellationToken;
 
 use super::classify::{TableName, Watched, SAFE_FUNCTIONS};
-use crate::catalog::Catalog;
-use crate::executions::{self, Execution, Progress};
+use crate::catalog::{Catalog, FunctionKind};
+use crate::events::{EventId, Lsn};
+use crate::executions::{self, Execution, Progress, Status};
 use crate::functions::nats::{Nats, NatsConfig};
 use crate::functions::webhook::Webhook;
 use crate::metrics::{Metrics, Phase};
@@ -46,6 +49,9 @@ pub struct PreConfig {
     /// What starts a PRE run on a writer's session (`pgfire.pre_arm`): pgfire's key, which the
     /// session's roles cannot read.
     pub key: String,
+    /// Every PRE subscription runs a `sql` or `log` function: held statements are decided by
+    /// pgfire's trigger inside their own run, in one round trip (migration 010).
+    pub fast: bool,
 }
 
 impl PreConfig {
@@ -112,6 +118,51 @@ impl PreHooks {
         for r in runs {
             if self.history.send(r).await.is_err() {
                 tracing::warn!("PRE history writer stopped; a PRE run is not recorded");
+            }
+        }
+    }
+
+    /// Queue the runs the database decided (`pgfire.pre_decide`'s reports) for
+    /// `pgfire.executions`, counted as the proxy's own are. Never waits: a full queue drops the
+    /// record with a warning.
+    pub(in crate::proxy) fn record_reports(&self, reports: Vec<rows::RunReport>) {
+        for report in reports {
+            for run in report.runs {
+                let status = match run.status.as_str() {
+                    "ok" => Status::Ok,
+                    "modified" => Status::Modified,
+                    "blocked" => Status::Blocked,
+                    "timeout" => Status::Timeout,
+                    _ => Status::Error,
+                };
+                if run.kind == "log" {
+                    tracing::info!(function = %run.function, event_type = %report.event_type, "PRE event");
+                }
+                self.metrics.pre_decision(&run.function, status, run.shadow);
+                let error = match (run.shadow, run.error) {
+                    (true, error) if status != Status::Ok => Some(format!(
+                        "shadow mode (not applied): {}",
+                        error.as_deref().unwrap_or(status.as_str())
+                    )),
+                    (_, error) => error,
+                };
+                let execution = Execution {
+                    event_id: EventId {
+                        commit_lsn: Lsn(report.stmt),
+                        position: report.pos,
+                        sub: 0,
+                    },
+                    event_type: report.event_type.as_str().into(),
+                    function_name: run.function.as_str().into(),
+                    error: error.map(String::into_boxed_str),
+                    started_at_us: run.at,
+                    duration_us: run.us.max(0) as u64,
+                    attempt: 1,
+                    status,
+                };
+                if self.history.try_send(execution).is_err() {
+                    tracing::warn!("PRE history queue full or stopped; a PRE run is not recorded");
+                }
             }
         }
     }
@@ -282,11 +333,18 @@ async fn try_load(client: &Client) -> anyhow::Result<PreConfig> {
         .query_one("SELECT key FROM pgfire.pre_key", &[])
         .await?
         .get(0);
+    let fast = catalog
+        .subscriptions
+        .iter()
+        .filter(|(event_type, _)| event_type.starts_with("PRE_"))
+        .flat_map(|(_, subs)| subs)
+        .all(|s| matches!(s.function.kind, FunctionKind::Sql | FunctionKind::Log));
     Ok(PreConfig {
         catalog,
         watched,
         rows_limit,
         allow_truncate,
         key,
+        fast,
     })
 }

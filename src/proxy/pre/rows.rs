@@ -55,16 +55,56 @@ struct Raw {
     old: Option<Map<String, Value>>,
 }
 
-/// Decode the detail field of a row report.
-pub fn decode(detail: &[u8]) -> Result<RowReport, RowError> {
+/// SQLSTATE of the reports of PRE runs decided in the database (`pgfire.pre_decide`).
+pub const RUN_CODE: &[u8] = b"PGF03";
+/// Their message.
+pub const RUN_MESSAGE: &[u8] = b"pgfire:run";
+
+/// The runs of one row's chain, decided in the database.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct RunReport {
+    /// The statement's number (the "LSN" part of the event id) and the row's position in it.
+    pub stmt: u64,
+    pub pos: u32,
+    pub event_type: String,
+    pub runs: Vec<Run>,
+}
+
+/// One function's run on the row.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct Run {
+    #[serde(rename = "fn")]
+    pub function: String,
+    pub kind: String,
+    /// `ok`, `modified`, `blocked`, `error` or `timeout`.
+    pub status: String,
+    pub error: Option<String>,
+    pub shadow: bool,
+    /// Start, microseconds since the Unix epoch, and duration.
+    pub at: i64,
+    pub us: i64,
+}
+
+/// Decode the detail field of a run report.
+pub fn decode_runs(detail: &[u8]) -> Result<RunReport, RowError> {
+    let json = unbase64(detail)?;
+    serde_json::from_slice(&json).map_err(|e| RowError::Json(e.to_string()))
+}
+
+fn unbase64(detail: &[u8]) -> Result<Vec<u8>, RowError> {
     let clean: Vec<u8> = detail
         .iter()
         .copied()
         .filter(|b| !b.is_ascii_whitespace())
         .collect();
-    let json = base64::engine::general_purpose::STANDARD
+    base64::engine::general_purpose::STANDARD
         .decode(clean)
-        .map_err(|_| RowError::Base64)?;
+        .map_err(|_| RowError::Base64)
+}
+
+/// Decode the detail field of a row report.
+pub fn decode(detail: &[u8]) -> Result<RowReport, RowError> {
+    let json = unbase64(detail)?;
     let raw: Raw = serde_json::from_slice(&json).map_err(|e| RowError::Json(e.to_string()))?;
     let op = match raw.op.as_str() {
         "INSERT" => Op::Insert,
