@@ -17,38 +17,72 @@
 -- Run numbers carry the mode they were armed for (their remainder by 4), so a mode string
 -- copied from this run with another kind (`record`) is refused as forged.
 
--- The chain one operation on one table runs: the source's kind and id column, the event type,
--- and its active functions in run order. SECURITY DEFINER: writers need not read pgfire's tables.
-CREATE FUNCTION pgfire.pre_chain(rel oid, op text) RETURNS jsonb
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, public AS $$
-    SELECT jsonb_build_object(
+-- The chain each operation on each user or record table runs, kept up to date by triggers on
+-- pgfire's configuration, so the row trigger reads it with one index lookup: the source's kind
+-- and id column, the event type, whether a function of a kind only the proxy runs (webhook,
+-- nats) is in it, and, when not, its active functions in run order. Readable by every role
+-- (it holds no webhook target); written only by pgfire.
+CREATE TABLE pgfire.pre_chains (
+    rel   oid  NOT NULL,
+    op    text NOT NULL,
+    chain jsonb NOT NULL,
+    PRIMARY KEY (rel, op)
+);
+GRANT SELECT ON pgfire.pre_chains TO PUBLIC;
+
+CREATE FUNCTION pgfire.refresh_pre_chains() RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public AS $$
+BEGIN
+    DELETE FROM pgfire.pre_chains;
+    INSERT INTO pgfire.pre_chains (rel, op, chain)
+    SELECT s.table_name::oid, o.op, jsonb_build_object(
         'kind', s.kind, 'id_column', s.id_column, 'event_type', e.t,
-        'fns', coalesce((
-            SELECT jsonb_agg(jsonb_build_object(
-                       'name', f.name, 'kind', f.kind, 'target', f.target,
-                       'callable', CASE WHEN f.kind = 'sql' THEN (
-                           SELECT format('%I.%I', n.nspname, p.proname)
-                             FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
-                            WHERE p.oid = to_regprocedure(f.target || '(jsonb)')) END,
-                       'timeout_ms', least(greatest(f.timeout_ms, 1), lim.ms),
-                       'blocks', f.on_error = 'block', 'shadow', sub.shadow)
-                     ORDER BY sub.priority, f.name)
-              FROM pgfire.subscriptions sub
-              JOIN pgfire.functions f ON f.name = sub.function_name AND f.active
-             WHERE sub.event_type = e.t AND sub.active), '[]'::jsonb))
+        'held', coalesce(bool_or(f.kind NOT IN ('sql', 'log')), false),
+        'fns', CASE WHEN coalesce(bool_or(f.kind NOT IN ('sql', 'log')), false) THEN '[]'::jsonb
+               ELSE coalesce(jsonb_agg(jsonb_build_object(
+                   'name', f.name, 'kind', f.kind, 'target', f.target,
+                   'callable', CASE WHEN f.kind = 'sql' THEN (
+                       SELECT format('%I.%I', n.nspname, p.proname)
+                         FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+                        WHERE p.oid = to_regprocedure(f.target || '(jsonb)')) END,
+                   'timeout_ms', least(greatest(f.timeout_ms, 1), lim.ms),
+                   'blocks', f.on_error = 'block', 'shadow', sub.shadow)
+                 ORDER BY sub.priority, f.name) FILTER (WHERE f.name IS NOT NULL), '[]'::jsonb) END)
       FROM pgfire.sources s
-     CROSS JOIN LATERAL (SELECT 'PRE_' || upper(s.kind) || '_' ||
-                                CASE op WHEN 'INSERT' THEN 'CREATE' ELSE op END AS t) e
+     CROSS JOIN (VALUES ('INSERT', 'CREATE'), ('UPDATE', 'UPDATE'), ('DELETE', 'DELETE')) o (op, verb)
+     CROSS JOIN LATERAL (SELECT 'PRE_' || upper(s.kind) || '_' || o.verb AS t) e
      CROSS JOIN LATERAL (SELECT coalesce((SELECT btrim(value)::integer FROM pgfire.settings
                                            WHERE key = 'limits.timeout_ms' AND btrim(value) ~ '^[0-9]{1,9}$'), 10000) AS ms) lim
-     WHERE s.table_name = rel AND s.kind IN ('user', 'record')
+      LEFT JOIN pgfire.subscriptions sub ON sub.event_type = e.t AND sub.active
+      LEFT JOIN pgfire.functions f ON f.name = sub.function_name AND f.active
+     WHERE s.kind IN ('user', 'record')
+     GROUP BY s.table_name, o.op, s.kind, s.id_column, e.t;
+END $$;
+REVOKE ALL ON FUNCTION pgfire.refresh_pre_chains() FROM PUBLIC;
+
+CREATE FUNCTION pgfire.pre_chains_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pgfire.refresh_pre_chains();
+    RETURN NULL;
+END $$;
+CREATE TRIGGER pre_chains_changed AFTER INSERT OR UPDATE OR DELETE ON pgfire.functions
+    FOR EACH STATEMENT EXECUTE FUNCTION pgfire.pre_chains_changed();
+CREATE TRIGGER pre_chains_changed AFTER INSERT OR UPDATE OR DELETE ON pgfire.subscriptions
+    FOR EACH STATEMENT EXECUTE FUNCTION pgfire.pre_chains_changed();
+CREATE TRIGGER pre_chains_changed AFTER INSERT OR UPDATE OR DELETE ON pgfire.sources
+    FOR EACH STATEMENT EXECUTE FUNCTION pgfire.pre_chains_changed();
+CREATE TRIGGER pre_chains_changed AFTER INSERT OR UPDATE OR DELETE ON pgfire.settings
+    FOR EACH STATEMENT EXECUTE FUNCTION pgfire.pre_chains_changed();
+SELECT pgfire.refresh_pre_chains();
+
+-- The chain of `op` on `rel` (null when it is no user or record table).
+CREATE FUNCTION pgfire.pre_chain(rel oid, op text) RETURNS jsonb LANGUAGE sql STABLE AS $$
+    SELECT c.chain FROM pgfire.pre_chains c WHERE c.rel = $1 AND c.op = $2
 $$;
 
--- Whether the chain of `op` on `rel` needs the proxy (a function of a kind the database cannot
--- run: webhook, nats).
+-- Whether a chain needs the proxy (a function of a kind the database cannot run).
 CREATE FUNCTION pgfire.pre_needs_proxy(chain jsonb) RETURNS boolean LANGUAGE sql IMMUTABLE AS $$
-    SELECT EXISTS (SELECT 1 FROM jsonb_array_elements(coalesce(chain -> 'fns', '[]')) f
-                    WHERE f ->> 'kind' NOT IN ('sql', 'log'))
+    SELECT coalesce((chain ->> 'held')::boolean, false)
 $$;
 
 -- `event_data` of a row, as the proxy and the consumer build it (DESIGN section 2): user_id or
@@ -69,10 +103,11 @@ BEGIN
         reserved := ARRAY['changes', 'old', 'columns', 'record_id', 'table'];
         data := jsonb_build_object('record_id', coalesce(cols -> id_column, 'null'), 'table', tbl);
     END IF;
-    SELECT jsonb_object_agg(key, value) INTO colliding FROM jsonb_each(cols) WHERE key = ANY (reserved);
-    data := data || (cols - reserved);
-    IF colliding IS NOT NULL THEN
-        data := data || jsonb_build_object('columns', colliding);
+    IF cols ?| reserved THEN
+        SELECT jsonb_object_agg(key, value) INTO colliding FROM jsonb_each(cols) WHERE key = ANY (reserved);
+        data := data || (cols - reserved) || jsonb_build_object('columns', colliding);
+    ELSE
+        data := data || cols;
     END IF;
     IF op = 'UPDATE' THEN
         data := data || jsonb_build_object('changes', coalesce((
@@ -92,7 +127,8 @@ END $$;
 CREATE FUNCTION pgfire.pre_decide(how text, op text, rel oid, sch text, tbl text, new_row jsonb, old_row jsonb, stmt bigint, pos integer)
 RETURNS void LANGUAGE plpgsql AS $$
 DECLARE
-    chain jsonb := pgfire.pre_chain(rel, op);
+    chain jsonb;
+    callable text;
     et text;
     id_text text;
     data jsonb;
@@ -110,10 +146,11 @@ DECLARE
     blocked text;
     blocked_fn text;
 BEGIN
-    IF chain IS NULL OR jsonb_array_length(chain -> 'fns') = 0 THEN
+    SELECT c.chain INTO chain FROM pgfire.pre_chains c WHERE c.rel = pre_decide.rel AND c.op = pre_decide.op;
+    IF chain IS NULL THEN
         RETURN;
     END IF;
-    IF pgfire.pre_needs_proxy(chain) THEN
+    IF (chain ->> 'held')::boolean THEN
         IF how = 'fast' THEN
             RAISE EXCEPTION USING MESSAGE = 'pgfire:pre-held', ERRCODE = 'PGF04';
         ELSIF how = 'commits' THEN
@@ -125,6 +162,9 @@ BEGIN
         RAISE EXCEPTION 'pgfire: this write to %.% was not seen by PRE hooks', sch, tbl
             USING ERRCODE = '42501',
                   HINT = 'write the table itself (INSERT, UPDATE, DELETE, MERGE, COPY) or through a function call; writes the proxy cannot see coming (views, rules, other tables'' triggers) are refused, and so are writes after pgfire.pre_mode was changed';
+    END IF;
+    IF jsonb_array_length(chain -> 'fns') = 0 THEN
+        RETURN;
     END IF;
     et := chain ->> 'event_type';
     id_text := lpad(upper(to_hex(stmt)), 16, '0') || '-' || lpad(pos::text, 10, '0');
@@ -138,14 +178,21 @@ BEGIN
         status := NULL;
         err := NULL;
         answer := NULL;
+        callable := f ->> 'callable';
+        IF callable IS NULL AND f ->> 'kind' = 'sql' THEN
+            -- Created after the configuration named it.
+            SELECT format('%I.%I', n.nspname, p.proname) INTO callable
+              FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+             WHERE p.oid = to_regprocedure((f ->> 'target') || '(jsonb)');
+        END IF;
         IF f ->> 'kind' = 'log' THEN
             status := 'ok';
-        ELSIF f ->> 'callable' IS NULL THEN
+        ELSIF callable IS NULL THEN
             status := 'error';
             err := format('SQL function %s(jsonb) does not exist', coalesce(f ->> 'target', ''));
         ELSE
             BEGIN
-                EXECUTE 'SELECT ' || (f ->> 'callable') || '($1)' INTO answer USING event;
+                EXECUTE 'SELECT ' || callable || '($1)' INTO answer USING event;
                 IF clock_timestamp() - t0 > make_interval(secs => (f ->> 'timeout_ms')::integer / 1000.0) THEN
                     -- Timed after the fact: its effects are undone with its subtransaction.
                     RAISE EXCEPTION USING MESSAGE = 'pgfire:pre-timeout', ERRCODE = 'PGF05';
@@ -231,6 +278,13 @@ BEGIN
     END IF;
 END $$;
 
+-- The session's current PRE run (an error before its first). PL/pgSQL: its plan is kept.
+CREATE OR REPLACE FUNCTION pgfire.pre_run() RETURNS bigint LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN currval('pgfire.pre_runs'::regclass);
+END $$;
+
 -- Start a PRE run of the proxy's: pgfire.pre_mode = <mode>:<run>, where <run> mod 4 says the
 -- kind of run it was armed for (fast 1, record 2, apply 3).
 CREATE OR REPLACE FUNCTION pgfire.pre_arm(key text, mode text) RETURNS text LANGUAGE plpgsql
@@ -252,7 +306,7 @@ END $$;
 -- The end of a fast run, sent with its release: the statement must have left the run as armed
 -- (`expected`: the mode less its run number) in a session marked as proxied; otherwise the
 -- release fails, and the write with it.
-CREATE FUNCTION pgfire.pre_end(expected text) RETURNS void LANGUAGE plpgsql AS $$
+CREATE FUNCTION pgfire.pre_end(expected text) RETURNS text LANGUAGE plpgsql AS $$
 DECLARE
     mode text := coalesce(current_setting('pgfire.pre_mode', true), '');
 BEGIN
@@ -265,6 +319,8 @@ BEGIN
     END IF;
     PERFORM set_config('pgfire.pre_mode', '', true);
     PERFORM pgfire.pre_disarm();
+    -- Where the proxy's release begins in an answer it reads (src/proxy/pre/fast.rs).
+    RETURN 'pgfire:end';
 END $$;
 
 CREATE OR REPLACE FUNCTION pgfire.pre_row() RETURNS trigger LANGUAGE plpgsql AS $$

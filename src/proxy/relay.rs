@@ -544,7 +544,13 @@ fn scan_down(
         let (n, stopped) = down.scanner.scan(
             &down.buf[down.ready..],
             |_| Ok(()),
-            |t| t == b'Z' || t == b'R' || t == b'S' || ((pending || notices) && t == b'E') || (notices && t == b'N'),
+            |t| {
+                t == b'Z'
+                    || t == b'R'
+                    || t == b'S'
+                    || ((pending || notices) && t == b'E')
+                    || (notices && t == b'N')
+            },
             |frame| {
                 if frame[0] == b'S' {
                     lock(lexing).observe(frame);

@@ -69,8 +69,14 @@ async fn procedures_that_commit_run_or_fail_precisely() {
         .await
         .unwrap_err();
     let (code, message, detail) = db_error(&err);
-    assert_eq!((code.as_str(), message.as_str()), ("P0001", "Invalid email address"));
-    assert!(detail.contains("PRE_USER_CREATE") && detail.contains("check_email"), "{detail}");
+    assert_eq!(
+        (code.as_str(), message.as_str()),
+        ("P0001", "Invalid email address")
+    );
+    assert!(
+        detail.contains("PRE_USER_CREATE") && detail.contains("check_email"),
+        "{detail}"
+    );
     assert_eq!(count(&direct, "SELECT count(*) FROM users").await, 5);
     crate::pre::runs(&db, "check_email", "ok", 5).await;
     crate::pre::runs(&db, "check_email", "blocked", 1).await;

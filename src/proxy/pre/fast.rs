@@ -8,9 +8,10 @@
 
 use bytes::BytesMut;
 
-use super::hold::{self, arm_sql, query_frame, Io};
+use super::hold::{self, arm_sql, query_frame, Io, Reply};
 use super::{commits, PreConfig, PreHooks};
 use crate::proxy::session::Fatal;
+use crate::wire::{self, Frontend};
 
 /// SQLSTATE of a row the database left to the proxy.
 const HELD: &str = "PGF04";
@@ -42,24 +43,21 @@ pub(super) async fn run(
         "SAVEPOINT pgfire_pre; SELECT {}, set_config('pgfire.pre_n', '0', true), set_config('pgfire.pre_k', '0', true)",
         arm_sql(cfg, &mode)
     ));
-    let mut out = query_frame(&setup);
-    out.extend_from_slice(frame);
-    out.extend_from_slice(&query_frame(&format!(
-        "SELECT pgfire.pre_end('{mode}'); RELEASE SAVEPOINT pgfire_pre"
-    )));
-    // Its own message, so that it ends the proxy's transaction whatever failed before it.
-    if implicit {
-        out.extend_from_slice(&query_frame("COMMIT"));
-    }
-    io.send(&out).await?;
-    let prepared = io.reply().await?;
-    let run = io.reply().await?;
-    let end = io.reply().await?;
-    let commit = match implicit {
-        true => Some(io.reply().await?),
-        false => None,
+    let end_sql = format!("SELECT pgfire.pre_end('{mode}'); RELEASE SAVEPOINT pgfire_pre");
+    let simple = match wire::decode_frontend(frame)? {
+        Some(Frontend::Query(q)) => Some(q.sql.to_string()),
+        _ => None,
     };
-    let last_status = commit.as_ref().map_or(end.status, |c| c.status);
+    let Exchange {
+        prepared,
+        run,
+        end,
+        status: last_status,
+        ended,
+    } = match simple {
+        Some(sql) => spliced(io, implicit, &setup, &sql, &end_sql).await?,
+        None => pipelined(io, implicit, &setup, frame, &end_sql).await?,
+    };
 
     if commits::commits_by_itself(&run, implicit) {
         io.runs.clear();
@@ -67,8 +65,11 @@ pub(super) async fn run(
     }
     let code = run.error.as_ref().map(|(c, _, _)| c.clone());
     if code.as_deref() == Some(HELD) && prepared.error.is_none() {
-        // Undo the run (in autocommit the COMMIT already has) and forget its decisions.
+        // Undo the run and forget its decisions.
         io.runs.clear();
+        if implicit && !ended {
+            io.query("ROLLBACK").await?;
+        }
         if !implicit {
             let undo = io
                 .query("ROLLBACK TO SAVEPOINT pgfire_pre; RELEASE SAVEPOINT pgfire_pre; SELECT pgfire.pre_disarm()")
@@ -84,9 +85,13 @@ pub(super) async fn run(
     }
     if prepared.error.is_some() || run.error.is_some() {
         if implicit {
-            // The COMMIT has rolled the proxy's transaction back.
-            io.answer(run.frames, last_status).await?;
-            return Ok(Ran::Answered(last_status));
+            // End the proxy's transaction, unless its COMMIT already has (rolled back).
+            let status = match ended {
+                true => last_status,
+                false => io.query("ROLLBACK").await?.status,
+            };
+            io.answer(run.frames, status).await?;
+            return Ok(Ran::Answered(status));
         }
         return hold::failed(io, run, false).await.map(Ran::Answered);
     }
@@ -97,9 +102,174 @@ pub(super) async fn run(
         );
     }
     let mut frames = run.frames;
-    if let Some((_, _, e)) = end.error.as_ref().or(commit.as_ref().and_then(|c| c.error.as_ref())) {
+    let mut status = last_status;
+    if let Some((_, _, e)) = &end.error {
         frames.extend_from_slice(e);
+        if implicit && !ended {
+            status = io.query("ROLLBACK").await?.status;
+        }
     }
-    io.answer(frames, last_status).await?;
-    Ok(Ran::Answered(last_status))
+    io.answer(frames, status).await?;
+    Ok(Ran::Answered(status))
+}
+
+/// The answers to a fast run's three parts: the proxy's setup, the client's statement, and the
+/// release (with the COMMIT in autocommit, whose error, if any, is the release's).
+struct Exchange {
+    prepared: Reply,
+    run: Reply,
+    end: Reply,
+    /// The transaction status after it all.
+    status: u8,
+    /// In autocommit: the proxy's transaction has ended (committed, or rolled back by COMMIT).
+    ended: bool,
+}
+
+/// An extended-protocol batch: the setup, the batch and the release as their own messages (the
+/// COMMIT as one more, so that it ends the proxy's transaction whatever failed before it).
+async fn pipelined(
+    io: &mut Io<'_>,
+    implicit: bool,
+    setup: &str,
+    frame: &[u8],
+    end_sql: &str,
+) -> Result<Exchange, Fatal> {
+    let mut out = query_frame(setup);
+    out.extend_from_slice(frame);
+    out.extend_from_slice(&query_frame(end_sql));
+    if implicit {
+        out.extend_from_slice(&query_frame("COMMIT"));
+    }
+    io.send(&out).await?;
+    let prepared = io.reply().await?;
+    let run = io.reply().await?;
+    let mut end = io.reply().await?;
+    let mut status = end.status;
+    if implicit {
+        let commit = io.reply().await?;
+        status = commit.status;
+        if end.error.is_none() {
+            end.error = commit.error;
+        }
+    }
+    Ok(Exchange {
+        prepared,
+        run,
+        end,
+        status,
+        ended: implicit,
+    })
+}
+
+/// The value pgfire.pre_end returns, which marks where the release's answer begins.
+const END_MARK: &[u8] = b"pgfire:end";
+
+/// A simple Query: the client's query string inside one query string of the proxy's, between
+/// the setup and the release, so the server answers it all at once; the answer is cut back into
+/// its three parts.
+async fn spliced(
+    io: &mut Io<'_>,
+    implicit: bool,
+    setup: &str,
+    sql: &str,
+    end_sql: &str,
+) -> Result<Exchange, Fatal> {
+    let mut text = format!("{setup};\n{sql}\n;{end_sql}");
+    if implicit {
+        text.push_str("; COMMIT");
+    }
+    let reply = io.query(&text).await?;
+    // BEGIN, SAVEPOINT, then the arming SELECT's RowDescription, DataRow and CommandComplete.
+    let setup_frames = usize::from(implicit) + 4;
+    let status = reply.status;
+    let error_at = reply.starts.iter().position(|&(_, t)| t == b'E');
+    let (prepared, rest) = split_at_frame(reply, setup_frames.min(error_at.unwrap_or(usize::MAX)));
+    if prepared.error.is_some() {
+        return Ok(Exchange {
+            prepared,
+            run: rest,
+            end: Reply::default(),
+            status,
+            ended: false,
+        });
+    }
+    // The release starts at the RowDescription before pgfire.pre_end's DataRow, or before its
+    // error (the statement changed the settings it checks).
+    let mut d = 0;
+    let mut end_at = None;
+    for (i, &(_, t)) in rest.starts.iter().enumerate() {
+        match t {
+            b'D' => {
+                if rest.values.get(d).and_then(|v| v.as_deref()) == Some(END_MARK) {
+                    end_at = Some(i.saturating_sub(1));
+                }
+                d += 1;
+            }
+            b'E' if end_at.is_none()
+                && i > 0
+                && rest.starts[i - 1].1 == b'T'
+                && rest
+                    .error
+                    .as_ref()
+                    .is_some_and(|(_, m, _)| m.starts_with(TAMPERED_PREFIX)) =>
+            {
+                end_at = Some(i - 1);
+            }
+            _ => {}
+        }
+    }
+    let (run, end) = split_at_frame(rest, end_at.unwrap_or(usize::MAX));
+    let ended = implicit && run.error.is_none() && end.error.is_none();
+    Ok(Exchange {
+        prepared,
+        run,
+        end,
+        status,
+        ended,
+    })
+}
+
+/// How pgfire.pre_end's refusal begins.
+const TAMPERED_PREFIX: &str = "pgfire: the statement changed the settings";
+
+/// `reply` cut before its frame number `n` (all of it when it has fewer).
+fn split_at_frame(reply: Reply, n: usize) -> (Reply, Reply) {
+    let cut = reply
+        .starts
+        .get(n)
+        .map_or(reply.frames.len(), |&(offset, _)| offset);
+    let mut first = Reply {
+        status: reply.status,
+        ..Reply::default()
+    };
+    let mut second = Reply {
+        status: reply.status,
+        ..Reply::default()
+    };
+    let mut frames = reply.frames;
+    let tail = frames.split_off(cut);
+    first.frames = frames;
+    second.frames = tail;
+    let mut values = reply.values.into_iter();
+    for (offset, tag) in reply.starts {
+        let part = if offset < cut {
+            &mut first
+        } else {
+            &mut second
+        };
+        let at = if offset < cut { offset } else { offset - cut };
+        part.starts.push((at, tag));
+        if tag == b'D' {
+            part.values.push(values.next().flatten());
+        }
+    }
+    // The first error ends the answer: it is in the part that holds the last frames.
+    if let Some(e) = reply.error {
+        match second.starts.iter().any(|&(_, t)| t == b'E') {
+            true => second.error = Some(e),
+            false => first.error = Some(e),
+        }
+    }
+    second.rows = reply.rows;
+    (first, second)
 }
