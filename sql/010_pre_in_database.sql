@@ -145,6 +145,8 @@ DECLARE
     runs jsonb := '[]';
     blocked text;
     blocked_fn text;
+    report text;
+    kept text;
 BEGIN
     SELECT c.chain INTO chain FROM pgfire.pre_chains c WHERE c.rel = pre_decide.rel AND c.op = pre_decide.op;
     IF chain IS NULL THEN
@@ -269,9 +271,22 @@ BEGIN
             EXIT;
         END IF;
     END LOOP;
-    RAISE NOTICE USING MESSAGE = 'pgfire:run', ERRCODE = 'PGF03',
-        DETAIL = translate(encode(convert_to(jsonb_build_object(
-            'stmt', stmt, 'pos', pos, 'event_type', et, 'runs', runs)::text, 'UTF8'), 'base64'), E'\n', '');
+    report := jsonb_build_object('stmt', stmt, 'pos', pos, 'event_type', et, 'runs', runs)::text;
+    kept := coalesce(current_setting('pgfire.pre_log', true), '');
+    IF how = 'fast' AND blocked IS NULL AND length(kept) < 16384 THEN
+        -- Kept for the release (pgfire.pre_end returns them): no message of its own per row.
+        PERFORM set_config('pgfire.pre_log', kept || CASE WHEN kept = '' THEN '' ELSE ',' END || report, true);
+    ELSE
+        -- Sent at once (a NOTICE is flushed to the proxy), so it outlives the rollback of a block.
+        IF how = 'fast' THEN
+            PERFORM set_config('pgfire.pre_log', '', true);
+        ELSE
+            kept := '';
+        END IF;
+        RAISE NOTICE USING MESSAGE = 'pgfire:run', ERRCODE = 'PGF03',
+            DETAIL = translate(encode(convert_to('[' || kept || CASE WHEN kept = '' THEN '' ELSE ',' END || report || ']',
+                'UTF8'), 'base64'), E'\n', '');
+    END IF;
     IF blocked IS NOT NULL THEN
         RAISE EXCEPTION USING MESSAGE = blocked, ERRCODE = 'P0001',
             DETAIL = format('event %s (id %s) on %s.%s, function %s', et, id_text, sch, tbl, blocked_fn);
@@ -319,8 +334,10 @@ BEGIN
     END IF;
     PERFORM set_config('pgfire.pre_mode', '', true);
     PERFORM pgfire.pre_disarm();
-    -- Where the proxy's release begins in an answer it reads (src/proxy/pre/fast.rs).
-    RETURN 'pgfire:end';
+    -- Marks where the proxy's release begins in an answer it reads (src/proxy/pre/fast.rs),
+    -- with the run reports kept by pgfire.pre_decide (base64 of a JSON array).
+    RETURN 'pgfire:end:' || translate(encode(convert_to(
+        '[' || coalesce(current_setting('pgfire.pre_log', true), '') || ']', 'UTF8'), 'base64'), E'\n', '');
 END $$;
 
 CREATE OR REPLACE FUNCTION pgfire.pre_row() RETURNS trigger LANGUAGE plpgsql AS $$

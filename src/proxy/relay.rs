@@ -566,7 +566,7 @@ fn scan_down(
                         if n.code == rows::RUN_CODE && n.message == rows::RUN_MESSAGE =>
                     {
                         match rows::decode_runs(n.detail) {
-                            Ok(r) => runs.push(r),
+                            Ok(r) => runs.extend(r),
                             Err(err) => tracing::warn!(error = %err, "unreadable PRE run report"),
                         }
                         replacement = Some(BytesMut::new());

@@ -9,7 +9,7 @@
 use bytes::BytesMut;
 
 use super::hold::{self, arm_sql, query_frame, Io, Reply};
-use super::{commits, PreConfig, PreHooks};
+use super::{commits, rows, PreConfig, PreHooks};
 use crate::proxy::session::Fatal;
 use crate::wire::{self, Frontend};
 
@@ -40,7 +40,7 @@ pub(super) async fn run(
         setup.push_str("BEGIN; ");
     }
     setup.push_str(&format!(
-        "SAVEPOINT pgfire_pre; SELECT {}, set_config('pgfire.pre_n', '0', true), set_config('pgfire.pre_k', '0', true)",
+        "SAVEPOINT pgfire_pre; SELECT {}, set_config('pgfire.pre_n', '0', true), set_config('pgfire.pre_k', '0', true), set_config('pgfire.pre_log', '', true)",
         arm_sql(cfg, &mode)
     ));
     let end_sql = format!("SELECT pgfire.pre_end('{mode}'); RELEASE SAVEPOINT pgfire_pre");
@@ -58,6 +58,18 @@ pub(super) async fn run(
         Some(sql) => spliced(io, implicit, &setup, &sql, &end_sql).await?,
         None => pipelined(io, implicit, &setup, frame, &end_sql).await?,
     };
+    // The runs the release carries back.
+    if let Some(reports) = end
+        .values
+        .first()
+        .and_then(|v| v.as_deref())
+        .and_then(|v| v.strip_prefix(END_MARK))
+    {
+        match rows::decode_runs(reports) {
+            Ok(r) => io.runs.extend(r),
+            Err(err) => tracing::warn!(error = %err, "unreadable PRE run reports"),
+        }
+    }
 
     if commits::commits_by_itself(&run, implicit) {
         io.runs.clear();
@@ -161,8 +173,9 @@ async fn pipelined(
     })
 }
 
-/// The value pgfire.pre_end returns, which marks where the release's answer begins.
-const END_MARK: &[u8] = b"pgfire:end";
+/// How the value pgfire.pre_end returns begins (the run reports follow): it marks where the
+/// release's answer begins.
+const END_MARK: &[u8] = b"pgfire:end:";
 
 /// A simple Query: the client's query string inside one query string of the proxy's, between
 /// the setup and the release, so the server answers it all at once; the answer is cut back into
@@ -200,7 +213,12 @@ async fn spliced(
     for (i, &(_, t)) in rest.starts.iter().enumerate() {
         match t {
             b'D' => {
-                if rest.values.get(d).and_then(|v| v.as_deref()) == Some(END_MARK) {
+                if rest
+                    .values
+                    .get(d)
+                    .and_then(|v| v.as_deref())
+                    .is_some_and(|v| v.starts_with(END_MARK))
+                {
                     end_at = Some(i.saturating_sub(1));
                 }
                 d += 1;

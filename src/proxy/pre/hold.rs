@@ -144,7 +144,7 @@ impl Io<'_> {
                     if n.code == rows::RUN_CODE && n.message == rows::RUN_MESSAGE {
                         r.starts.pop();
                         match rows::decode_runs(n.detail) {
-                            Ok(runs) => self.runs.push(runs),
+                            Ok(runs) => self.runs.extend(runs),
                             Err(err) => tracing::warn!(error = %err, "unreadable PRE run report"),
                         }
                         return Ok(false);

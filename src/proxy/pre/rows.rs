@@ -85,8 +85,8 @@ pub struct Run {
     pub us: i64,
 }
 
-/// Decode the detail field of a run report.
-pub fn decode_runs(detail: &[u8]) -> Result<RunReport, RowError> {
+/// Decode run reports (the base64 of a JSON array of them).
+pub fn decode_runs(detail: &[u8]) -> Result<Vec<RunReport>, RowError> {
     let json = unbase64(detail)?;
     serde_json::from_slice(&json).map_err(|e| RowError::Json(e.to_string()))
 }
