@@ -475,3 +475,61 @@ async fn post_events_see_only_the_final_row() {
     assert_eq!(posts, vec!["QUIET".to_string()]);
     service.stop().await;
 }
+
+/// Only `sql` PRE functions: the database decides in the statement's own run, which the proxy
+/// sends with a simple Query spliced into one string of its own. Query strings of every shape
+/// answer as PostgreSQL answers them; the run's id and history are there.
+#[tokio::test]
+async fn the_database_decides_query_strings_of_any_shape() {
+    let db = TestDb::new();
+    let proxy = setup(&db, "").await;
+    let c = proxy.client(&db).await;
+    let direct = db.client().await;
+    // A trailing comment, a trailing semicolon, two statements, RETURNING.
+    c.simple_query("INSERT INTO users (email) VALUES ('a@x.y') -- the end")
+        .await
+        .unwrap();
+    c.simple_query("INSERT INTO users (email) VALUES ('b@x.y');")
+        .await
+        .unwrap();
+    let got = rows(
+        &c,
+        "INSERT INTO users (email) VALUES ('c@x.y'); INSERT INTO users (email) VALUES ('d@x.y') RETURNING email_lower",
+    )
+    .await;
+    assert_eq!(got, vec![vec![Some("d@x.y".to_string())]]);
+    assert_eq!(count(&direct, "SELECT count(*) FROM users").await, 4);
+    // A block in the second statement: the string's implicit transaction writes nothing.
+    let err = c
+        .simple_query("INSERT INTO users (email) VALUES ('e@x.y'); INSERT INTO users (email) VALUES ('bad')")
+        .await
+        .unwrap_err();
+    assert_eq!(db_error(&err).1, "Invalid email address");
+    assert_eq!(count(&direct, "SELECT count(*) FROM users").await, 4);
+    // The session is as PostgreSQL leaves it, in autocommit and in a block.
+    c.simple_query("SELECT 1").await.unwrap();
+    c.simple_query("BEGIN").await.unwrap();
+    c.simple_query("INSERT INTO users (email) VALUES ('f@x.y')")
+        .await
+        .unwrap();
+    let err = c
+        .simple_query("INSERT INTO users (email) VALUES ('nope')")
+        .await
+        .unwrap_err();
+    assert_eq!(db_error(&err).0, "P0001");
+    let err = c.simple_query("SELECT 1").await.unwrap_err();
+    assert_eq!(db_error(&err).0, "25P02");
+    c.simple_query("ROLLBACK").await.unwrap();
+    assert_eq!(count(&direct, "SELECT count(*) FROM users").await, 4);
+    // Every run recorded, with the event's id as the function saw it (and wrote it to `seen`).
+    // (e@x.y and f@x.y were allowed before the blocks that undid them: their runs happened.)
+    runs(&db, "check_email", "ok", 6).await;
+    runs(&db, "check_email", "blocked", 2).await;
+    let ids = crate::support::texts(
+        &direct,
+        "SELECT DISTINCT e.event_id FROM pgfire.executions e JOIN seen s ON s.event->>'id' = e.event_id",
+    )
+    .await;
+    // (The function's own rows of the undone writes went with them.)
+    assert_eq!(ids.len(), 4, "{ids:?}");
+}

@@ -291,3 +291,58 @@ fn split_at_frame(reply: Reply, n: usize) -> (Reply, Reply) {
     second.rows = reply.rows;
     (first, second)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::{BufMut, BytesMut};
+
+    fn frame(out: &mut Reply, tag: u8, body: &[u8]) {
+        out.starts.push((out.frames.len(), tag));
+        out.frames.put_u8(tag);
+        out.frames.put_i32(body.len() as i32 + 4);
+        out.frames.put_slice(body);
+    }
+
+    #[test]
+    fn an_answer_is_cut_at_a_frame() {
+        let mut r = Reply {
+            status: b'T',
+            ..Reply::default()
+        };
+        frame(&mut r, b'C', b"SAVEPOINT\0");
+        frame(&mut r, b'D', b"a");
+        r.values.push(Some(b"a".to_vec()));
+        frame(&mut r, b'C', b"UPDATE 1\0");
+        frame(&mut r, b'D', b"b");
+        r.values.push(Some(b"b".to_vec()));
+        let whole = r.frames.clone();
+        let (first, second) = split_at_frame(r, 2);
+        assert_eq!(first.starts.len(), 2);
+        assert_eq!(first.values, vec![Some(b"a".to_vec())]);
+        assert_eq!(second.starts[0], (0, b'C'));
+        assert_eq!(second.values, vec![Some(b"b".to_vec())]);
+        let mut joined = BytesMut::from(&first.frames[..]);
+        joined.extend_from_slice(&second.frames);
+        assert_eq!(joined, whole);
+        assert_eq!((first.status, second.status), (b'T', b'T'));
+    }
+
+    #[test]
+    fn an_error_goes_with_its_part() {
+        let mut r = Reply::default();
+        frame(&mut r, b'C', b"SAVEPOINT\0");
+        frame(&mut r, b'E', b"x\0");
+        r.error = Some(("P0001".into(), "no".into(), bytes::Bytes::new()));
+        let copy = Reply {
+            frames: r.frames.clone(),
+            starts: r.starts.clone(),
+            error: r.error.clone(),
+            ..Reply::default()
+        };
+        let (first, second) = split_at_frame(copy, 1);
+        assert!(first.error.is_none() && second.error.is_some());
+        let (first, second) = split_at_frame(r, usize::MAX);
+        assert!(first.error.is_some() && second.frames.is_empty());
+    }
+}
