@@ -293,12 +293,19 @@ BEGIN
     END IF;
 END $$;
 
--- The session's current PRE run (an error before its first). PL/pgSQL: its plan is kept.
-CREATE OR REPLACE FUNCTION pgfire.pre_run() RETURNS bigint LANGUAGE plpgsql SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp AS $$
+-- The session's current PRE run (an error before its first), and its end. PL/pgSQL, so the
+-- plan is kept; no SET clause (switching search_path at every call costs more than the call),
+-- every name qualified instead.
+CREATE OR REPLACE FUNCTION pgfire.pre_run() RETURNS bigint LANGUAGE plpgsql SECURITY DEFINER AS $$
 BEGIN
-    RETURN currval('pgfire.pre_runs'::regclass);
+    RETURN pg_catalog.currval('pgfire.pre_runs'::pg_catalog.regclass);
 END $$;
+CREATE OR REPLACE FUNCTION pgfire.pre_disarm() RETURNS void LANGUAGE plpgsql SECURITY DEFINER AS $$
+BEGIN
+    PERFORM pg_catalog.nextval('pgfire.pre_runs'::pg_catalog.regclass);
+END $$;
+ALTER FUNCTION pgfire.pre_run() RESET ALL;
+ALTER FUNCTION pgfire.pre_disarm() RESET ALL;
 
 -- Start a PRE run of the proxy's: pgfire.pre_mode = <mode>:<run>, where <run> mod 4 says the
 -- kind of run it was armed for (fast 1, record 2, apply 3).
@@ -351,6 +358,10 @@ DECLARE
     k text;
     forged boolean;
 BEGIN
+    IF kind = 'fast' AND TG_WHEN = 'BEFORE' THEN
+        -- A fast run counts and decides its rows after them.
+        RETURN CASE TG_OP WHEN 'DELETE' THEN OLD ELSE NEW END;
+    END IF;
     IF kind NOT IN ('record', 'apply', 'fast') THEN
         IF current_setting('pgfire.proxied', true) IS NULL THEN
             RETURN CASE TG_OP WHEN 'DELETE' THEN OLD ELSE NEW END;
@@ -378,9 +389,11 @@ BEGIN
                   HINT = 'write the table itself (INSERT, UPDATE, DELETE, MERGE, COPY) or through a function call; writes the proxy cannot see coming (views, rules, other tables'' triggers) are refused, and so are writes after pgfire.pre_mode was changed';
     END IF;
     -- The run the mode was armed for must be the session's current one, armed for this kind.
+    -- Not asked of a fast run: its trigger decides every row itself whatever the string says,
+    -- and its release fails unless the string is still the one armed.
     run := substring(mode FROM ':([0-9]+)$');
     forged := run IS NULL OR split_part(mode, ':', CASE kind WHEN 'fast' THEN 4 ELSE 3 END) <> run;
-    IF NOT forged THEN
+    IF NOT forged AND kind <> 'fast' THEN
         forged := run <> pgfire.pre_run()::text
             OR run::bigint % 4 <> CASE kind WHEN 'fast' THEN 1 WHEN 'record' THEN 2 ELSE 3 END;
     END IF;
@@ -418,6 +431,11 @@ BEGIN
     IF kind = 'fast' THEN
         n := coalesce(nullif(current_setting('pgfire.pre_k', true), ''), '0')::integer;
         PERFORM set_config('pgfire.pre_k', (n + 1)::text, true);
+        lim := split_part(mode, ':', 2)::integer;
+        IF n + 1 > lim THEN
+            RAISE EXCEPTION 'pgfire: this statement writes more than % rows of tables with PRE hooks', lim
+                USING ERRCODE = '54000', HINT = 'write fewer rows per statement, or raise setting limits.pre_rows_per_statement';
+        END IF;
         PERFORM pgfire.pre_decide('fast', TG_OP, TG_RELID, TG_TABLE_SCHEMA, TG_TABLE_NAME,
             CASE WHEN TG_OP <> 'DELETE' THEN to_jsonb(NEW) END,
             CASE WHEN TG_OP <> 'INSERT' THEN to_jsonb(OLD) END,
