@@ -23,7 +23,8 @@ use super::scram;
 use super::session::{io_fatal, Conn, Fatal, Hook, READ_CHUNK};
 use super::ProxyConfig;
 use crate::metrics::{Action, Metrics};
-use crate::wire::{self, Backend, Frontend, WireError};
+use crate::wire::{self, Backend, Frontend, Query, WireError};
+use std::borrow::Cow;
 
 /// Tracks frame boundaries in one direction so bytes can be forwarded as they arrive, while
 /// whole frames of the types we inspect are held until complete.
@@ -257,7 +258,7 @@ async fn held(
     let mut how = how;
     if frame[0] == b'Q' && frame.contains(&b'\\') && cfg.active() {
         if let Some(Frontend::Query(q)) = wire::decode_frontend(frame)? {
-            match gate::query(&cfg, known.strings(true), q.sql) {
+            match gate::query(&cfg, known.strings(true), &q.sql) {
                 Gate::Pass => return send(uw, frame).await,
                 Gate::Replace { frame: instead, .. } => return send(uw, &instead).await,
                 Gate::Hold(h) => how = h,
@@ -282,7 +283,11 @@ async fn held(
     };
     let status = if split {
         match wire::decode_frontend(frame)? {
-            Some(Frontend::Query(q)) => split::run(&mut io, pre, &cfg, q.sql, status).await,
+            // Statement by statement needs the client's own text: not for one in another encoding.
+            Some(Frontend::Query(Query {
+                sql: Cow::Borrowed(sql),
+                ..
+            })) => split::run(&mut io, pre, &cfg, sql, status).await,
             _ => hold::run_query(&mut io, pre, &cfg, (frame, closes, how), status).await,
         }
     } else {
@@ -427,7 +432,7 @@ async fn client_to_server(
             let gate = match &msg {
                 Some(Frontend::Query(q)) => {
                     saw_query = true;
-                    let gate = gate::query(cfg, strings(), q.sql);
+                    let gate = gate::query(cfg, strings(), &q.sql);
                     metrics.statement(gate.action());
                     gate
                 }
@@ -489,7 +494,7 @@ async fn client_to_server(
                         send(uw, &bytes).await?;
                     }
                     if let Some(Frontend::Query(q)) = wire::decode_frontend(&frame)? {
-                        let gate = gate::query(cfg, strings(), q.sql);
+                        let gate = gate::query(cfg, strings(), &q.sql);
                         metrics.statement(gate.action());
                         gated = Some(gate);
                     }

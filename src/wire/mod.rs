@@ -5,6 +5,7 @@
 //! panic.
 
 use bytes::{BufMut, BytesMut};
+use std::borrow::Cow;
 
 /// Largest startup packet PostgreSQL accepts (MAX_STARTUP_PACKET_LENGTH).
 pub const MAX_STARTUP: usize = 10_000;
@@ -135,17 +136,21 @@ pub fn frame_header(buf: &[u8]) -> Result<Option<(u8, usize)>, WireError> {
     Ok(Some((buf[0], len as usize + 1)))
 }
 
-/// A simple-protocol query ('Q').
+/// A simple-protocol query ('Q'). `sql` is the text for reading (classifying): the bytes as
+/// they came when they are UTF-8, otherwise with each invalid sequence replaced (a client in
+/// another `client_encoding`); `raw` is what the client sent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Query<'a> {
-    pub sql: &'a str,
+    pub sql: Cow<'a, str>,
+    pub raw: &'a [u8],
 }
 
 /// An extended-protocol Parse ('P').
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Parse<'a> {
     pub statement: &'a str,
-    pub sql: &'a str,
+    /// For reading, as [`Query::sql`].
+    pub sql: Cow<'a, str>,
     pub param_types: Vec<u32>,
 }
 
@@ -176,12 +181,15 @@ pub fn decode_frontend(frame: &[u8]) -> Result<Option<Frontend<'_>>, WireError> 
     let mut r = Reader(body);
     Ok(Some(match tag {
         b'Q' => {
-            let sql = r.cstr("Query")?;
-            Frontend::Query(Query { sql })
+            let raw = r.cstr_bytes("Query")?;
+            Frontend::Query(Query {
+                sql: String::from_utf8_lossy(raw),
+                raw,
+            })
         }
         b'P' => {
             let statement = r.cstr("Parse")?;
-            let sql = r.cstr("Parse")?;
+            let sql = String::from_utf8_lossy(r.cstr_bytes("Parse")?);
             let n = r.i16("Parse")?;
             let n = usize::try_from(n).map_err(|_| WireError::Malformed("Parse"))?;
             if r.0.len() < n * 4 {
@@ -458,14 +466,17 @@ mod tests {
         let b = framed(|b| frontend::query("SELECT 1", b).unwrap());
         assert_eq!(
             decode_frontend(&b).unwrap(),
-            Some(Frontend::Query(Query { sql: "SELECT 1" }))
+            Some(Frontend::Query(Query {
+                sql: "SELECT 1".into(),
+                raw: b"SELECT 1"
+            }))
         );
         let b = framed(|b| frontend::parse("s1", "SELECT $1", [23u32], b).unwrap());
         assert_eq!(
             decode_frontend(&b).unwrap(),
             Some(Frontend::Parse(Parse {
                 statement: "s1",
-                sql: "SELECT $1",
+                sql: "SELECT $1".into(),
                 param_types: vec![23]
             }))
         );
@@ -554,6 +565,19 @@ mod tests {
             })
         );
         assert!(decode_backend(b"S\x00\x00\x00\x06a\x00").is_err());
+    }
+
+    #[test]
+    fn query_text_need_not_be_utf8() {
+        let mut b = BytesMut::new();
+        b.put_u8(b'Q');
+        b.put_i32(4 + 12);
+        b.put_slice(b"SELECT 'J\xe9'\0");
+        let Some(Frontend::Query(q)) = decode_frontend(&b).unwrap() else {
+            panic!("not a Query");
+        };
+        assert_eq!(q.raw, b"SELECT 'J\xe9'");
+        assert_eq!(q.sql, "SELECT 'J\u{fffd}'");
     }
 
     #[test]

@@ -501,7 +501,9 @@ async fn the_database_decides_query_strings_of_any_shape() {
     assert_eq!(count(&direct, "SELECT count(*) FROM users").await, 4);
     // A block in the second statement: the string's implicit transaction writes nothing.
     let err = c
-        .simple_query("INSERT INTO users (email) VALUES ('e@x.y'); INSERT INTO users (email) VALUES ('bad')")
+        .simple_query(
+            "INSERT INTO users (email) VALUES ('e@x.y'); INSERT INTO users (email) VALUES ('bad')",
+        )
         .await
         .unwrap_err();
     assert_eq!(db_error(&err).1, "Invalid email address");

@@ -122,3 +122,44 @@ async fn psql_with_standard_strings_off_from_startup() {
         vec!["psql@x.y".to_string()]
     );
 }
+
+/// A client in another `client_encoding` (LATIN1, psql): its query strings are not UTF-8, and
+/// PRE hooks still hold and decide its writes (the session goes on); the bytes reach the server
+/// as they came.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_in_latin1_is_held_and_decided() {
+    let db = TestDb::new();
+    let proxy = setup(&db, "").await;
+    let run = |sql: &[u8]| {
+        use std::os::unix::ffi::OsStrExt;
+        let out = Command::new(cluster().bin_dir.join("psql"))
+            .args(["-X", "-v", "ON_ERROR_STOP=1", "-d", &proxy.url(&db), "-c"])
+            .arg(std::ffi::OsStr::from_bytes(sql))
+            .env("PGCLIENTENCODING", "LATIN1")
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // 'José' in Latin-1: é is one byte, 0xE9.
+    let (ok, err) = run(b"INSERT INTO users (email, name) VALUES ('jose@x.y', 'Jos\xe9')");
+    assert!(ok, "{err}");
+    let (ok, err) = run(b"INSERT INTO users (email, name) VALUES ('nope', 'Jos\xe9')");
+    assert!(!ok);
+    assert!(err.contains("Invalid email address"), "{err}");
+    // Two statements, one session: the session goes on after the block.
+    let (ok, err) =
+        run(b"SELECT 'caf\xe9'; INSERT INTO users (email, name) VALUES ('b@x.y', '\xe9t\xe9')");
+    assert!(ok, "{err}");
+    let direct = db.client().await;
+    assert_eq!(
+        rows(&direct, "SELECT name FROM users ORDER BY id").await,
+        vec![
+            vec![Some("José".to_string())],
+            vec![Some("été".to_string())]
+        ]
+    );
+    assert_eq!(count(&direct, "SELECT count(*) FROM users").await, 2);
+}

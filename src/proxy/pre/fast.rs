@@ -6,7 +6,7 @@
 //! function of another kind after a configuration change) fails with SQLSTATE PGF04, and the
 //! statement goes back to the long way ([`super::hold`]) as if it had not run.
 
-use bytes::BytesMut;
+use bytes::{BufMut, BytesMut};
 
 use super::hold::{self, arm_sql, query_frame, Io, Reply};
 use super::{commits, rows, PreConfig, PreHooks};
@@ -45,7 +45,7 @@ pub(super) async fn run(
     ));
     let end_sql = format!("SELECT pgfire.pre_end('{mode}'); RELEASE SAVEPOINT pgfire_pre");
     let simple = match wire::decode_frontend(frame)? {
-        Some(Frontend::Query(q)) => Some(q.sql.to_string()),
+        Some(Frontend::Query(q)) => Some(q.raw.to_vec()),
         _ => None,
     };
     let Exchange {
@@ -184,14 +184,23 @@ async fn spliced(
     io: &mut Io<'_>,
     implicit: bool,
     setup: &str,
-    sql: &str,
+    sql: &[u8],
     end_sql: &str,
 ) -> Result<Exchange, Fatal> {
-    let mut text = format!("{setup};\n{sql}\n;{end_sql}");
+    // The client's bytes as they came (in its client_encoding), between ASCII of the proxy's.
+    let mut text = format!("{setup};\n").into_bytes();
+    text.extend_from_slice(sql);
+    text.extend_from_slice(format!("\n;{end_sql}").as_bytes());
     if implicit {
-        text.push_str("; COMMIT");
+        text.extend_from_slice(b"; COMMIT");
     }
-    let reply = io.query(&text).await?;
+    let mut out = BytesMut::with_capacity(text.len() + 6);
+    out.put_u8(b'Q');
+    out.put_i32((text.len() + 5) as i32);
+    out.put_slice(&text);
+    out.put_u8(0);
+    io.send(&out).await?;
+    let reply = io.reply().await?;
     // BEGIN, SAVEPOINT, then the arming SELECT's RowDescription, DataRow and CommandComplete.
     let setup_frames = usize::from(implicit) + 4;
     let status = reply.status;

@@ -117,7 +117,7 @@ pub(in crate::proxy) fn parse(
     nonce: u64,
     strings: Strings,
 ) -> Gate {
-    match decide(cfg, p.sql, strings) {
+    match decide(cfg, &p.sql, strings) {
         Decision::Pass => Gate::Pass,
         // A prepared statement is one statement (the server refuses several).
         Decision::Hold(HoldAs::Split) => Gate::Hold(HoldAs::Whole),
@@ -225,7 +225,7 @@ mod tests {
     fn a_refused_parse_keeps_its_statement_name() {
         let p = wire::Parse {
             statement: "s1",
-            sql: "TRUNCATE users",
+            sql: "TRUNCATE users".into(),
             param_types: vec![25],
         };
         let Gate::Replace { frame, rewrite } = parse(&cfg(), &p, 7, S) else {

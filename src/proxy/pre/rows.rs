@@ -315,7 +315,10 @@ mod tests {
             {"fn": "check", "kind": "sql", "status": "blocked", "error": "no", "shadow": false, "at": 1, "us": 5}]}]);
         let detail = base64::engine::general_purpose::STANDARD.encode(v.to_string());
         let r = decode_runs(detail.as_bytes()).unwrap();
-        assert_eq!((r[0].stmt, r[0].pos, r[0].runs[0].status.as_str()), (7, 2, "blocked"));
+        assert_eq!(
+            (r[0].stmt, r[0].pos, r[0].runs[0].status.as_str()),
+            (7, 2, "blocked")
+        );
         assert_eq!(r[0].runs[0].error.as_deref(), Some("no"));
         assert_eq!(decode_runs(b"!!"), Err(RowError::Base64));
         assert!(decode_runs(b"e30=").is_err());
