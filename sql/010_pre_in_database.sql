@@ -300,15 +300,21 @@ CREATE OR REPLACE FUNCTION pgfire.pre_run() RETURNS bigint LANGUAGE plpgsql SECU
 BEGIN
     RETURN pg_catalog.currval('pgfire.pre_runs'::pg_catalog.regclass);
 END $$;
+-- Ending a run moves to a number no run is armed with (mod 4 = 0): anyone may end a run, but
+-- only the proxy's key arms a record or apply run (mod 4 = 2, 3).
 CREATE OR REPLACE FUNCTION pgfire.pre_disarm() RETURNS void LANGUAGE plpgsql SECURITY DEFINER AS $$
+DECLARE
+    n bigint := pg_catalog.nextval('pgfire.pre_runs'::pg_catalog.regclass);
 BEGIN
-    PERFORM pg_catalog.nextval('pgfire.pre_runs'::pg_catalog.regclass);
+    WHILE (n OPERATOR(pg_catalog.%) 4::bigint) OPERATOR(pg_catalog.<>) 0::bigint LOOP
+        n := pg_catalog.nextval('pgfire.pre_runs'::pg_catalog.regclass);
+    END LOOP;
 END $$;
 ALTER FUNCTION pgfire.pre_run() RESET ALL;
 ALTER FUNCTION pgfire.pre_disarm() RESET ALL;
 
 -- Start a PRE run of the proxy's: pgfire.pre_mode = <mode>:<run>, where <run> mod 4 says the
--- kind of run it was armed for (fast 1, record 2, apply 3).
+-- kind of run it was armed for (fast 1, record 2, apply 3; 0 is an ended run).
 CREATE OR REPLACE FUNCTION pgfire.pre_arm(key text, mode text) RETURNS text LANGUAGE plpgsql
 SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -323,6 +329,21 @@ BEGIN
         n := nextval('pgfire.pre_runs');
     END LOOP;
     RETURN set_config('pgfire.pre_mode', mode || ':' || n, true);
+END $$;
+
+-- Start a fast run (`mode`: <limit>:<statement>): pgfire.pre_mode = fast:<mode>:<run>. No key:
+-- a fast run only makes pgfire's trigger decide rows in the database, which any session may
+-- ask for; the run number (mod 4 = 1) is what the release checks. No SET clause (it costs more
+-- than the call): every name and operator is qualified.
+CREATE FUNCTION pgfire.pre_arm_fast(mode text) RETURNS text LANGUAGE plpgsql SECURITY DEFINER AS $$
+DECLARE
+    n bigint := pg_catalog.nextval('pgfire.pre_runs'::pg_catalog.regclass);
+BEGIN
+    WHILE (n OPERATOR(pg_catalog.%) 4::bigint) OPERATOR(pg_catalog.<>) 1::bigint LOOP
+        n := pg_catalog.nextval('pgfire.pre_runs'::pg_catalog.regclass);
+    END LOOP;
+    RETURN pg_catalog.set_config('pgfire.pre_mode',
+        pg_catalog.concat('fast:', mode, ':', n), true);
 END $$;
 
 -- The end of a fast run, sent with its release: the statement must have left the run as armed

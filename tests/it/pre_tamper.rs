@@ -49,6 +49,16 @@ CREATE FUNCTION keep_mode() RETURNS void LANGUAGE sql AS $$
 CREATE VIEW replay AS SELECT set_config('pgfire.' || 'pre_mode', (SELECT max(mode) FROM kept), false) AS m;
 -- A run ended from inside the statement, a mode of another kind started with the next number,
 -- the first mode put back before the release.
+-- The same, then a fast run started again with the first one's string before the release.
+CREATE FUNCTION rearm_fast(e text) RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    mode text := current_setting('pgfire.' || 'pre_mode');
+BEGIN
+    PERFORM pgfire.pre_disarm();
+    PERFORM set_config('pgfire.' || 'pre_mode', 'record:1000:' || pgfire.pre_run(), true);
+    INSERT INTO users (email) VALUES (e);
+    PERFORM pgfire.pre_arm_fast(split_part(mode, ':', 2) || ':' || split_part(mode, ':', 3));
+END $$;
 CREATE FUNCTION rearm(e text) RETURNS void LANGUAGE plpgsql AS $$
 DECLARE
     mode text := current_setting('pgfire.' || 'pre_mode');
@@ -77,6 +87,7 @@ const ATTEMPTS: &[&[&str]] = &[
     &["SELECT flip_and_restore('bad')"],
     &["SELECT flip_definer('bad')"],
     &["SELECT rearm('bad')"],
+    &["SELECT rearm_fast('bad')"],
     &["INSERT INTO users (email) VALUES ('flip')"],
     &["INSERT INTO users (email) VALUES ('quiet')"],
     &[

@@ -8,7 +8,7 @@
 
 use bytes::{BufMut, BytesMut};
 
-use super::hold::{self, arm_sql, query_frame, Io, Reply};
+use super::hold::{self, query_frame, Io, Reply};
 use super::{commits, rows, PreConfig, PreHooks};
 use crate::proxy::session::Fatal;
 use crate::wire::{self, Frontend};
@@ -34,14 +34,14 @@ pub(super) async fn run(
     status: u8,
 ) -> Result<Ran, Fatal> {
     let implicit = status == b'I';
-    let mode = format!("fast:{}:{}", cfg.rows_limit, hooks.next_statement());
+    let run = format!("{}:{}", cfg.rows_limit, hooks.next_statement());
+    let mode = format!("fast:{run}");
     let mut setup = String::new();
     if implicit {
         setup.push_str("BEGIN; ");
     }
     setup.push_str(&format!(
-        "SAVEPOINT pgfire_pre; SELECT {}, set_config('pgfire.pre_n', '0', true), set_config('pgfire.pre_k', '0', true), set_config('pgfire.pre_log', '', true)",
-        arm_sql(cfg, &mode)
+        "SAVEPOINT pgfire_pre; SELECT pgfire.pre_arm_fast('{run}'), set_config('pgfire.pre_k', '0', true), set_config('pgfire.pre_log', '', true)"
     ));
     let end_sql = format!("SELECT pgfire.pre_end('{mode}'); RELEASE SAVEPOINT pgfire_pre");
     let simple = match wire::decode_frontend(frame)? {

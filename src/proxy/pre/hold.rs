@@ -454,7 +454,7 @@ async fn tentative(
 
 /// Starts a PRE run in `mode` (`record:<limit>`, `apply:<limit>`): pgfire.pre_mode becomes
 /// `<mode>:<run>`, which pgfire's trigger obeys only while `<run>` is the session's current run.
-pub(super) fn arm_sql(cfg: &PreConfig, mode: &str) -> String {
+fn arm_sql(cfg: &PreConfig, mode: &str) -> String {
     // The key is hex (md5), safe in a plain literal whatever standard_conforming_strings says.
     let key: String = cfg.key.chars().filter(char::is_ascii_hexdigit).collect();
     format!("pgfire.pre_arm('{key}', '{mode}')")
