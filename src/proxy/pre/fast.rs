@@ -95,6 +95,25 @@ pub(super) async fn run(
         }
         return Ok(Ran::Held);
     }
+    if let (Some((_, _, e)), None) = (&prepared.error, &run.error) {
+        // The proxy's own setup failed and the client's statement never ran: the client gets
+        // that error, the session what is left of its transaction.
+        let failed_setup = Reply {
+            frames: BytesMut::from(&e[..]),
+            starts: vec![(0, b'E')],
+            error: prepared.error.clone(),
+            status: last_status,
+            ..Reply::default()
+        };
+        if implicit {
+            let status = io.query("ROLLBACK").await?.status;
+            io.answer(failed_setup.frames, status).await?;
+            return Ok(Ran::Answered(status));
+        }
+        return hold::failed(io, failed_setup, false)
+            .await
+            .map(Ran::Answered);
+    }
     if prepared.error.is_some() || run.error.is_some() {
         if implicit {
             // End the proxy's transaction, unless its COMMIT already has (rolled back).

@@ -333,12 +333,22 @@ async fn try_load(client: &Client) -> anyhow::Result<PreConfig> {
         .query_one("SELECT key FROM pgfire.pre_key", &[])
         .await?
         .get(0);
-    let fast = catalog
-        .subscriptions
-        .iter()
-        .filter(|(event_type, _)| event_type.starts_with("PRE_"))
-        .flat_map(|(_, subs)| subs)
-        .all(|s| matches!(s.function.kind, FunctionKind::Sql | FunctionKind::Log));
+    // Migration 10 brings runs the database decides (a proxy newer than the database's
+    // migrations uses the long way until `pgfire install` has run).
+    let decides: bool = client
+        .query_one(
+            "SELECT to_regprocedure('pgfire.pre_arm_fast(text)') IS NOT NULL",
+            &[],
+        )
+        .await?
+        .get(0);
+    let fast = decides
+        && catalog
+            .subscriptions
+            .iter()
+            .filter(|(event_type, _)| event_type.starts_with("PRE_"))
+            .flat_map(|(_, subs)| subs)
+            .all(|s| matches!(s.function.kind, FunctionKind::Sql | FunctionKind::Log));
     Ok(PreConfig {
         catalog,
         watched,
