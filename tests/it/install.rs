@@ -41,6 +41,7 @@ async fn install_is_idempotent_and_uninstall_removes_everything() {
             "functions",
             "migrations",
             "parked",
+            "pre_chains",
             "pre_key",
             "settings",
             "sources",
