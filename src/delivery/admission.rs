@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::parked::Op;
-use super::pump::run;
 use super::{filter, key, Job, State, Task, WallClock};
 use crate::executions::Status;
 use crate::intake::Batch;
@@ -103,7 +102,7 @@ impl State {
                 .marks
                 .admit(subs.len() as u32, 2 * event.data.json().len() + 512);
             let job = Arc::new(Job {
-                key: Arc::from(key::of(&event)),
+                key: Default::default(),
                 prior: key::prior(&event).map(Arc::from),
                 event,
                 envelope,
@@ -122,17 +121,13 @@ impl State {
                     self.marks.done(seq);
                     continue;
                 }
-                let name = sub.function.name.clone();
-                let lane = self.lane(&name);
+                let lane = self.lane(&sub.function.name);
                 lane.concurrency = sub.function.concurrency.max(1);
-                match lane.start_now(task) {
-                    Ok(task) => {
-                        self.spawn(run(self.kinds.clone(), task, Duration::ZERO, self.clock))
-                    }
-                    Err(task) => {
-                        lane.enqueue(task);
-                        self.pump(&name);
-                    }
+                if lane.free_for(&task) {
+                    self.start_free(task);
+                } else {
+                    lane.enqueue(task);
+                    self.pump(&sub.function.name);
                 }
             }
         }

@@ -86,7 +86,9 @@ struct Job {
     /// Built when a run or a park first needs it (a `log` function with its log level off never
     /// does).
     envelope: std::sync::OnceLock<Arc<[u8]>>,
-    key: Arc<str>,
+    /// Worked out when a lane first needs it (a run that ends as it starts, in a lane with
+    /// nothing waiting, running or parked, never does).
+    key: std::sync::OnceLock<Arc<str>>,
     /// The row's key before this event, when it changed it (an update of the primary key): the
     /// event holds both keys.
     prior: Option<Arc<str>>,
@@ -97,7 +99,13 @@ impl Job {
     /// The job's other key, seen from one of its keys.
     fn other_key(&self, key: &str) -> Option<&Arc<str>> {
         let prior = self.prior.as_ref()?;
-        Some(if &**prior == key { &self.key } else { prior })
+        Some(if &**prior == key { self.key() } else { prior })
+    }
+
+    /// The row key the job is ordered by.
+    fn key(&self) -> &Arc<str> {
+        self.key
+            .get_or_init(|| Arc::from(key::of(&self.event)))
     }
 
     fn envelope(&self) -> Arc<[u8]> {
