@@ -109,24 +109,25 @@ impl State {
                 seq,
             });
             for (sub, refused) in subs {
-                let task = Task {
-                    job: job.clone(),
-                    def: sub.function.clone(),
-                    attempt: 1,
-                };
                 if let Some(reason) = too_big.as_ref().or(refused.as_ref()) {
                     // Recorded, never sent; nothing to retry.
-                    self.record(&task, Status::Dead, Some(reason.clone()), 0, Duration::ZERO);
+                    let error = Some(reason.clone());
+                    let (event, name) = (&job.event, &sub.function.name);
+                    self.record_run(event, name, 1, Status::Dead, error, 0, Duration::ZERO);
                     self.stats.dead.fetch_add(1, Ordering::Relaxed);
                     self.marks.done(seq);
                     continue;
                 }
                 let lane = self.lane(&sub.function.name);
                 lane.concurrency = sub.function.concurrency.max(1);
-                if lane.free_for(&task) {
-                    self.start_free(task);
+                if lane.free_for(&job) {
+                    self.start_free(&job, &sub.function);
                 } else {
-                    lane.enqueue(task);
+                    lane.enqueue(Task {
+                        job: job.clone(),
+                        def: sub.function.clone(),
+                        attempt: 1,
+                    });
                     self.pump(&sub.function.name);
                 }
             }

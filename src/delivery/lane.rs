@@ -59,9 +59,9 @@ impl Lane {
     /// Whether `task` may start at once (the usual case: nothing of its row waits or runs, the
     /// lane has room and no key ready before it, no park or pause holds it). In a lane with
     /// nothing waiting, running or parked the row key is not even needed.
-    pub(super) fn free_for(&self, task: &Task) -> bool {
+    pub(super) fn free_for(&self, job: &Job) -> bool {
         if self.paused
-            || task.job.prior.is_some()
+            || job.prior.is_some()
             || self.running >= self.concurrency
             || !self.ready.is_empty()
         {
@@ -70,7 +70,7 @@ impl Lane {
         if self.queues.is_empty() && self.busy.is_empty() && self.blocked.is_empty() {
             return true;
         }
-        let key = task.job.key();
+        let key = job.key();
         !(self.queues.contains_key(key) || self.busy.contains(key) || self.is_blocked(key))
     }
 

@@ -10,7 +10,8 @@ use futures_util::future::{BoxFuture, FutureExt};
 
 use super::parked::{Op, Park};
 use super::retry::retry_delay;
-use super::{clean, Ended, State, Task, WallClock, MEMORY_WAIT_MAX};
+use super::{clean, Ended, Job, State, Task, WallClock, MEMORY_WAIT_MAX};
+use crate::catalog::FunctionDef;
 use crate::executions::Status;
 use crate::functions::{ErrorKind, FunctionError, Kinds};
 
@@ -83,33 +84,52 @@ impl State {
         }));
     }
 
-    /// Start a run its lane let start at once ([`super::lane::Lane::free_for`]): one that ends
-    /// well as it starts (a `log` line) is settled here and never takes its lane's room (so the
-    /// next event of the batch finds the lane free again, with no queue, key or pump); any other
-    /// takes the room as a start through the queue does.
-    pub(super) fn start_free(&mut self, task: Task) {
-        let job = task.job.clone();
-        let name = task.def.name.clone();
-        let mut fut = run(self.kinds.clone(), task, Duration::ZERO, self.clock);
-        match (&mut fut).now_or_never() {
-            Some(Ended::Run {
-                task,
-                result: Ok(()),
-                started_us,
-                duration,
-            }) => {
-                self.record(&task, Status::Ok, None, started_us, duration);
-                self.marks.done(task.job.seq);
+    /// Start `job`'s run of `def`, which its lane lets start at once ([`Lane::free_for`]). A
+    /// kind that never waits (a `log` line) runs here; a run that ends well so is settled at once
+    /// and never takes its lane's room (the next event of the batch finds the lane free again:
+    /// no task, queue, key or pump). Any other takes the room as a start through the queue does.
+    ///
+    /// [`Lane::free_for`]: super::lane::Lane::free_for
+    pub(super) fn start_free(&mut self, job: &Arc<Job>, def: &Arc<FunctionDef>) {
+        let t0 = Instant::now();
+        let at_once = {
+            let d = job.delivery();
+            let r = self.kinds.post_at_once(def, &d);
+            if let (Some(_), Some(e)) = (&r, d.built_envelope()) {
+                let _ = job.envelope.set(e);
             }
-            Some(ended) => {
-                self.lane(&name).occupy(&job);
-                self.ended_now.push_back(ended);
+            r
+        };
+        let task = match at_once {
+            Some(Ok(())) => {
+                let started_us = self.clock.micros_at(t0);
+                self.record_run(&job.event, &def.name, 1, Status::Ok, None, started_us, t0.elapsed());
+                self.marks.done(job.seq);
+                return;
             }
-            None => {
-                self.lane(&name).occupy(&job);
-                self.runs.push(fut);
+            Some(Err(e)) => {
+                let task = Task {
+                    job: job.clone(),
+                    def: def.clone(),
+                    attempt: 1,
+                };
+                self.lane(&def.name).occupy(job);
+                self.ended_now.push_back(Ended::Run {
+                    task,
+                    result: Err(e),
+                    started_us: self.clock.micros_at(t0),
+                    duration: t0.elapsed(),
+                });
+                return;
             }
-        }
+            None => Task {
+                job: job.clone(),
+                def: def.clone(),
+                attempt: 1,
+            },
+        };
+        self.lane(&def.name).occupy(job);
+        self.spawn(run(self.kinds.clone(), task, Duration::ZERO, self.clock));
     }
 
     /// Start a run: one that finishes at once (a `log` line) ends here, without a trip through
