@@ -104,8 +104,7 @@ impl Job {
 
     /// The row key the job is ordered by.
     fn key(&self) -> &Arc<str> {
-        self.key
-            .get_or_init(|| Arc::from(key::of(&self.event)))
+        self.key.get_or_init(|| Arc::from(key::of(&self.event)))
     }
 
     fn envelope(&self) -> Arc<[u8]> {
@@ -434,7 +433,15 @@ impl State {
         duration: Duration,
     ) {
         let (event, name) = (&task.job.event, &task.def.name);
-        self.record_run(event, name, task.attempt, status, error, started_us, duration);
+        self.record_run(
+            event,
+            name,
+            task.attempt,
+            status,
+            error,
+            started_us,
+            duration,
+        );
     }
 
     /// Record a run of `function` for `event` (`started_us` 0: now).

@@ -103,7 +103,15 @@ impl State {
         let task = match at_once {
             Some(Ok(())) => {
                 let started_us = self.clock.micros_at(t0);
-                self.record_run(&job.event, &def.name, 1, Status::Ok, None, started_us, t0.elapsed());
+                self.record_run(
+                    &job.event,
+                    &def.name,
+                    1,
+                    Status::Ok,
+                    None,
+                    started_us,
+                    t0.elapsed(),
+                );
                 self.marks.done(job.seq);
                 return;
             }
