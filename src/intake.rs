@@ -175,8 +175,7 @@ impl Intake {
                                 );
                             }
                         }
-                        let catalog = self.catalog.clone();
-                        self.builder.push(item, &catalog, &mut out.events);
+                        self.builder.push(item, &self.catalog, &mut out.events);
                     }
                 }
             }

@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::parked::Op;
-use super::pump::run;
 use super::{filter, key, Job, State, Task, WallClock};
 use crate::executions::Status;
 use crate::intake::Batch;
@@ -103,36 +102,33 @@ impl State {
                 .marks
                 .admit(subs.len() as u32, 2 * event.data.json().len() + 512);
             let job = Arc::new(Job {
-                key: Arc::from(key::of(&event)),
+                key: Default::default(),
                 prior: key::prior(&event).map(Arc::from),
                 event,
                 envelope,
                 seq,
             });
             for (sub, refused) in subs {
-                let task = Task {
-                    job: job.clone(),
-                    def: sub.function.clone(),
-                    attempt: 1,
-                };
                 if let Some(reason) = too_big.as_ref().or(refused.as_ref()) {
                     // Recorded, never sent; nothing to retry.
-                    self.record(&task, Status::Dead, Some(reason.clone()), 0, Duration::ZERO);
+                    let error = Some(reason.clone());
+                    let (event, name) = (&job.event, &sub.function.name);
+                    self.record_run(event, name, 1, Status::Dead, error, 0, Duration::ZERO);
                     self.stats.dead.fetch_add(1, Ordering::Relaxed);
                     self.marks.done(seq);
                     continue;
                 }
-                let name = sub.function.name.clone();
-                let lane = self.lane(&name);
+                let lane = self.lane(&sub.function.name);
                 lane.concurrency = sub.function.concurrency.max(1);
-                match lane.start_now(task) {
-                    Ok(task) => {
-                        self.spawn(run(self.kinds.clone(), task, Duration::ZERO, self.clock))
-                    }
-                    Err(task) => {
-                        lane.enqueue(task);
-                        self.pump(&name);
-                    }
+                if lane.free_for(&job) {
+                    self.start_free(&job, &sub.function);
+                } else {
+                    lane.enqueue(Task {
+                        job: job.clone(),
+                        def: sub.function.clone(),
+                        attempt: 1,
+                    });
+                    self.pump(&sub.function.name);
                 }
             }
         }

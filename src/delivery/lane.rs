@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use super::fasthash::{FastMap, FastSet};
-use super::{State, Task};
+use super::{Job, State, Task};
 
 /// Per function: what waits and what runs, by key.
 #[derive(Default)]
@@ -52,30 +52,36 @@ impl Lane {
         if let Some(prior) = task.job.prior.clone() {
             self.push(prior, task.clone());
         }
-        let key = task.job.key.clone();
+        let key = task.job.key().clone();
         self.push(key, task);
     }
 
-    /// Start `task` at once when nothing is in its way (the usual case: nothing of its row waits
-    /// or runs, the lane has room and no key ready before it, no park or pause holds it), with
-    /// the bookkeeping of a start through the queue; otherwise hand it back to be queued.
-    pub(super) fn start_now(&mut self, task: Task) -> Result<Task, Task> {
-        let key = &task.job.key;
+    /// Whether `task` may start at once (the usual case: nothing of its row waits or runs, the
+    /// lane has room and no key ready before it, no park or pause holds it). In a lane with
+    /// nothing waiting, running or parked the row key is not even needed.
+    pub(super) fn free_for(&self, job: &Job) -> bool {
         if self.paused
-            || task.job.prior.is_some()
+            || job.prior.is_some()
             || self.running >= self.concurrency
             || !self.ready.is_empty()
-            || self.queues.contains_key(key)
-            || self.busy.contains(key)
-            || self.is_blocked(key)
         {
-            return Err(task);
+            return false;
         }
+        if self.queues.is_empty() && self.busy.is_empty() && self.blocked.is_empty() {
+            return true;
+        }
+        let key = job.key();
+        !(self.queues.contains_key(key) || self.busy.contains(key) || self.is_blocked(key))
+    }
+
+    /// Take the room of a task that [`Lane::free_for`] let start, with the bookkeeping of a
+    /// start through the queue.
+    pub(super) fn occupy(&mut self, job: &Job) {
+        let key = job.key();
         // The key stays in `queues` (empty) while its task runs, as after `start`.
         self.queues.insert(key.clone(), VecDeque::new());
         self.busy.insert(key.clone());
         self.running += 1;
-        Ok(task)
     }
 
     fn push(&mut self, key: Arc<str>, task: Task) {
@@ -131,7 +137,7 @@ impl Lane {
         self.ready.retain(|k| k != key);
         let tasks = self.queues.remove(key).unwrap_or_default();
         for t in &tasks {
-            self.blocked.entry(t.job.key.clone()).or_default().1 += 1;
+            self.blocked.entry(t.job.key().clone()).or_default().1 += 1;
             let Some(other) = t.job.other_key(key).cloned() else {
                 continue;
             };
@@ -161,7 +167,7 @@ impl Lane {
         if let Some(prior) = &task.job.prior {
             self.release(prior);
         }
-        self.release(&task.job.key);
+        self.release(task.job.key());
     }
 
     /// The key's running task ended: its next one (if any) may start.

@@ -86,7 +86,9 @@ struct Job {
     /// Built when a run or a park first needs it (a `log` function with its log level off never
     /// does).
     envelope: std::sync::OnceLock<Arc<[u8]>>,
-    key: Arc<str>,
+    /// Worked out when a lane first needs it (a run that ends as it starts, in a lane with
+    /// nothing waiting, running or parked, never does).
+    key: std::sync::OnceLock<Arc<str>>,
     /// The row's key before this event, when it changed it (an update of the primary key): the
     /// event holds both keys.
     prior: Option<Arc<str>>,
@@ -97,7 +99,12 @@ impl Job {
     /// The job's other key, seen from one of its keys.
     fn other_key(&self, key: &str) -> Option<&Arc<str>> {
         let prior = self.prior.as_ref()?;
-        Some(if &**prior == key { &self.key } else { prior })
+        Some(if &**prior == key { self.key() } else { prior })
+    }
+
+    /// The row key the job is ordered by.
+    fn key(&self) -> &Arc<str> {
+        self.key.get_or_init(|| Arc::from(key::of(&self.event)))
     }
 
     fn envelope(&self) -> Arc<[u8]> {
@@ -425,11 +432,35 @@ impl State {
         started_us: i64,
         duration: Duration,
     ) {
+        let (event, name) = (&task.job.event, &task.def.name);
+        self.record_run(
+            event,
+            name,
+            task.attempt,
+            status,
+            error,
+            started_us,
+            duration,
+        );
+    }
+
+    /// Record a run of `function` for `event` (`started_us` 0: now).
+    #[allow(clippy::too_many_arguments)]
+    fn record_run(
+        &mut self,
+        event: &Event,
+        function: &Arc<str>,
+        attempt: u32,
+        status: Status,
+        error: Option<String>,
+        started_us: i64,
+        duration: Duration,
+    ) {
         self.pending_must_store |= status != Status::Ok;
         self.pending.push(Execution {
-            event_id: task.job.event.id,
-            event_type: task.job.event.event_type.clone(),
-            function_name: task.def.name.clone(),
+            event_id: event.id,
+            event_type: event.event_type.clone(),
+            function_name: function.clone(),
             error: error.map(String::into_boxed_str),
             started_at_us: if started_us == 0 {
                 Utc::now().timestamp_micros()
@@ -437,7 +468,7 @@ impl State {
                 started_us
             },
             duration_us: duration.as_micros().min(u64::MAX as u128) as u64,
-            attempt: task.attempt,
+            attempt,
             status,
         });
     }
@@ -455,7 +486,9 @@ impl State {
 
     /// Hand the runs recorded so far to the history writer, with the last settled checkpoint.
     async fn flush_history(&mut self) {
-        let batch = std::mem::take(&mut self.pending);
+        // The next batch gets the room this one needed (no growing from empty on a busy stream).
+        let room = self.pending.len();
+        let batch = std::mem::replace(&mut self.pending, Vec::with_capacity(room));
         self.pending_must_store = false;
         self.recorder.record(batch, self.checkpoint).await;
     }

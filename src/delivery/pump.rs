@@ -10,7 +10,8 @@ use futures_util::future::{BoxFuture, FutureExt};
 
 use super::parked::{Op, Park};
 use super::retry::retry_delay;
-use super::{clean, Ended, State, Task, WallClock, MEMORY_WAIT_MAX};
+use super::{clean, Ended, Job, State, Task, WallClock, MEMORY_WAIT_MAX};
+use crate::catalog::FunctionDef;
 use crate::executions::Status;
 use crate::functions::{ErrorKind, FunctionError, Kinds};
 
@@ -72,7 +73,7 @@ impl State {
         self.outbox.push_back(Op::Park(Park {
             seq: task.job.seq,
             function: task.def.name.clone(),
-            key: task.job.key.clone(),
+            key: task.job.key().clone(),
             event_id: task.job.event.id.to_string(),
             event_type: task.job.event.event_type.clone(),
             envelope: task.job.envelope(),
@@ -81,6 +82,62 @@ impl State {
             delay,
             error,
         }));
+    }
+
+    /// Start `job`'s run of `def`, which its lane lets start at once ([`Lane::free_for`]). A
+    /// kind that never waits (a `log` line) runs here; a run that ends well so is settled at once
+    /// and never takes its lane's room (the next event of the batch finds the lane free again:
+    /// no task, queue, key or pump). Any other takes the room as a start through the queue does.
+    ///
+    /// [`Lane::free_for`]: super::lane::Lane::free_for
+    pub(super) fn start_free(&mut self, job: &Arc<Job>, def: &Arc<FunctionDef>) {
+        let t0 = Instant::now();
+        let at_once = {
+            let d = job.delivery();
+            let r = self.kinds.post_at_once(def, &d);
+            if let (Some(_), Some(e)) = (&r, d.built_envelope()) {
+                let _ = job.envelope.set(e);
+            }
+            r
+        };
+        let task = match at_once {
+            Some(Ok(())) => {
+                let started_us = self.clock.micros_at(t0);
+                self.record_run(
+                    &job.event,
+                    &def.name,
+                    1,
+                    Status::Ok,
+                    None,
+                    started_us,
+                    t0.elapsed(),
+                );
+                self.marks.done(job.seq);
+                return;
+            }
+            Some(Err(e)) => {
+                let task = Task {
+                    job: job.clone(),
+                    def: def.clone(),
+                    attempt: 1,
+                };
+                self.lane(&def.name).occupy(job);
+                self.ended_now.push_back(Ended::Run {
+                    task,
+                    result: Err(e),
+                    started_us: self.clock.micros_at(t0),
+                    duration: t0.elapsed(),
+                });
+                return;
+            }
+            None => Task {
+                job: job.clone(),
+                def: def.clone(),
+                attempt: 1,
+            },
+        };
+        self.lane(&def.name).occupy(job);
+        self.spawn(run(self.kinds.clone(), task, Duration::ZERO, self.clock));
     }
 
     /// Start a run: one that finishes at once (a `log` line) ends here, without a trip through
@@ -124,7 +181,7 @@ impl State {
         duration: Duration,
     ) {
         let name = task.def.name.clone();
-        let key = task.job.key.clone();
+        let key = task.job.key().clone();
         let err = match result {
             Ok(()) => {
                 self.record(&task, Status::Ok, None, started_us, duration);

@@ -233,11 +233,12 @@ impl Pending {
             self.checkpoint = Some(cp);
         }
         self.last_seq = b.seq;
-        if self.runs.is_empty() {
-            self.runs = b.runs;
-        } else {
-            self.runs.extend(b.runs);
+        // Into the buffer kept from COPY to COPY (a big one taken over or grown anew each time
+        // is fresh memory, faulted in page by page).
+        if self.runs.capacity() < b.runs.len() {
+            self.runs.reserve(COPY_ROWS.max(b.runs.len()));
         }
+        self.runs.extend(b.runs);
     }
 
     /// Everything held is stored.

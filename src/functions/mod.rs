@@ -161,6 +161,19 @@ impl Kinds {
         self.nats.configure(nats::NatsConfig::from_catalog(catalog));
     }
 
+    /// Run `def` for `delivery` here and now when its kind never waits (a `log` line): the
+    /// run's result, or `None` for kinds that do (use [`Kinds::post`]). Same contract as `post`.
+    pub fn post_at_once(
+        &self,
+        def: &FunctionDef,
+        delivery: &Delivery<'_>,
+    ) -> Option<Result<(), FunctionError>> {
+        match def.kind {
+            FunctionKind::Log => Some(self.log.write(def, delivery)),
+            FunctionKind::Webhook | FunctionKind::Sql | FunctionKind::Nats => None,
+        }
+    }
+
     /// Run `def` for `delivery`, bounded by the function's timeout (a `sql` run may take up to a
     /// second more to end one that ignores its cancel).
     pub async fn post(
