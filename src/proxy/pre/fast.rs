@@ -6,9 +6,9 @@
 //! function of another kind after a configuration change) fails with SQLSTATE PGF04, and the
 //! statement goes back to the long way ([`super::hold`]) as if it had not run.
 
-use bytes::{BufMut, BytesMut};
+use bytes::BytesMut;
 
-use super::hold::{self, query_frame, Io, Reply};
+use super::hold::{self, query_frame, query_frame_bytes, Io, Reply};
 use super::{commits, rows, PreConfig, PreHooks};
 use crate::proxy::session::Fatal;
 use crate::wire::{self, Frontend};
@@ -213,12 +213,7 @@ async fn spliced(
     if implicit {
         text.extend_from_slice(b"; COMMIT");
     }
-    let mut out = BytesMut::with_capacity(text.len() + 6);
-    out.put_u8(b'Q');
-    out.put_i32((text.len() + 5) as i32);
-    out.put_slice(&text);
-    out.put_u8(0);
-    io.send(&out).await?;
+    io.send(&query_frame_bytes(&text)).await?;
     let reply = io.reply().await?;
     // BEGIN, SAVEPOINT, then the arming SELECT's RowDescription, DataRow and CommandComplete.
     let setup_frames = usize::from(implicit) + 4;

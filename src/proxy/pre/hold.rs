@@ -230,10 +230,15 @@ impl Io<'_> {
 
 /// A Query ('Q') frame.
 pub(super) fn query_frame(sql: &str) -> BytesMut {
+    query_frame_bytes(sql.as_bytes())
+}
+
+/// A Query frame of text in whatever encoding it came (a client's own bytes).
+pub(super) fn query_frame_bytes(sql: &[u8]) -> BytesMut {
     let mut b = BytesMut::with_capacity(sql.len() + 6);
     b.put_u8(b'Q');
     b.put_i32((sql.len() + 5) as i32);
-    b.put_slice(sql.as_bytes());
+    b.put_slice(sql);
     b.put_u8(0);
     b
 }
