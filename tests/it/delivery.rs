@@ -7,7 +7,9 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use crate::support::hook::{Answer, Got, Hook};
-use crate::support::{caught_up, count, eventually, install_pgfire, start_service, texts, TestDb};
+use crate::support::{
+    caught_up, count, eventually, install_pgfire, start_service, texts, ClosedPort, TestDb,
+};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -192,11 +194,12 @@ async fn one_failing_endpoint_does_not_hold_up_another_function() {
 #[tokio::test]
 async fn parked_runs_use_the_current_configuration_and_keep_row_order() {
     let db = TestDb::new();
-    let closed = pgfire::embedded::free_port().unwrap();
+    let closed = ClosedPort::new();
+    let closed_port = closed.port;
     let hook = Hook::start(|_, _| Answer::status(200)).await;
     let c = setup(
         &db,
-        &format!("http://127.0.0.1:{closed}/down"),
+        &format!("http://127.0.0.1:{closed_port}/down"),
         "UPDATE pgfire.settings SET value = '100' WHERE key = 'delivery.max_attempts';
          UPDATE pgfire.settings SET value = '1' WHERE key = 'delivery.memory_attempts';",
     )

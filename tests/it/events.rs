@@ -8,7 +8,9 @@ use serde_json::{json, Value};
 use sha2::Sha256;
 
 use crate::support::webhook::Receiver;
-use crate::support::{caught_up, eventually, install_pgfire, start_service, texts, TestDb};
+use crate::support::{
+    caught_up, eventually, install_pgfire, start_service, texts, ClosedPort, TestDb,
+};
 
 const SECRET: &str = "whsec_dGVzdC1zZWNyZXQta2V5LTEyMzQ1Njc4OTBhYmNk";
 const WAIT: Duration = Duration::from_secs(30);
@@ -494,7 +496,8 @@ async fn a_failing_webhook_is_retried_and_recorded_attempt_by_attempt() {
 async fn an_unreachable_webhook_goes_dead_and_the_stream_moves_on() {
     let db = TestDb::new();
     install_pgfire(&db).await;
-    let closed = pgfire::embedded::free_port().unwrap();
+    let closed = ClosedPort::new();
+    let closed_port = closed.port;
     let c = db.client().await;
     c.batch_execute(&format!(
         "{CAPTURE}
@@ -502,7 +505,7 @@ async fn an_unreachable_webhook_goes_dead_and_the_stream_moves_on() {
          UPDATE pgfire.settings SET value = '2' WHERE key = 'delivery.max_attempts';
          UPDATE pgfire.settings SET value = '10' WHERE key = 'delivery.retry_base_ms';
          INSERT INTO pgfire.sources (table_name, kind) VALUES ('users', 'user');
-         INSERT INTO pgfire.functions (name, kind, target) VALUES ('down', 'webhook', 'http://127.0.0.1:{closed}/x'), ('a', 'sql', 'capture_a');
+         INSERT INTO pgfire.functions (name, kind, target) VALUES ('down', 'webhook', 'http://127.0.0.1:{closed_port}/x'), ('a', 'sql', 'capture_a');
          INSERT INTO pgfire.subscriptions (event_type, function_name, priority) VALUES ('POST_USER_CREATE', 'down', 0), ('POST_USER_CREATE', 'a', 1);"
     ))
     .await
@@ -527,7 +530,7 @@ async fn an_unreachable_webhook_goes_dead_and_the_stream_moves_on() {
     )
     .await;
     assert!(
-        err[0].contains(&format!("POST http://127.0.0.1:{closed}/x")),
+        err[0].contains(&format!("POST http://127.0.0.1:{closed_port}/x")),
         "{err:?}"
     );
     service.stop().await;

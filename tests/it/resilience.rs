@@ -148,8 +148,8 @@ async fn postgres_restarts_and_pgfire_reconnects_without_losing_events() {
 
 #[tokio::test]
 async fn an_unreachable_database_is_a_clear_error() {
-    let port = pgfire::embedded::free_port().unwrap();
-    let url = format!("postgres://postgres@127.0.0.1:{port}/app");
+    let closed = crate::support::ClosedPort::new();
+    let url = format!("postgres://postgres@127.0.0.1:{}/app", closed.port);
     let err =
         match pgfire::service::Service::start(pgfire::service::ServiceConfig::new(url.clone()))
             .await

@@ -231,3 +231,25 @@ pub async fn wait_running(db: &TestDb, pattern: &str) {
     )
     .await
 }
+
+/// A local TCP port where nothing listens, held for as long as the value lives: bound but not
+/// listening, so a connection is refused at once and no other test's server can be handed the
+/// port meanwhile (a port from `free_port` is free only until someone binds it).
+pub struct ClosedPort {
+    _socket: tokio::net::TcpSocket,
+    pub port: u16,
+}
+
+impl ClosedPort {
+    pub fn new() -> ClosedPort {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind("127.0.0.1:0".parse().unwrap())
+            .expect("bind a closed port");
+        let port = socket.local_addr().expect("its address").port();
+        ClosedPort {
+            _socket: socket,
+            port,
+        }
+    }
+}
