@@ -65,6 +65,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "pre chains decided in the database",
         sql: include_str!("../sql/010_pre_in_database.sql"),
     },
+    Migration {
+        version: 11,
+        name: "a lean in-database pre path",
+        sql: include_str!("../sql/011_pre_lean_path.sql"),
+    },
 ];
 
 /// The publication pgfire's consumer reads; source tables are added to it.

@@ -440,6 +440,69 @@ async fn hooks_changed_while_clients_are_connected() {
     assert_eq!(count(&direct, "SELECT count(*) FROM users").await, 3);
 }
 
+/// `sql` functions are called by pgfire's generated dispatcher, planned once per session: a new
+/// body, a dropped function and one created again are what the next statement of the same
+/// session runs, with no configuration change in between.
+#[tokio::test]
+async fn a_sql_function_replaced_or_dropped_is_what_the_next_statement_runs() {
+    let db = TestDb::new();
+    let proxy = setup(
+        &db,
+        "CREATE FUNCTION gate(e jsonb) RETURNS jsonb LANGUAGE sql AS $$ SELECT '{\"allow\": true}'::jsonb $$;
+         INSERT INTO pgfire.functions (name, kind, target) VALUES ('gate', 'sql', 'gate');
+         INSERT INTO pgfire.subscriptions (event_type, function_name) VALUES ('PRE_USER_UPDATE', 'gate');",
+    )
+    .await;
+    let c = proxy.client(&db).await;
+    c.simple_query("INSERT INTO users (email) VALUES ('a@b.c')")
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        c.simple_query("UPDATE users SET name = 'x'").await.unwrap();
+    }
+    db.psql(
+        "CREATE OR REPLACE FUNCTION gate(e jsonb) RETURNS jsonb LANGUAGE sql AS $$ SELECT '{\"allow\": false, \"message\": \"closed\"}'::jsonb $$",
+    );
+    let err = c
+        .simple_query("UPDATE users SET name = 'y'")
+        .await
+        .expect_err("the new body blocks");
+    assert_eq!(db_error(&err).0, "P0001");
+    assert_eq!(db_error(&err).1, "closed");
+    // Dropped: an error, which on_error (allow) lets through, recorded with the reason.
+    db.psql("DROP FUNCTION gate(jsonb)");
+    c.simple_query("UPDATE users SET name = 'z'").await.unwrap();
+    runs(&db, "gate", "error", 1).await;
+    let direct = db.client().await;
+    let why: String = direct
+        .query_one(
+            "SELECT error FROM pgfire.executions WHERE function_name = 'gate' AND status = 'error'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(why.contains("gate"), "{why}");
+    // Created again, under a new body: called again.
+    db.psql(
+        "CREATE FUNCTION gate(e jsonb) RETURNS jsonb LANGUAGE plpgsql AS $$ BEGIN RETURN jsonb_build_object('allow', e->'event_data'->>'name' <> 'no'); END $$",
+    );
+    c.simple_query("UPDATE users SET name = 'ok'")
+        .await
+        .unwrap();
+    let err = c
+        .simple_query("UPDATE users SET name = 'no'")
+        .await
+        .expect_err("the re-created function blocks");
+    assert_eq!(db_error(&err).0, "P0001");
+    assert_eq!(
+        count(&direct, "SELECT count(*) FROM users WHERE name = 'ok'").await,
+        1
+    );
+    runs(&db, "gate", "ok", 4).await;
+    runs(&db, "gate", "blocked", 2).await;
+}
+
 #[tokio::test]
 async fn post_events_see_only_the_final_row() {
     let db = TestDb::new();

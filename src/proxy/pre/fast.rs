@@ -40,10 +40,17 @@ pub(super) async fn run(
     if implicit {
         setup.push_str("BEGIN; ");
     }
-    setup.push_str(&format!(
-        "SAVEPOINT pgfire_pre; SELECT pgfire.pre_arm_fast('{run}'), set_config('pgfire.pre_k', '0', true), set_config('pgfire.pre_log', '', true)"
-    ));
-    let end_sql = format!("SELECT pgfire.pre_end('{mode}'); RELEASE SAVEPOINT pgfire_pre");
+    let end_sql = if cfg.lean {
+        setup.push_str(&format!(
+            "SAVEPOINT pgfire_pre; SELECT pgfire.pre_fast_begin('{run}')"
+        ));
+        format!("SELECT pgfire.pre_fast_end('{mode}'); RELEASE SAVEPOINT pgfire_pre")
+    } else {
+        setup.push_str(&format!(
+            "SAVEPOINT pgfire_pre; SELECT pgfire.pre_arm_fast('{run}'), set_config('pgfire.pre_k', '0', true), set_config('pgfire.pre_log', '', true)"
+        ));
+        format!("SELECT pgfire.pre_end('{mode}'); RELEASE SAVEPOINT pgfire_pre")
+    };
     let simple = match wire::decode_frontend(frame)? {
         Some(Frontend::Query(q)) => Some(q.raw.to_vec()),
         _ => None,

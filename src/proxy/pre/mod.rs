@@ -52,6 +52,9 @@ pub struct PreConfig {
     /// Every PRE subscription runs a `sql` or `log` function: held statements are decided by
     /// pgfire's trigger inside their own run, in one round trip (migration 010).
     pub fast: bool,
+    /// The database starts and ends a fast run in one call each (`pgfire.pre_fast_begin`,
+    /// `pgfire.pre_fast_end`, migration 011).
+    pub lean: bool,
 }
 
 impl PreConfig {
@@ -335,13 +338,14 @@ async fn try_load(client: &Client) -> anyhow::Result<PreConfig> {
         .get(0);
     // Migration 10 brings runs the database decides (a proxy newer than the database's
     // migrations uses the long way until `pgfire install` has run).
-    let decides: bool = client
+    // Migration 11 starts and ends a fast run in one call each.
+    let row = client
         .query_one(
-            "SELECT to_regprocedure('pgfire.pre_arm_fast(text)') IS NOT NULL",
+            "SELECT to_regprocedure('pgfire.pre_arm_fast(text)') IS NOT NULL, to_regprocedure('pgfire.pre_fast_begin(text)') IS NOT NULL",
             &[],
         )
-        .await?
-        .get(0);
+        .await?;
+    let (decides, lean): (bool, bool) = (row.get(0), row.get(1));
     let fast = decides
         && catalog
             .subscriptions
@@ -356,5 +360,6 @@ async fn try_load(client: &Client) -> anyhow::Result<PreConfig> {
         allow_truncate,
         key,
         fast,
+        lean,
     })
 }
