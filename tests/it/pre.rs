@@ -440,6 +440,65 @@ async fn hooks_changed_while_clients_are_connected() {
     assert_eq!(count(&direct, "SELECT count(*) FROM users").await, 3);
 }
 
+/// A PRE update event decided in the database carries `changes` and `old` as POST events do,
+/// also for a column added after the table was registered.
+#[tokio::test]
+async fn update_events_carry_changes_and_old_also_after_ddl() {
+    let db = TestDb::new();
+    let proxy = setup(
+        &db,
+        "CREATE FUNCTION capture(e jsonb) RETURNS jsonb LANGUAGE plpgsql AS $$
+         BEGIN INSERT INTO seen VALUES (e); RETURN '{\"allow\": true}'; END $$;
+         INSERT INTO pgfire.functions (name, kind, target) VALUES ('capture', 'sql', 'capture');
+         INSERT INTO pgfire.subscriptions (event_type, function_name) VALUES ('PRE_USER_UPDATE', 'capture');",
+    )
+    .await;
+    let c = proxy.client(&db).await;
+    c.simple_query("INSERT INTO users (email, name) VALUES ('a@b.c', 'old')")
+        .await
+        .unwrap();
+    c.simple_query("UPDATE users SET name = 'new', email = 'A@b.c'")
+        .await
+        .unwrap();
+    let direct = db.client().await;
+    let event: serde_json::Value = direct
+        .query_one(
+            "SELECT event FROM seen WHERE event->>'event_type' = 'PRE_USER_UPDATE'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let data = &event["event_data"];
+    assert_eq!(
+        data["changes"],
+        serde_json::json!({
+            "name": {"old": "old", "new": "new"},
+            "email": {"old": "a@b.c", "new": "A@b.c"}
+        })
+    );
+    assert_eq!(data["old"]["name"], "old");
+    assert_eq!(data["name"], "new");
+    assert_eq!(data["user_id"], data["id"]);
+    // A column added since: its change is there too.
+    db.psql("ALTER TABLE users ADD COLUMN plan text");
+    c.simple_query("UPDATE users SET plan = 'pro'")
+        .await
+        .unwrap();
+    let event: serde_json::Value = direct
+        .query_one(
+            "SELECT event FROM seen WHERE event->'event_data'->'changes' ? 'plan'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        event["event_data"]["changes"],
+        serde_json::json!({"plan": {"old": null, "new": "pro"}})
+    );
+}
+
 /// `sql` functions are called by pgfire's generated dispatcher, planned once per session: a new
 /// body, a dropped function and one created again are what the next statement of the same
 /// session runs, with no configuration change in between.
