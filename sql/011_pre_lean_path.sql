@@ -67,14 +67,14 @@ BEGIN
      WHERE s.kind IN ('user', 'record')
      GROUP BY s.table_name, o.op, s.kind, s.id_column, e.t;
     -- The chains as one constant, looked up by pgfire.pre_decide without a query.
-    SELECT format('SELECT %L::jsonb -> ($1::text || '':'' || $2)', coalesce(jsonb_object_agg(c.rel::text || ':' || c.op, c.chain), '{}'))
+    SELECT format('SELECT %L::jsonb OPERATOR(pg_catalog.->) pg_catalog.concat($1, '':'', $2)', coalesce(jsonb_object_agg(c.rel::text || ':' || c.op, c.chain), '{}'))
       INTO src FROM pgfire.pre_chains c;
     IF src IS DISTINCT FROM (SELECT p.prosrc FROM pg_proc p WHERE p.oid = 'pgfire.pre_chain_of(oid,text)'::regprocedure) THEN
         EXECUTE format('CREATE OR REPLACE FUNCTION pgfire.pre_chain_of(rel oid, op text) RETURNS jsonb LANGUAGE sql STABLE AS %L', src);
     END IF;
     -- The dispatcher: a static call per function named (identifiers quoted by format above).
     SELECT E'\nBEGIN\n'
-           || coalesce(string_agg(format(E'    IF callable = %L THEN\n        RETURN %s(event);\n    END IF;\n', c, c), '' ORDER BY c), '')
+           || coalesce(string_agg(format(E'    IF callable OPERATOR(pg_catalog.=) %L THEN\n        RETURN %s(event);\n    END IF;\n', c, c), '' ORDER BY c), '')
            || E'    EXECUTE ''SELECT '' || callable || ''($1)'' INTO answer USING event;\n    RETURN answer;\nEND '
       INTO src
       FROM (SELECT DISTINCT f ->> 'callable' AS c
