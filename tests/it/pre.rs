@@ -440,6 +440,30 @@ async fn hooks_changed_while_clients_are_connected() {
     assert_eq!(count(&direct, "SELECT count(*) FROM users").await, 3);
 }
 
+/// A proxy in front of a database whose fast runs start and end the migration-10 way (no
+/// `pgfire.pre_fast_begin`) uses those calls: blocks, allows and records the same.
+#[tokio::test]
+async fn a_database_without_the_one_call_fast_run_is_decided_the_earlier_way() {
+    let db = TestDb::new();
+    install_pgfire(&db).await;
+    db.psql(USERS);
+    db.psql("DROP FUNCTION pgfire.pre_fast_begin(text); DROP FUNCTION pgfire.pre_fast_end(text);");
+    let proxy = PreProxy::start(&db).await;
+    let c = proxy.client(&db).await;
+    let err = c
+        .simple_query("INSERT INTO users (email) VALUES ('bad')")
+        .await
+        .unwrap_err();
+    assert_eq!(db_error(&err).1, "Invalid email address");
+    c.simple_query("BEGIN; INSERT INTO users (email) VALUES ('a@b.c'); COMMIT")
+        .await
+        .unwrap();
+    let direct = db.client().await;
+    assert_eq!(count(&direct, "SELECT count(*) FROM users").await, 1);
+    runs(&db, "check_email", "blocked", 1).await;
+    runs(&db, "check_email", "ok", 1).await;
+}
+
 /// A PRE update event decided in the database carries `changes` and `old` as POST events do,
 /// also for a column added after the table was registered.
 #[tokio::test]

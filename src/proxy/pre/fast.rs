@@ -199,7 +199,8 @@ async fn pipelined(
     })
 }
 
-/// How the value pgfire.pre_end returns begins (the run reports follow): it marks where the
+/// How the value pgfire.pre_fast_end (pgfire.pre_end before migration 11) returns begins (the
+/// run reports follow): it marks where the
 /// release's answer begins.
 const END_MARK: &[u8] = b"pgfire:end:";
 
@@ -277,7 +278,7 @@ async fn spliced(
     })
 }
 
-/// How pgfire.pre_end's refusal begins.
+/// How the refusal of pgfire.pre_fast_end (and pgfire.pre_end) begins.
 const TAMPERED_PREFIX: &str = "pgfire: the statement changed the settings";
 
 /// `reply` cut before its frame number `n` (all of it when it has fewer).
