@@ -418,6 +418,10 @@ async fn client_to_server(
                 binding_refused = scram::client_expects_binding(frame);
                 return Ok(binding_refused);
             }
+            if !inspect_frontend && cfg.is_some() && matches!(frame[0], b'P' | b'B') {
+                // Decoded (and checked) where the batch is gathered.
+                return Ok(true);
+            }
             let msg = wire::decode_frontend(frame)?;
             if let (true, Some(m)) = (inspect_frontend, &msg) {
                 hook.frontend(m);
@@ -467,29 +471,33 @@ async fn client_to_server(
         }
         if stopped {
             let len = wire::frame_header(&up.buf)?.map_or(up.buf.len(), |(_, l)| l);
+            if let (Some(cfg), Some(pre), true) = (&cfg, pre, unit::is_extended(up.buf[0])) {
+                let unit = (&up.buf[..len], strings());
+                let next = up.units.push(cfg, unit, &|| pre.next_statement(), &metrics);
+                up.buf.advance(len);
+                match next? {
+                    Next::Gather => {}
+                    Next::Forward(bytes, list) => {
+                        note(list);
+                        send(uw, &bytes).await?;
+                    }
+                    Next::Hold { batch, closes, how } => {
+                        return Ok(Flow::Held {
+                            bytes: batch,
+                            closes,
+                            how,
+                        })
+                    }
+                }
+                continue;
+            }
             let frame = up.buf.split_to(len);
             if let (Some(cfg), Some(pre)) = (&cfg, pre) {
-                if unit::is_extended(frame[0]) {
-                    let unit = (&frame[..], strings());
-                    match up.units.push(cfg, unit, pre.next_statement(), &metrics)? {
-                        Next::Gather => {}
-                        Next::Forward(bytes, list) => {
-                            note(list);
-                            send(uw, &bytes).await?;
-                        }
-                        Next::Hold { batch, closes, how } => {
-                            return Ok(Flow::Held {
-                                bytes: batch,
-                                closes,
-                                how,
-                            })
-                        }
-                    }
-                    continue;
-                }
                 if up.units.pending() {
                     // Another kind of message interrupts a batch before its Sync.
-                    if let Next::Forward(bytes, list) = up.units.end(false, pre.next_statement()) {
+                    if let Next::Forward(bytes, list) =
+                        up.units.end(false, &|| pre.next_statement())
+                    {
                         note(list);
                         send(uw, &bytes).await?;
                     }

@@ -7,7 +7,9 @@ use bytes::{BufMut, BytesMut};
 use super::hold::{query_frame, raise_sql};
 use super::PreConfig;
 use crate::metrics::Action;
-use crate::proxy::classify::{self, HoldReason, Refusal, Strings, Verdict};
+use crate::proxy::classify::{
+    self, Classification, HoldReason, Outcome, Refusal, Strings, Verdict,
+};
 use crate::wire;
 
 /// SQLSTATE feature_not_supported.
@@ -57,14 +59,25 @@ fn refusal_code(r: &Refusal) -> &'static str {
     }
 }
 
-enum Decision {
+/// What the gate decided on a statement text (kept in [`super::verdicts`]).
+#[derive(Debug, Clone)]
+pub(in crate::proxy) enum Decision {
     Pass,
     Hold(HoldAs),
     Refuse(&'static str, String),
 }
 
 fn decide(cfg: &PreConfig, sql: &str, strings: Strings) -> Decision {
-    let c = classify::classify_lexed(sql, &cfg.watched, strings);
+    cfg.verdicts.get_or(sql, strings, || {
+        let c = classify::classify_lexed(sql, &cfg.watched, strings);
+        // A text the parser rejects passes; its verdict must not answer for a variant that
+        // parses (see verdicts).
+        let keep = !matches!(c.outcome, Outcome::ParseError(_));
+        (classified(cfg, &c), keep)
+    })
+}
+
+fn classified(cfg: &PreConfig, c: &Classification) -> Decision {
     match c.verdict() {
         Verdict::Passes => Decision::Pass,
         Verdict::Refused { reason } => {
@@ -114,7 +127,7 @@ pub(in crate::proxy) fn query(cfg: &PreConfig, strings: Strings, sql: &str) -> G
 pub(in crate::proxy) fn parse(
     cfg: &PreConfig,
     p: &wire::Parse<'_>,
-    nonce: u64,
+    nonce: &dyn Fn() -> u64,
     strings: Strings,
 ) -> Gate {
     match decide(cfg, &p.sql, strings) {
@@ -123,7 +136,7 @@ pub(in crate::proxy) fn parse(
         Decision::Hold(HoldAs::Split) => Gate::Hold(HoldAs::Whole),
         Decision::Hold(how) => Gate::Hold(how),
         Decision::Refuse(code, message) => {
-            let (frame, rewrite) = doomed_parse(p.statement, &message, code, nonce);
+            let (frame, rewrite) = doomed_parse(p.statement, &message, code, nonce());
             Gate::Replace {
                 frame,
                 rewrite: Some(rewrite),
@@ -215,6 +228,22 @@ mod tests {
     }
 
     #[test]
+    fn a_remembered_verdict_answers_only_for_texts_that_classify_the_same() {
+        let cfg = cfg();
+        let held = |sql: &str| matches!(query(&cfg, S, sql), Gate::Hold(_));
+        // Texts that differ in their numbers share a verdict; names never.
+        assert!(held("UPDATE users SET n = 1 WHERE id = 10"));
+        assert!(held("UPDATE users SET n = 2 WHERE id = 20"));
+        assert!(!held("UPDATE users2 SET n = 2 WHERE id = 20"));
+        assert!(held("UPDATE users SET n = 3 WHERE id = 30"));
+        // A number too large for the grammar: a parse error passes (the server reports it),
+        // and is not remembered for the variant that parses.
+        assert!(!held("FETCH 99999999999999999999 FROM c"));
+        assert!(held("FETCH 5 FROM c"));
+        assert_eq!(cfg.verdicts_len(), 3);
+    }
+
+    #[test]
     fn truncate_can_be_allowed() {
         let mut c = cfg();
         c.allow_truncate = true;
@@ -228,7 +257,7 @@ mod tests {
             sql: "TRUNCATE users".into(),
             param_types: vec![25],
         };
-        let Gate::Replace { frame, rewrite } = parse(&cfg(), &p, 7, S) else {
+        let Gate::Replace { frame, rewrite } = parse(&cfg(), &p, &|| 7, S) else {
             panic!()
         };
         let Some(wire::Frontend::Parse(q)) = wire::decode_frontend(&frame).unwrap() else {

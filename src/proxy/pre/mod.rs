@@ -4,7 +4,7 @@
 //! statement, [`decide`] the chain of functions on its rows, [`copy`] the COPY FROM STDIN
 //! sub-protocol inside it, [`split`] query strings run statement by statement, [`commits`]
 //! statements whose procedure or DO block commits by itself, [`fast`] statements whose chains
-//! the database decides in one round trip.
+//! the database decides in one round trip, [`verdicts`] the gate's memory of texts it has seen.
 
 pub mod answer;
 pub(super) mod commits;
@@ -16,6 +16,7 @@ pub(super) mod hold;
 pub mod rows;
 pub(super) mod split;
 pub(super) mod unit;
+pub(super) mod verdicts;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -55,12 +56,19 @@ pub struct PreConfig {
     /// The database starts and ends a fast run in one call each (`pgfire.pre_fast_begin`,
     /// `pgfire.pre_fast_end`, migration 011).
     pub lean: bool,
+    /// What the gate decided on the texts seen under this configuration.
+    pub(super) verdicts: verdicts::Verdicts<gate::Decision>,
 }
 
 impl PreConfig {
     /// Whether any statement can be held at all.
     pub fn active(&self) -> bool {
         !self.watched.is_empty()
+    }
+
+    #[cfg(test)]
+    pub(super) fn verdicts_len(&self) -> usize {
+        self.verdicts.len()
     }
 }
 
@@ -361,5 +369,6 @@ async fn try_load(client: &Client) -> anyhow::Result<PreConfig> {
         key,
         fast,
         lean,
+        verdicts: Default::default(),
     })
 }

@@ -106,7 +106,7 @@ impl Units {
         &mut self,
         cfg: &PreConfig,
         (frame, strings): (&[u8], Strings),
-        nonce: u64,
+        nonce: &dyn Fn() -> u64,
         metrics: &Metrics,
     ) -> Result<Next, WireError> {
         let tag = frame[0];
@@ -202,8 +202,10 @@ impl Units {
 
     /// The batch ends here: at its Sync (`synced`), at a Flush, or because another kind of
     /// message interrupts it.
-    pub fn end(&mut self, synced: bool, nonce: u64) -> Next {
-        let batch = std::mem::take(&mut self.buf);
+    pub fn end(&mut self, synced: bool, nonce: &dyn Fn() -> u64) -> Next {
+        // split, not take: the gathering buffer keeps its allocation for the next batch once
+        // this one is sent and dropped.
+        let batch = self.buf.split();
         let rewrites = std::mem::take(&mut self.rewrites);
         let held = std::mem::take(&mut self.held);
         let parsed = std::mem::take(&mut self.parsed);
@@ -222,7 +224,7 @@ impl Units {
                 rewrites,
                 "pgfire: a COPY FROM STDIN into a table with PRE hooks must be the only statement its batch executes (send the others in a batch of their own)",
                 synced,
-                nonce,
+                nonce(),
             );
         }
         if synced && clean {
@@ -249,7 +251,7 @@ impl Units {
         } else {
             "pgfire: a write to a table with PRE hooks cannot be answered before its batch ends: this batch asked for results with Flush; send Sync instead of Flush after the write (libpq: PQpipelineSync rather than PQsendFlushRequest; psycopg pipeline mode: call pipeline.sync() before fetching the write's results)"
         };
-        refused(rewrites, message, synced, nonce)
+        refused(rewrites, message, synced, nonce())
     }
 }
 
@@ -305,7 +307,7 @@ mod tests {
         let mut last = Next::Gather;
         for f in frames {
             last = u
-                .push(&c, (f, Strings::On), 1, &Metrics::default())
+                .push(&c, (f, Strings::On), &|| 1, &Metrics::default())
                 .unwrap();
         }
         last
@@ -415,9 +417,13 @@ mod tests {
         let c = cfg();
         let m = Metrics::default();
         assert!(u
-            .push(&c, (&msg(b'E', b"no terminator"), Strings::On), 1, &m)
+            .push(&c, (&msg(b'E', b"no terminator"), Strings::On), &|| 1, &m)
             .is_err());
-        assert!(u.push(&c, (&msg(b'C', b""), Strings::On), 1, &m).is_err());
-        assert!(u.push(&c, (&msg(b'B', b"\0"), Strings::On), 1, &m).is_err());
+        assert!(u
+            .push(&c, (&msg(b'C', b""), Strings::On), &|| 1, &m)
+            .is_err());
+        assert!(u
+            .push(&c, (&msg(b'B', b"\0"), Strings::On), &|| 1, &m)
+            .is_err());
     }
 }
