@@ -3,6 +3,7 @@
 //! standby status updates. tokio-postgres has no CopyBoth, so this speaks the protocol itself
 //! with postgres-protocol's codec.
 
+use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -145,6 +146,40 @@ pub struct ReplicationConn {
     read: BytesMut,
     write: BytesMut,
     pub server_version: u32,
+    /// The TCP socket under the stream (with TLS or without; it lives as long as `stream`).
+    tcp: Option<RawFd>,
+    /// Reads wait for [`SEGMENT_LOWAT`] bytes (see [`ReplicationConn::batch_reads`]).
+    batching: bool,
+}
+
+/// While reads are batched, the kernel wakes pgfire once this many bytes have come, not per
+/// change the walsender sends...
+const SEGMENT_LOWAT: i32 = 16 * 1024;
+/// ...and a read waits at most this long for them (the last bytes of a burst).
+const SEGMENT_WAIT: Duration = Duration::from_millis(5);
+
+/// SO_RCVLOWAT: poll and epoll report the socket readable once `bytes` are queued (a
+/// non-blocking read still returns what is there). Lowering it wakes a waiting reader when
+/// enough is queued already (Linux's `tcp_set_rcvlowat`).
+#[allow(unsafe_code)]
+fn set_rcvlowat(fd: RawFd, bytes: i32) -> std::io::Result<()> {
+    let value: libc::c_int = bytes;
+    // SAFETY: `fd` is the open socket of this connection's stream, and the option's value is
+    // a c_int whose size is passed with it.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 impl ReplicationConn {
@@ -170,10 +205,12 @@ impl ReplicationConn {
         tls: &crate::db::tls::TlsSettings,
     ) -> Result<ReplicationConn, ConnError> {
         let port = config.get_ports().first().copied().unwrap_or(5432);
+        let mut tcp = None;
         let stream: Box<dyn Stream> = match config.get_hosts().first() {
             Some(Host::Tcp(host)) => {
                 let mut s = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
                 s.set_nodelay(true)?;
+                tcp = Some(s.as_raw_fd());
                 let keepalive = socket2::TcpKeepalive::new()
                     .with_time(KEEPALIVE_IDLE)
                     .with_interval(KEEPALIVE_INTERVAL);
@@ -216,6 +253,8 @@ impl ReplicationConn {
             read: BytesMut::with_capacity(256 * 1024),
             write: BytesMut::with_capacity(1024),
             server_version: 0,
+            tcp,
+            batching: false,
         };
         let params = [
             ("user", user.as_str()),
@@ -458,6 +497,24 @@ impl ReplicationConn {
         Ok(())
     }
 
+    /// Batch reads (`on`) while a streamed transaction's segment comes in: a burst of changes
+    /// none of which can be delivered before the transaction's commit, sent by the walsender
+    /// one system call each. Woken per change, pgfire spent more CPU in the kernel than on the
+    /// changes, and every wake-up cost the walsender too. A read then waits for
+    /// [`SEGMENT_LOWAT`] bytes, or [`SEGMENT_WAIT`], whichever comes first. TCP only (a Unix
+    /// socket's readiness ignores the mark).
+    pub fn batch_reads(&mut self, on: bool) {
+        if on == self.batching {
+            return;
+        }
+        if let Some(fd) = self.tcp {
+            match set_rcvlowat(fd, if on { SEGMENT_LOWAT } else { 1 }) {
+                Ok(()) => self.batching = on,
+                Err(err) => tracing::debug!(error = %err, "SO_RCVLOWAT not set"),
+            }
+        }
+    }
+
     /// Whether a whole message is already buffered (reading it will not wait on the network).
     pub fn has_buffered_message(&self) -> bool {
         match postgres_protocol::message::backend::Header::parse(&self.read) {
@@ -485,7 +542,20 @@ impl ReplicationConn {
             if self.read.capacity() - self.read.len() < 64 * 1024 {
                 self.read.reserve(256 * 1024);
             }
-            if self.stream.read_buf(&mut self.read).await? == 0 {
+            let read = if self.batching {
+                match tokio::time::timeout(SEGMENT_WAIT, self.stream.read_buf(&mut self.read)).await
+                {
+                    Ok(read) => read?,
+                    Err(_) => {
+                        // Fewer bytes than the mark: lowering it signals what is queued.
+                        self.batch_reads(false);
+                        continue;
+                    }
+                }
+            } else {
+                self.stream.read_buf(&mut self.read).await?
+            };
+            if read == 0 {
                 return Err(ConnError::Closed);
             }
         }
@@ -555,6 +625,8 @@ mod tests {
             read: BytesMut::new(),
             write: BytesMut::new(),
             server_version: 15,
+            tcp: None,
+            batching: false,
         };
         let mut frame = BytesMut::new();
         frame.put_u8(b'C');
@@ -566,6 +638,73 @@ mod tests {
         assert!(matches!(conn.next_message().await, Err(ConnError::Ended)));
         drop(server);
         assert!(matches!(conn.next_message().await, Err(ConnError::Closed)));
+    }
+
+    /// An XLogData frame of `n` bytes of data.
+    fn xlog(n: usize) -> BytesMut {
+        let mut frame = BytesMut::new();
+        frame.put_u8(b'd');
+        frame.put_i32((4 + 25 + n) as i32);
+        frame.put_u8(b'w');
+        frame.put_u64(1);
+        frame.put_u64(2);
+        frame.put_u64(0);
+        frame.put_bytes(b'x', n);
+        frame
+    }
+
+    #[tokio::test]
+    async fn batched_reads_wait_for_the_mark_but_never_hold_the_last_bytes() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ours = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (mut server, _) = listener.accept().await.unwrap();
+        let mut conn = ReplicationConn {
+            tcp: Some(ours.as_raw_fd()),
+            stream: Box::new(ours),
+            read: BytesMut::new(),
+            write: BytesMut::new(),
+            server_version: 15,
+            batching: false,
+        };
+        conn.batch_reads(true);
+        assert!(conn.batching, "SO_RCVLOWAT is set on a TCP socket");
+        // A burst larger than the mark arrives whole.
+        let burst: Vec<u8> = (0..40).flat_map(|_| xlog(1000).to_vec()).collect();
+        server.write_all(&burst).await.unwrap();
+        for _ in 0..40 {
+            let m = conn.next_message().await.unwrap();
+            assert!(
+                matches!(m, ReplicationMessage::XLogData { ref data, .. } if data.len() == 1000)
+            );
+        }
+        // The last bytes of a burst, far below the mark, then silence: read after the wait,
+        // not held until more comes.
+        conn.batch_reads(true);
+        server.write_all(&xlog(10)).await.unwrap();
+        let m = tokio::time::timeout(Duration::from_secs(5), conn.next_message())
+            .await
+            .expect("the bytes below the mark are read")
+            .unwrap();
+        assert!(matches!(m, ReplicationMessage::XLogData { ref data, .. } if data.len() == 10));
+        assert!(!conn.batching, "the mark is lowered once the wait is over");
+        // Unbatched, a small message is read as it comes.
+        server.write_all(&xlog(3)).await.unwrap();
+        let m = conn.next_message().await.unwrap();
+        assert!(matches!(m, ReplicationMessage::XLogData { ref data, .. } if data.len() == 3));
+        // A socket that is not TCP: nothing to set, reads as before.
+        let (duplex, _peer) = tokio::io::duplex(64);
+        let mut other = ReplicationConn {
+            stream: Box::new(duplex),
+            read: BytesMut::new(),
+            write: BytesMut::new(),
+            server_version: 15,
+            tcp: None,
+            batching: false,
+        };
+        other.batch_reads(true);
+        assert!(!other.batching);
     }
 
     #[test]

@@ -278,6 +278,12 @@ impl Decoder {
             || self.streaming.is_some()
     }
 
+    /// Whether a streamed transaction's segment is coming in (between Stream Start and Stream
+    /// Stop).
+    pub fn in_stream_segment(&self) -> bool {
+        self.streaming.is_some()
+    }
+
     /// Whether a committed streamed transaction awaits [`Decoder::drain`].
     pub fn replaying(&self) -> bool {
         self.replay.is_some()
