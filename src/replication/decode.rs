@@ -150,6 +150,10 @@ pub enum DecodeError {
     Spill { dir: String, error: std::io::Error },
 }
 
+/// Changes of one transaction after which the rest are read as a burst (see
+/// [`Decoder::in_burst`]); a small transaction is read as it comes, for its latency.
+const BURST_AFTER: u32 = 256;
+
 /// A transaction whose changes are being numbered: its commit, and the next change's position.
 pub(super) struct OpenTxn {
     pub commit: Arc<Commit>,
@@ -278,10 +282,11 @@ impl Decoder {
             || self.streaming.is_some()
     }
 
-    /// Whether a streamed transaction's segment is coming in (between Stream Start and Stream
-    /// Stop).
-    pub fn in_stream_segment(&self) -> bool {
-        self.streaming.is_some()
+    /// Whether a burst of changes that belong together is coming in: a streamed transaction's
+    /// segment (between Stream Start and Stream Stop), or a transaction past its first
+    /// [`BURST_AFTER`] changes (the walsender sends a decoded transaction at once).
+    pub fn in_burst(&self) -> bool {
+        self.streaming.is_some() || self.txn.as_ref().is_some_and(|t| t.position >= BURST_AFTER)
     }
 
     /// Whether a committed streamed transaction awaits [`Decoder::drain`].

@@ -406,7 +406,7 @@ async fn session(
                 ReplicationMessage::XLogData { wal_start, data, .. } => {
                     s.received = s.received.max(wal_start);
                     decoder.decode(data, &mut batch)?;
-                    s.conn.batch_reads(decoder.in_stream_segment());
+                    s.conn.batch_reads(decoder.in_burst());
                     s.health.received_lsn.store(s.received.0, Ordering::Relaxed);
                     // A committed streamed transaction is handed over a batch at a time.
                     while decoder.replaying() {
