@@ -93,67 +93,32 @@ fn main() -> anyhow::Result<()> {
         if !only.is_empty() && !only.split(',').any(|s| s == shape.key()) {
             continue;
         }
-        let db = format!("bench_{}", shape.key());
-        cluster.psql("postgres", &format!("CREATE DATABASE {db}"))?;
-        let url = cluster.url(&db);
-        rt.block_on(async {
-            let c = pgfire::db::connect(&url).await?;
-            pgfire::install::install(&c, Some(&format!("pgfire_{}_0", shape.key())), pgfire::install::MIGRATIONS).await?;
-            c.batch_execute(
-                "CREATE TABLE items (id bigserial PRIMARY KEY, name text NOT NULL, amount numeric NOT NULL, created_at timestamptz NOT NULL);
-                 INSERT INTO pgfire.sources (table_name, kind) VALUES ('items', 'record');
-                 INSERT INTO pgfire.functions (name, kind) VALUES ('noop', 'log');
-                 INSERT INTO pgfire.subscriptions (event_type, function_name) VALUES ('POST_RECORD_CREATE', 'noop');",
-            )
-            .await?;
-            for r in 0..rounds {
-                if r > 0 {
-                    c.execute("SELECT pg_create_logical_replication_slot($1, 'pgoutput')", &[&format!("pgfire_{}_{r}", shape.key())]).await?;
-                }
-                c.execute("SELECT pg_create_logical_replication_slot($1, 'pgoutput')", &[&format!("recv_{}_{r}", shape.key())]).await?;
-            }
-            anyhow::Ok(())
-        })?;
-        let t0 = Instant::now();
-        cluster.psql(&db, &shape.load_sql(rows))?;
-        let end = cluster.psql(&db, "SELECT pg_current_wal_insert_lsn()")?;
-        // The backlog must be flushed before anyone reads it.
-        while cluster.psql(
-            &db,
-            &format!("SELECT pg_current_wal_flush_lsn() >= '{end}'"),
-        )? != "t"
-        {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        println!(
-            "\n{}: loaded in {:.1} s, backlog ends at {end}",
-            shape.name(),
-            t0.elapsed().as_secs_f64()
-        );
-
         let mut recv = Vec::new();
         let mut fire = Vec::new();
         for r in 0..rounds {
+            // A database of its own per round: a pgfire run writes the history of its 500 000
+            // runs after the backlog, and a later run on the same database would find that WAL
+            // in its walsender's way (pg_recvlogical stops at the backlog's end; pgfire goes on,
+            // as in production). Another database's WAL is skipped at once.
+            let db = format!("bench_{}_{r}", shape.key());
+            let end = load(&cluster, &rt, &db, shape, rows, r)?;
+            let url = cluster.url(&db);
             let order: [bool; 2] = if r % 2 == 0 {
                 [true, false]
             } else {
                 [false, true]
             };
             for recv_first in order {
+                cluster.psql(&db, "CHECKPOINT")?;
                 if recv_first {
-                    let secs =
-                        run_recvlogical(&cluster, &db, &format!("recv_{}_{r}", shape.key()), &end)?;
+                    let secs = run_recvlogical(&cluster, &db, "recv", &end)?;
                     println!(
                         "  round {r}: pg_recvlogical {:>9.0} rows/s ({secs:.2} s)",
                         rows as f64 / secs
                     );
                     recv.push(rows as f64 / secs);
                 } else {
-                    // Every run delivers the same event ids again; in production ids only grow, so
-                    // start each run with an empty history rather than one full of its duplicates.
-                    cluster.psql(&db, "TRUNCATE pgfire.executions; CHECKPOINT")?;
-                    let (secs, rss) =
-                        run_pgfire(bin, &url, &format!("pgfire_{}_{r}", shape.key()), &end)?;
+                    let (secs, rss) = run_pgfire(bin, &url, "pgfire", &end)?;
                     println!(
                         "  round {r}: pgfire        {:>9.0} rows/s ({secs:.2} s, peak RSS {} MB)",
                         rows as f64 / secs,
@@ -162,6 +127,11 @@ fn main() -> anyhow::Result<()> {
                     fire.push((rows as f64 / secs, rss));
                 }
             }
+            cluster.psql(
+                "postgres",
+                &format!("SELECT count(pg_drop_replication_slot(slot_name)) FROM pg_replication_slots WHERE database = '{db}'"),
+            )?;
+            cluster.psql("postgres", &format!("DROP DATABASE {db}"))?;
         }
         results.push((shape, recv, fire));
     }
@@ -182,6 +152,47 @@ fn main() -> anyhow::Result<()> {
     println!("(medians of {rounds} rounds; pgfire runs a `log` function with logging off, records every run in pgfire.executions)");
     cluster.stop();
     Ok(())
+}
+
+/// Create `db` with pgfire installed (slot `pgfire`), a slot `recv` for pg_recvlogical, and the
+/// shape's backlog of `rows` inserts; the backlog's end, flushed.
+fn load(
+    cluster: &Cluster,
+    rt: &tokio::runtime::Runtime,
+    db: &str,
+    shape: Shape,
+    rows: u64,
+    round: usize,
+) -> anyhow::Result<String> {
+    cluster.psql("postgres", &format!("CREATE DATABASE {db}"))?;
+    let url = cluster.url(db);
+    rt.block_on(async {
+        let c = pgfire::db::connect(&url).await?;
+        pgfire::install::install(&c, Some("pgfire"), pgfire::install::MIGRATIONS).await?;
+        c.batch_execute(
+            "CREATE TABLE items (id bigserial PRIMARY KEY, name text NOT NULL, amount numeric NOT NULL, created_at timestamptz NOT NULL);
+             INSERT INTO pgfire.sources (table_name, kind) VALUES ('items', 'record');
+             INSERT INTO pgfire.functions (name, kind) VALUES ('noop', 'log');
+             INSERT INTO pgfire.subscriptions (event_type, function_name) VALUES ('POST_RECORD_CREATE', 'noop');",
+        )
+        .await?;
+        c.batch_execute("SELECT pg_create_logical_replication_slot('recv', 'pgoutput')")
+            .await?;
+        anyhow::Ok(())
+    })?;
+    let t0 = Instant::now();
+    cluster.psql(db, &shape.load_sql(rows))?;
+    let end = cluster.psql(db, "SELECT pg_current_wal_insert_lsn()")?;
+    // The backlog must be flushed before anyone reads it.
+    while cluster.psql(db, &format!("SELECT pg_current_wal_flush_lsn() >= '{end}'"))? != "t" {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    println!(
+        "\n{} (round {round}): loaded in {:.1} s, backlog ends at {end}",
+        shape.name(),
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(end)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {

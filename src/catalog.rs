@@ -10,6 +10,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use tokio_postgres::Client;
 
+use crate::fasthash::FastMap;
 use crate::replication::position::Lsn;
 
 /// The prefix of the logical messages that announce a configuration change (their content is
@@ -172,8 +173,8 @@ impl Default for Settings {
 pub struct Catalog {
     pub database: Arc<str>,
     /// Active subscriptions of active functions by event type, in run order (priority, name).
-    pub subscriptions: HashMap<String, Vec<Subscription>>,
-    pub sources: HashMap<u32, Source>,
+    pub subscriptions: FastMap<String, Vec<Subscription>>,
+    pub sources: FastMap<u32, Source>,
     /// Every active function by name (paused ones included), for parked runs' retries.
     pub functions: HashMap<Arc<str>, Arc<FunctionDef>>,
     pub settings: Settings,

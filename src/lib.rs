@@ -15,6 +15,7 @@ pub mod delivery;
 pub mod embedded;
 pub mod events;
 pub mod executions;
+pub mod fasthash;
 pub mod functions;
 pub mod fuzz;
 pub mod install;

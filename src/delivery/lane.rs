@@ -5,8 +5,8 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use super::fasthash::{FastMap, FastSet};
 use super::{Job, State, Task};
+use crate::fasthash::{FastMap, FastSet};
 
 /// Per function: what waits and what runs, by key.
 #[derive(Default)]

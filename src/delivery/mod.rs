@@ -12,7 +12,6 @@
 //! bytes, and past the bound delivery stops reading, so the backlog waits in the WAL.
 
 mod admission;
-mod fasthash;
 pub mod filter;
 pub mod key;
 mod lane;
@@ -34,13 +33,13 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use self::fasthash::FastMap;
 use self::lane::Lane;
 use self::parked::{Due, Op, Reply};
 use self::watermark::Watermark;
 use crate::catalog::{Catalog, FunctionDef};
 use crate::events::{Event, EventId, Lsn};
 use crate::executions::{Execution, Recorder, Status};
+use crate::fasthash::FastMap;
 use crate::functions::{Delivery, FunctionError, Kinds};
 use crate::intake::Batch;
 

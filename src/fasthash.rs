@@ -1,5 +1,6 @@
-//! A fast hasher for the engine's per-key maps (row keys are hashed several times per event; the
-//! standard SipHash showed in profiles): FxHash's multiply-rotate, seeded at random per process
+//! A fast hasher for maps looked up per event: the delivery engine's per-key maps (row keys are
+//! hashed several times per event) and the catalog's sources and subscriptions (the standard
+//! SipHash showed in profiles): FxHash's multiply-rotate, seeded at random per process
 //! so that keys chosen by a table's writers do not collide by design across installations.
 
 use std::hash::{BuildHasher, Hasher};
