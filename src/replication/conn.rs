@@ -499,8 +499,9 @@ impl ReplicationConn {
 
     /// Batch reads (`on`) while a burst of changes comes in (a streamed transaction's segment,
     /// none of whose changes can be delivered before its commit, or a large transaction),
-    /// sent by the walsender one system call each. Woken per change, pgfire spent more CPU in the kernel than on the
-    /// changes, and every wake-up cost the walsender too. A read then waits for
+    /// sent by the walsender one system call each. Woken per change, pgfire spent more CPU in
+    /// the kernel than on the changes, and every wake-up cost the walsender too. A read then
+    /// waits for
     /// [`SEGMENT_LOWAT`] bytes, or [`SEGMENT_WAIT`], whichever comes first. TCP only (a Unix
     /// socket's readiness ignores the mark).
     pub fn batch_reads(&mut self, on: bool) {

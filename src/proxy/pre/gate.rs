@@ -240,7 +240,7 @@ mod tests {
         // and is not remembered for the variant that parses.
         assert!(!held("FETCH 99999999999999999999 FROM c"));
         assert!(held("FETCH 5 FROM c"));
-        assert_eq!(cfg.verdicts_len(), 3);
+        assert_eq!(cfg.verdicts.len(), 3);
     }
 
     #[test]

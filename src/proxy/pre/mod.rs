@@ -65,11 +65,6 @@ impl PreConfig {
     pub fn active(&self) -> bool {
         !self.watched.is_empty()
     }
-
-    #[cfg(test)]
-    pub(super) fn verdicts_len(&self) -> usize {
-        self.verdicts.len()
-    }
 }
 
 /// What the PRE side of the proxy shares between sessions.
