@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use super::in_flight::InFlight;
 use super::lexing::Lexing;
 use super::pre::gate::{self, Gate, HoldAs};
-use super::pre::hold::{self, Io};
+use super::pre::hold::{self, Cancel, Io};
 use super::pre::rows::{self, RunReport};
 use super::pre::split;
 use super::pre::unit::{self, Next, Units};
@@ -186,6 +186,7 @@ async fn relay_halves(
                 let io = (&mut ur, &mut uw, &mut cw, &mut cr, &mut up.buf);
                 let statement = (&bytes[..], &closes[..], how);
                 let shared = (&in_flight, &lexing);
+                let pre = (pre, config);
                 if let Err(f) = held(statement, io, &mut down, shared, &rewrites, pre).await {
                     break Err(f);
                 }
@@ -233,7 +234,7 @@ async fn held(
     down: &mut Downstream,
     (in_flight, lexing): Shared<'_>,
     rewrites: &Rewrites,
-    pre: &PreHooks,
+    (pre, config): (&PreHooks, &ProxyConfig),
 ) -> Result<(), Fatal> {
     loop {
         scan_down(down, (in_flight, lexing), rewrites)?;
@@ -280,6 +281,7 @@ async fn held(
         inner: false,
         lexing: known,
         runs: Vec::new(),
+        cancel: down.key.as_deref().map(|key| Cancel { config, key }),
     };
     let status = if split {
         match wire::decode_frontend(frame)? {
@@ -317,6 +319,9 @@ struct Downstream {
     /// streamed (`pgfire.pre_decide`) are taken out of the stream into `runs`.
     pre: bool,
     runs: Vec<RunReport>,
+    /// The backend's BackendKeyData (process id and secret key; PRE hooks on), for the
+    /// proxy's own CancelRequest ([`Cancel`]).
+    key: Option<Vec<u8>>,
 }
 
 impl Downstream {
@@ -554,6 +559,7 @@ fn scan_down(
         let mut replacement = None;
         let notices = down.pre;
         let runs = &mut down.runs;
+        let key = &mut down.key;
         let (n, stopped) = down.scanner.scan(
             &down.buf[down.ready..],
             |_| Ok(()),
@@ -562,9 +568,13 @@ fn scan_down(
                     || t == b'R'
                     || t == b'S'
                     || ((pending || notices) && t == b'E')
-                    || (notices && t == b'N')
+                    || (notices && (t == b'N' || t == b'K'))
             },
             |frame| {
+                if frame[0] == b'K' {
+                    *key = Some(frame[5..].to_vec());
+                    return Ok(false);
+                }
                 if frame[0] == b'S' {
                     lock(lexing).observe(frame);
                     return Ok(false);

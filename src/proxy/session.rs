@@ -259,20 +259,7 @@ async fn startup(
                 // Backend keys pass through unchanged, so the request goes to the database as is,
                 // over the transport a session would use (TLS as `sslmode` says).
                 let packet = buf.split_to(len);
-                match connect(config).await {
-                    Err(err) => tracing::warn!(error = %err, "cannot forward a cancel request"),
-                    Ok(mut up) => {
-                        let _ = up.write_all(&packet).await;
-                        let _ = up.flush().await;
-                        // The server answers nothing; wait for it to close, not longer than 5 s.
-                        let mut sink = [0u8; 16];
-                        let _ = tokio::time::timeout(
-                            std::time::Duration::from_secs(5),
-                            up.read(&mut sink),
-                        )
-                        .await;
-                    }
-                }
+                forward_cancel(config, &packet).await;
                 return Ok(None);
             }
             Startup::Startup { .. } => {
@@ -326,6 +313,32 @@ async fn connect(config: &ProxyConfig) -> Result<Conn, upstream::UpstreamError> 
             ),
         }),
     }
+}
+
+/// Send a CancelRequest `packet` to the database over the transport a session would use (TLS
+/// as `sslmode` says), and wait until the server closes that connection (it answers nothing),
+/// at most 5 s: once it has, the server has signalled the backend.
+async fn forward_cancel(config: &ProxyConfig, packet: &[u8]) {
+    match connect(config).await {
+        Err(err) => tracing::warn!(error = %err, "cannot forward a cancel request"),
+        Ok(mut up) => {
+            let _ = up.write_all(packet).await;
+            let _ = up.flush().await;
+            let mut sink = [0u8; 16];
+            let _ =
+                tokio::time::timeout(std::time::Duration::from_secs(5), up.read(&mut sink)).await;
+        }
+    }
+}
+
+/// Cancel what the backend whose BackendKeyData body (process id and secret key) is `key` is
+/// running: the proxy's own CancelRequest, for a PRE run that outlived its functions' timeouts.
+pub(super) async fn cancel_backend(config: &ProxyConfig, key: &[u8]) {
+    let mut packet = Vec::with_capacity(8 + key.len());
+    packet.extend_from_slice(&((8 + key.len()) as i32).to_be_bytes());
+    packet.extend_from_slice(&wire::CANCEL_REQUEST.to_be_bytes());
+    packet.extend_from_slice(key);
+    forward_cancel(config, &packet).await;
 }
 
 /// Send a FATAL ErrorResponse and close.

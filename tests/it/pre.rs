@@ -391,6 +391,110 @@ async fn timeouts_errors_and_bad_answers_follow_on_error() {
     assert!(error.contains("allow"), "{error}");
 }
 
+/// A `sql` function that hangs is cut at its timeout (the database times a call decided inside
+/// the statement's run only once it returns: the proxy cancels a run that outlives the
+/// functions' timeouts and takes the long way, where each call has its own statement_timeout),
+/// in both protocols, in autocommit and in a transaction block. A statement slow by itself,
+/// cancelled that way, runs again and is written once.
+#[tokio::test]
+async fn a_hung_sql_function_is_cut_at_its_timeout() {
+    let db = TestDb::new();
+    let proxy = setup(
+        &db,
+        r#"
+        CREATE FUNCTION hangs(e jsonb) RETURNS jsonb LANGUAGE sql AS $$ SELECT pg_sleep(120); SELECT '{"allow": false}'::jsonb $$;
+        INSERT INTO pgfire.functions (name, kind, target, timeout_ms, on_error) VALUES ('hangs', 'sql', 'hangs', 300, 'allow');
+        INSERT INTO pgfire.subscriptions (event_type, function_name, priority) VALUES ('PRE_USER_CREATE', 'hangs', 20);
+        -- The proxy waits for the longest sql timeout of the configuration (plus a margin).
+        UPDATE pgfire.functions SET timeout_ms = 300 WHERE name = 'check_email';
+        "#,
+    )
+    .await;
+    let c = proxy.client(&db).await;
+    let t0 = std::time::Instant::now();
+    c.simple_query("INSERT INTO users (email) VALUES ('a@b.c')")
+        .await
+        .unwrap();
+    c.execute("INSERT INTO users (email) VALUES ($1)", &[&"b@b.c"])
+        .await
+        .unwrap();
+    c.simple_query("BEGIN").await.unwrap();
+    c.simple_query("INSERT INTO users (email) VALUES ('c@b.c')")
+        .await
+        .unwrap();
+    c.execute("INSERT INTO users (email) VALUES ($1)", &[&"d@b.c"])
+        .await
+        .unwrap();
+    c.simple_query("COMMIT").await.unwrap();
+    // Each would take two minutes if the call were timed only once it returned; each takes
+    // about 0.55 s (the watchdog) and 0.3 s (the long way's call).
+    assert!(
+        t0.elapsed() < Duration::from_secs(30),
+        "four writes took {:?}",
+        t0.elapsed()
+    );
+    runs(&db, "hangs", "timeout", 4).await;
+    let direct = db.client().await;
+    assert_eq!(count(&direct, "SELECT count(*) FROM users").await, 4);
+
+    // A security check blocks on its timeout, in both protocols; in a transaction block the
+    // transaction is aborted until ROLLBACK, as PostgreSQL leaves it after an error.
+    proxy
+        .change(
+            &db,
+            "UPDATE pgfire.functions SET on_error = 'block' WHERE name = 'hangs'",
+        )
+        .await;
+    let err = c
+        .execute("INSERT INTO users (email) VALUES ($1)", &[&"e@b.c"])
+        .await
+        .unwrap_err();
+    let (code, message, _) = db_error(&err);
+    assert_eq!(code, "P0001");
+    assert!(
+        message.contains("hangs") && message.contains("timed out"),
+        "{message}"
+    );
+    c.simple_query("BEGIN").await.unwrap();
+    let err = c
+        .simple_query("INSERT INTO users (email) VALUES ('f@b.c')")
+        .await
+        .unwrap_err();
+    assert_eq!(db_error(&err).0, "P0001");
+    let aborted = c.simple_query("SELECT 1").await.unwrap_err();
+    assert_eq!(db_error(&aborted).0, "25P02");
+    c.simple_query("ROLLBACK").await.unwrap();
+    assert_eq!(count(&direct, "SELECT count(*) FROM users").await, 4);
+    runs(&db, "hangs", "timeout", 6).await;
+
+    // The client's own slow statement outlives the watchdog (300 ms + its margin): cancelled,
+    // it runs again the long way, and its row is written and decided once.
+    proxy
+        .change(
+            &db,
+            "DELETE FROM pgfire.subscriptions WHERE function_name = 'hangs'",
+        )
+        .await;
+    c.simple_query("INSERT INTO users (email) SELECT 'slow@b.c' FROM pg_sleep(1.5)")
+        .await
+        .unwrap();
+    c.execute(
+        "INSERT INTO users (email) SELECT $1 FROM pg_sleep(1.5)",
+        &[&"slow2@b.c"],
+    )
+    .await
+    .unwrap();
+    for email in ["slow@b.c", "slow2@b.c"] {
+        let written = format!("SELECT count(*) FROM users WHERE email = '{email}'");
+        assert_eq!(count(&direct, &written).await, 1, "{email}");
+        let decided =
+            format!("SELECT count(*) FROM seen WHERE event->'event_data'->>'email' = '{email}'");
+        assert_eq!(count(&direct, &decided).await, 1, "{email}");
+    }
+    // The session is as it was.
+    assert_eq!(rows(&c, "SELECT 7").await[0][0].as_deref(), Some("7"));
+}
+
 #[tokio::test]
 async fn hooks_changed_while_clients_are_connected() {
     let db = TestDb::new();

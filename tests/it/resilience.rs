@@ -253,20 +253,22 @@ async fn healthz_and_metrics_report_the_stream() {
     let body: serde_json::Value = health.json().await.unwrap();
     assert_eq!(body["status"], "ok");
     assert_eq!(body["replication"]["connected"], true);
-    let metrics = reqwest::get(format!("http://{admin}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    // The run's metric counts what is recorded in pgfire.executions, and that record is
+    // written after the function's own write to `delivered` commits: wait for it.
+    let run_line =
+        "pgfire_function_runs_total{function=\"deliver\",phase=\"post\",status=\"ok\"} 1\n";
+    let metrics = eventually(Duration::from_secs(30), "the run in /metrics", || async {
+        let m = reqwest::get(format!("http://{admin}/metrics"))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        m.contains(run_line).then_some(m)
+    })
+    .await;
     assert!(
         metrics.contains("pgfire_events_total{type=\"POST_USER_CREATE\"} 1\n"),
-        "{metrics}"
-    );
-    assert!(
-        metrics.contains(
-            "pgfire_function_runs_total{function=\"deliver\",phase=\"post\",status=\"ok\"} 1\n"
-        ),
         "{metrics}"
     );
     service.stop().await;

@@ -15,6 +15,8 @@ use crate::wire::{self, Frontend};
 
 /// SQLSTATE of a row the database left to the proxy.
 const HELD: &str = "PGF04";
+/// SQLSTATE query_canceled.
+const QUERY_CANCELED: &str = "57014";
 
 /// How the fast run ended.
 pub(super) enum Ran {
@@ -55,16 +57,48 @@ pub(super) async fn run(
         Some(Frontend::Query(q)) => Some(q.raw.to_vec()),
         _ => None,
     };
+    let cancel = io.cancel;
+    let exchange = async {
+        match simple {
+            Some(sql) => spliced(io, implicit, &setup, &sql, &end_sql).await,
+            None => pipelined(io, implicit, &setup, frame, &end_sql).await,
+        }
+    };
+    // The database times a call only once it has returned: a run that outlives its functions'
+    // timeouts is cancelled, and the statement goes the long way, where each call has its own
+    // statement_timeout.
+    let mut cancelled = false;
     let Exchange {
         prepared,
         run,
         end,
         status: last_status,
         ended,
-    } = match simple {
-        Some(sql) => spliced(io, implicit, &setup, &sql, &end_sql).await?,
-        None => pipelined(io, implicit, &setup, frame, &end_sql).await?,
+    } = match (cfg.watchdog, cancel) {
+        (Some(limit), Some(cancel)) => {
+            tokio::pin!(exchange);
+            match tokio::time::timeout(limit, &mut exchange).await {
+                Ok(done) => done?,
+                Err(_) => {
+                    tracing::warn!(
+                        after_ms = limit.as_millis() as u64,
+                        "a PRE run decided in the database outlived its functions' timeouts: cancelling it, to run the statement the long way"
+                    );
+                    // Sent and passed on to the backend before anything else is sent to it: it
+                    // can only land in this exchange, or while the backend idles (a no-op).
+                    cancel.send().await;
+                    cancelled = true;
+                    exchange.await?
+                }
+            }
+        }
+        _ => exchange.await?,
     };
+    let by_watchdog = cancelled
+        && [&run.error, &end.error]
+            .into_iter()
+            .flatten()
+            .any(|(code, _, _)| code == QUERY_CANCELED);
     // The runs the release carries back.
     if let Some(reports) = end
         .values
@@ -83,7 +117,7 @@ pub(super) async fn run(
         return commits::run(io, frame, closes).await.map(Ran::Answered);
     }
     let code = run.error.as_ref().map(|(c, _, _)| c.clone());
-    if code.as_deref() == Some(HELD) && prepared.error.is_none() {
+    if (code.as_deref() == Some(HELD) || by_watchdog) && prepared.error.is_none() {
         // Undo the run and forget its decisions.
         io.runs.clear();
         if implicit && !ended {

@@ -48,6 +48,23 @@ pub(in crate::proxy) struct Io<'a> {
     /// Runs the database decided on the way (`pgfire.pre_decide`), recorded when the held
     /// statement ends.
     pub runs: Vec<rows::RunReport>,
+    /// How to cancel what the session's backend runs (unknown until its BackendKeyData).
+    pub cancel: Option<Cancel<'a>>,
+}
+
+/// The proxy's own CancelRequest for a session's backend.
+#[derive(Clone, Copy)]
+pub(in crate::proxy) struct Cancel<'a> {
+    pub config: &'a crate::proxy::ProxyConfig,
+    /// The BackendKeyData's body: process id and secret key.
+    pub key: &'a [u8],
+}
+
+impl Cancel<'_> {
+    /// Send it and wait until the server has passed it on to the backend.
+    pub async fn send(self) {
+        crate::proxy::session::cancel_backend(self.config, self.key).await
+    }
 }
 
 /// The answer to one Query the proxy sent, up to its ReadyForQuery.

@@ -38,6 +38,8 @@ use crate::metrics::{Metrics, Phase};
 
 /// Default of `limits.pre_rows_per_statement`.
 pub const DEFAULT_ROWS_LIMIT: u32 = 1000;
+/// How long past the longest `sql` timeout a fast run may go unanswered ([`PreConfig::watchdog`]).
+const WATCHDOG_MARGIN: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// One immutable PRE configuration: what sessions hold and which functions decide.
 #[derive(Debug, Default)]
@@ -56,6 +58,11 @@ pub struct PreConfig {
     /// The database starts and ends a fast run in one call each (`pgfire.pre_fast_begin`,
     /// `pgfire.pre_fast_end`, migration 011).
     pub lean: bool,
+    /// How long a fast run may go unanswered before the proxy cancels it and runs the statement
+    /// the long way, where each call has its own `statement_timeout` (the database times a fast
+    /// run's calls only after they return): the longest `sql` function timeout plus a margin;
+    /// `None` when no PRE function is `sql`.
+    pub watchdog: Option<std::time::Duration>,
     /// What the gate decided on the texts seen under this configuration.
     pub(super) verdicts: verdicts::Verdicts<gate::Decision>,
 }
@@ -356,6 +363,15 @@ async fn try_load(client: &Client) -> anyhow::Result<PreConfig> {
             .filter(|(event_type, _)| event_type.starts_with("PRE_"))
             .flat_map(|(_, subs)| subs)
             .all(|s| matches!(s.function.kind, FunctionKind::Sql | FunctionKind::Log));
+    let watchdog = catalog
+        .subscriptions
+        .iter()
+        .filter(|(event_type, _)| event_type.starts_with("PRE_"))
+        .flat_map(|(_, subs)| subs)
+        .filter(|s| s.function.kind == FunctionKind::Sql)
+        .map(|s| s.function.timeout)
+        .max()
+        .map(|t| t + WATCHDOG_MARGIN);
     Ok(PreConfig {
         catalog,
         watched,
@@ -364,6 +380,7 @@ async fn try_load(client: &Client) -> anyhow::Result<PreConfig> {
         key,
         fast,
         lean,
+        watchdog,
         verdicts: Default::default(),
     })
 }
