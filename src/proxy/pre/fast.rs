@@ -1,6 +1,7 @@
 //! Held statements decided inside their own run, in one round trip: when every PRE function is
 //! `sql` or `log`, pgfire's trigger runs each row's chain itself (`pgfire.pre_decide`, migration
-//! 010), so the proxy sends the savepoint, the client's statement and the release together.
+//! 010), so the proxy sends the savepoint (in autocommit, a BEGIN of its own), the client's
+//! statement and the release (and COMMIT) together.
 //! An allowed write is released at once; a blocked one fails with the trigger's P0001 and the
 //! session is left as the server left it; a row the database cannot decide (a rewrite, or a
 //! function of another kind after a configuration change) fails with SQLSTATE PGF04, and the
@@ -38,20 +39,22 @@ pub(super) async fn run(
     let implicit = status == b'I';
     let run = format!("{}:{}", cfg.rows_limit, hooks.next_statement());
     let mode = format!("fast:{run}");
-    let mut setup = String::new();
-    if implicit {
-        setup.push_str("BEGIN; ");
-    }
-    let end_sql = if cfg.lean {
-        setup.push_str(&format!(
-            "SAVEPOINT pgfire_pre; SELECT pgfire.pre_fast_begin('{run}')"
-        ));
-        format!("SELECT pgfire.pre_fast_end('{mode}'); RELEASE SAVEPOINT pgfire_pre")
+    // In autocommit the proxy's own transaction is what a rollback undoes; in the client's
+    // transaction block a savepoint is (a rewrite, or the watchdog, undoes the run alone).
+    let (begin, release) = match implicit {
+        true => ("BEGIN", ""),
+        false => ("SAVEPOINT pgfire_pre", "; RELEASE SAVEPOINT pgfire_pre"),
+    };
+    let (setup, end_sql) = if cfg.lean {
+        (
+            format!("{begin}; SELECT pgfire.pre_fast_begin('{run}')"),
+            format!("SELECT pgfire.pre_fast_end('{mode}'){release}"),
+        )
     } else {
-        setup.push_str(&format!(
-            "SAVEPOINT pgfire_pre; SELECT pgfire.pre_arm_fast('{run}'), set_config('pgfire.pre_k', '0', true), set_config('pgfire.pre_log', '', true)"
-        ));
-        format!("SELECT pgfire.pre_end('{mode}'); RELEASE SAVEPOINT pgfire_pre")
+        (
+            format!("{begin}; SELECT pgfire.pre_arm_fast('{run}'), set_config('pgfire.pre_k', '0', true), set_config('pgfire.pre_log', '', true)"),
+            format!("SELECT pgfire.pre_end('{mode}'){release}"),
+        )
     };
     let simple = match wire::decode_frontend(frame)? {
         Some(Frontend::Query(q)) => Some(q.raw.to_vec()),
@@ -257,8 +260,9 @@ async fn spliced(
     }
     io.send(&query_frame_bytes(&text)).await?;
     let reply = io.reply().await?;
-    // BEGIN, SAVEPOINT, then the arming SELECT's RowDescription, DataRow and CommandComplete.
-    let setup_frames = usize::from(implicit) + 4;
+    // BEGIN (autocommit) or SAVEPOINT (in a block), then the arming SELECT's RowDescription,
+    // DataRow and CommandComplete.
+    let setup_frames = 4;
     let status = reply.status;
     let error_at = reply.starts.iter().position(|&(_, t)| t == b'E');
     let (prepared, rest) = split_at_frame(reply, setup_frames.min(error_at.unwrap_or(usize::MAX)));
