@@ -5,7 +5,8 @@
 //! PGFIRE_BENCH_ROUNDS, default 2; PGFIRE_BENCH_WORKLOADS, PGFIRE_BENCH_MODES and
 //! PGFIRE_BENCH_CLIENTS, comma-separated subsets of `select-only,tpcb-like`, `simple,extended`
 //! and `8,50`; PGFIRE_BENCH_UPSTREAM=unix to have both proxies reach PostgreSQL over its Unix
-//! socket instead of TCP). pgfire is the real `pgfire run --no-consumer` binary. Needs pgbench and
+//! socket instead of TCP; PGFIRE_BENCH_BIN, another pgfire binary for the proxies, for an A/B of
+//! two builds). pgfire is the real `pgfire run --no-consumer` binary. Needs pgbench and
 //! PgBouncer (`apt-get install pgbouncer`).
 //!
 //! PRE hooks, in the same run (PGFIRE_BENCH_PRE=0 leaves them out): TPC-B-like
@@ -67,6 +68,9 @@ fn main() -> anyhow::Result<()> {
         String::from_utf8_lossy(&init.stderr)
     );
 
+    // PGFIRE_BENCH_BIN: another pgfire binary to serve the proxies (an A/B of two builds).
+    let pgfire_bin = std::env::var("PGFIRE_BENCH_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_pgfire").to_string());
     let with_pre = std::env::var("PGFIRE_BENCH_PRE").map_or(true, |v| v != "0");
     let receiver = if with_pre {
         Some(allow_receiver()?)
@@ -156,7 +160,7 @@ fn main() -> anyhow::Result<()> {
     );
     let launch = |url: &str, port: u16| -> anyhow::Result<Killed> {
         let admin_port = free_port()?;
-        let child = Command::new(env!("CARGO_BIN_EXE_pgfire"))
+        let child = Command::new(&pgfire_bin)
             .args([
                 "run",
                 "--no-consumer",
