@@ -356,20 +356,19 @@ async fn try_load(client: &Client) -> anyhow::Result<PreConfig> {
         )
         .await?;
     let (decides, lean): (bool, bool) = (row.get(0), row.get(1));
-    let fast = decides
-        && catalog
+    let pre_functions = || {
+        catalog
             .subscriptions
             .iter()
             .filter(|(event_type, _)| event_type.starts_with("PRE_"))
             .flat_map(|(_, subs)| subs)
-            .all(|s| matches!(s.function.kind, FunctionKind::Sql | FunctionKind::Log));
-    let watchdog = catalog
-        .subscriptions
-        .iter()
-        .filter(|(event_type, _)| event_type.starts_with("PRE_"))
-        .flat_map(|(_, subs)| subs)
-        .filter(|s| s.function.kind == FunctionKind::Sql)
-        .map(|s| s.function.timeout)
+            .map(|s| &s.function)
+    };
+    let fast =
+        decides && pre_functions().all(|f| matches!(f.kind, FunctionKind::Sql | FunctionKind::Log));
+    let watchdog = pre_functions()
+        .filter(|f| f.kind == FunctionKind::Sql)
+        .map(|f| f.timeout)
         .max()
         .map(|t| t + WATCHDOG_MARGIN);
     Ok(PreConfig {
